@@ -1,0 +1,1 @@
+"""`stylealigned generate` (placeholder until the core lands)."""
