@@ -1,0 +1,157 @@
+"""Load a diffusers pipeline from a hub id, a local folder, a single checkpoint file or the built-in toy model.
+
+Single `.safetensors`/`.ckpt` files need their diffusers config: diffusers fetches it from the hub (or its cache);
+offline, pass `config=` a local diffusers folder or a cached hub id of the same architecture.
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+)
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from safetensors import safe_open
+
+from .errors import UserError
+
+BUILTIN_MODEL_DIR = Path(__file__).parent / "builtin"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SUPPORTED = "SD 1.x/2.x, SDXL and their img2img variants, or any pipeline whose .unet is a UNet2DConditionModel"
+
+# "model" keeps the scheduler the model ships with.
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "pndm": PNDMScheduler,
+    "model": None,
+}
+DTYPES = {
+    "fp16": torch.float16, "float16": torch.float16,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """"auto" picks cuda, then mps, then cpu; an explicit accelerator that is not available is a UserError."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(resolved.type, False):
+        raise UserError(f"device {device!r} is not available on this machine; use --device auto or cpu")
+    return resolved
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None -> float16 on cuda/mps and float32 on cpu; accepts torch dtypes and names like "fp16" or "bfloat16"."""
+    if dtype is None:
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def checkpoint_kind(path) -> str:
+    """Tell "sdxl", "sd2" or "sd1" from the tensor names of an original-format checkpoint (no weights are read)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as file:
+            keys = list(file.keys())
+    else:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        keys = list(state.get("state_dict", state))
+    if not any(key.startswith("model.diffusion_model.") for key in keys):
+        raise UserError(f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model weights)")
+    if any(key.startswith("conditioner.embedders.") for key in keys):
+        return "sdxl"
+    if any(key.startswith("cond_stage_model.model.") for key in keys):
+        return "sd2"
+    return "sd1"
+
+
+def _from_pretrained(model: str, dtype: torch.dtype, config) -> DiffusionPipeline:
+    """Dispatch on what `model` names; hub and cache failures become one-line UserErrors."""
+    path = Path(model).expanduser()
+    if model == "builtin":
+        if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
+            raise UserError("the built-in model is not installed; reinstall stylealigned or pass --model")
+        return DiffusionPipeline.from_pretrained(BUILTIN_MODEL_DIR, torch_dtype=dtype)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise UserError(f"{path} is not a diffusers pipeline folder (it has no model_index.json)")
+        return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+    if path.is_file():
+        if path.suffix not in CHECKPOINT_SUFFIXES:
+            raise UserError(f"{path} is not a .safetensors or .ckpt checkpoint nor a diffusers folder")
+        pipeline_class = StableDiffusionXLPipeline if checkpoint_kind(path) == "sdxl" else StableDiffusionPipeline
+        return _hub_call(str(path), lambda: pipeline_class.from_single_file(path, config=config, torch_dtype=dtype))
+    if not HUB_ID.match(model) or path.suffix in CHECKPOINT_SUFFIXES:
+        raise UserError(f"no such model file or folder: {model}")
+    return _hub_call(model, lambda: DiffusionPipeline.from_pretrained(model, torch_dtype=dtype))
+
+
+def _hub_call(model: str, load):
+    """Run `load`; diffusers turns every hub or cache failure into an OSError (cause: the hub's own error)."""
+    try:
+        return load()
+    except OSError as error:
+        if isinstance(error, (RepositoryNotFoundError, GatedRepoError)) or isinstance(
+            error.__cause__, (RepositoryNotFoundError, GatedRepoError)
+        ):
+            raise UserError(f"{model} is not on the Hugging Face hub or is gated; check the id or run `hf auth login`") from None
+        raise UserError(
+            f"{model} (or its config) is not in the local Hugging Face cache and the hub cannot be reached; "
+            f"download it once with network (`hf download {model}`) or pass a local diffusers folder"
+        ) from None
+
+
+def scheduler_class(name: str):
+    """The scheduler class for a SCHEDULERS name (None for "model"); an unknown name is a UserError."""
+    if name not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    return SCHEDULERS[name]
+
+
+def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
+    """Replace the pipeline's scheduler by the named one, built from the model's own scheduler config."""
+    new_class = scheduler_class(name)
+    if new_class is DDIMScheduler:  # the paper's sampler; latent models must not clip the predicted x0
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    elif new_class is not None:
+        pipe.scheduler = new_class.from_config(pipe.scheduler.config)
+
+
+def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "ddim", config=None) -> DiffusionPipeline:
+    """Load `model` ("builtin", a diffusers folder, a .safetensors/.ckpt file or a hub id) ready to sample.
+
+    `config` (single files only): a local diffusers folder or hub id giving the pipeline's component configs.
+    """
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    dtype = resolve_dtype(dtype, device)
+    scheduler_class(scheduler)  # fail before a slow load
+    pipe = _from_pretrained(str(model), dtype, config)
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
+        raise UserError(f"{model} is a {type(pipe).__name__}; stylealigned supports {SUPPORTED}")
+    set_scheduler(pipe, scheduler)
+    return pipe.to(device)

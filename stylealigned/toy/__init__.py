@@ -1,0 +1,1 @@
+"""A tiny built-in text-to-image model for trying stylealigned without downloading weights."""

@@ -1,0 +1,135 @@
+"""Tiny random-weight SD1- and SDXL-style pipelines, saved to disk once and loaded back through load_pipeline."""
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from stylealigned.models import load_pipeline
+from stylealigned.toy.vocab import word_level_tokenizer
+
+WORDS = "a an the cat dog house tree car bird in on of with watercolor oil style painting sketch photo red blue".split()
+TEXT_HIDDEN = 32
+SIZE = 32  # image side in pixels; latents are SIZE // 2
+
+
+def tiny_tokenizer(folder):
+    return word_level_tokenizer(WORDS, folder)
+
+
+def tiny_text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=TEXT_HIDDEN, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=SIZE,
+    )
+
+
+def tiny_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def tiny_unet(**kwargs) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, **kwargs,
+    )
+
+
+def build_sd(folder) -> None:
+    """SD1-style: cross-attention in both down blocks, the mid block and both up blocks; 8 heads."""
+    tokenizer = tiny_tokenizer(folder / "tokenizer")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer)))
+    unet = tiny_unet(
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+        attention_head_dim=8, cross_attention_dim=TEXT_HIDDEN,
+    )
+    StableDiffusionPipeline(
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+
+
+def build_sdxl(folder) -> None:
+    """SDXL-style: two text encoders, text_time added conditioning, no attention in the first block, 2 layers deep."""
+    tokenizer = tiny_tokenizer(folder / "tokenizer")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(tiny_text_config(len(tokenizer)))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(len(tokenizer)))
+    time_embed_dim = 8
+    unet = tiny_unet(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        cross_attention_dim=2 * TEXT_HIDDEN, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        # six micro-conditioning numbers (original size, crop, target size) plus text_encoder_2's pooled projection
+        projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
+    )
+    StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer, unet=unet, scheduler=tiny_scheduler(),
+    ).save_pretrained(folder)
+
+
+def saved(tmp_path_factory, name: str, build) -> str:
+    folder = tmp_path_factory.mktemp(name)
+    build(folder)
+    return str(folder)
+
+
+def loaded(path: str):
+    pipe = load_pipeline(path, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> str:
+    return saved(tmp_path_factory, "tiny-sd", build_sd)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_path(tmp_path_factory) -> str:
+    return saved(tmp_path_factory, "tiny-sdxl", build_sdxl)
+
+
+@pytest.fixture
+def sd_pipe(tiny_sd_path):
+    return loaded(tiny_sd_path)
+
+
+@pytest.fixture
+def sdxl_pipe(tiny_sdxl_path):
+    return loaded(tiny_sdxl_path)
+
+
+@pytest.fixture(scope="session")
+def run():
+    """`run(pipe, prompts, **kw)` -> numpy images [N, SIZE, SIZE, 3]: 3 DDIM steps, seed 0, overridable."""
+
+    def run_pipe(pipe, prompts, **kwargs):
+        settings = dict(
+            num_inference_steps=3, height=SIZE, width=SIZE, output_type="np",
+            generator=torch.Generator("cpu").manual_seed(0),
+        )
+        return pipe(prompts, **(settings | kwargs)).images
+
+    return run_pipe
