@@ -1,0 +1,93 @@
+"""Slow, explicit, loop-per-image reference implementation of the paper's equations: the oracle for every fast path.
+
+It follows the paper's released code literally: every image (the reference too) is AdaIN-normalised to the
+reference, the reference's keys and values are concatenated to every image's own (the reference thus sees itself
+twice), targets see the reference keys scaled, and the shift is added to explicit logits.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+EPS = 1e-5
+
+
+def adain(x, ref):
+    """(x - mean(x)) / std(x) * std(ref) + mean(ref), statistics over tokens (dim -2)."""
+    mean, std = x.mean(-2, keepdim=True), (x.var(-2, keepdim=True) + EPS).sqrt()
+    ref_mean, ref_std = ref.mean(-2, keepdim=True), (ref.var(-2, keepdim=True) + EPS).sqrt()
+    return (x - mean) / std * ref_std + ref_mean
+
+
+def softmax_attention(q, k, v, shift_from=None, shift=0.0):
+    """softmax(q k^T / sqrt(d) + shift on keys from `shift_from` on) v, logits built explicitly."""
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if shift_from is not None:
+        logits[..., shift_from:] += shift
+    return logits.softmax(-1) @ v
+
+
+def self_attention(q, k, v, groups, config):
+    """Shared self-attention of a (batch, heads, tokens, dim) batch split into `groups` guidance groups."""
+    batch, _, tokens, _ = q.shape
+    per_group = batch // groups
+    out = torch.empty_like(q)
+    for g in range(groups):
+        r = g * per_group
+        for i in range(per_group):
+            n = r + i
+            if config.full_attention_share:
+                keys = torch.cat([k[r + j] for j in range(per_group)], dim=-2)
+                values = torch.cat([v[r + j] for j in range(per_group)], dim=-2)
+                out[n] = softmax_attention(q[n], keys, values)
+                continue
+            qi = adain(q[n], q[r]) if config.adain_queries else q[n]
+            ki = adain(k[n], k[r]) if config.adain_keys else k[n]
+            vi = adain(v[n], v[r]) if config.adain_values else v[n]
+            if not config.share_attention:
+                out[n] = softmax_attention(qi, ki, vi)
+                continue
+            ref_k = adain(k[r], k[r]) if config.adain_keys else k[r]
+            ref_v = adain(v[r], v[r]) if config.adain_values else v[r]
+            scale = 1.0 if i == 0 else config.shared_score_scale
+            keys, values = torch.cat([ki, scale * ref_k], dim=-2), torch.cat([vi, ref_v], dim=-2)
+            out[n] = softmax_attention(qi, keys, values, shift_from=tokens, shift=config.shared_score_shift)
+    return out
+
+
+class OracleProcessor:
+    """A diffusers attention processor running the oracle, for end-to-end comparisons on a pipeline."""
+
+    def __init__(self, config, groups):
+        self.config, self.groups = config, groups
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        shape = hidden_states.shape
+        x = hidden_states.flatten(2).transpose(1, 2) if len(shape) == 4 else hidden_states
+        batch, tokens, _ = x.shape
+
+        def heads(t):
+            return t.view(batch, tokens, attn.heads, -1).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(x)), heads(attn.to_k(x)), heads(attn.to_v(x))
+        out = self_attention(q, k, v, self.groups, self.config).transpose(1, 2).reshape(batch, tokens, -1)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if len(shape) == 4:
+            out = out.transpose(1, 2).reshape(shape)
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def shared_group_norm(norm: nn.GroupNorm, groups: int):
+    """The paper's shared GroupNorm: concatenate the reference along height, normalise, keep the image's half."""
+    original = norm.forward
+
+    def forward(x):
+        per_group = x.shape[0] // groups
+        refs = torch.cat([x[g * per_group].expand_as(x[:per_group]) for g in range(groups)])
+        height = x.shape[-2]
+        return original(torch.cat([x, refs], dim=-2))[..., :height, :]
+
+    return forward

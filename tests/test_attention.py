@@ -1,0 +1,142 @@
+"""The fast attention math against the loop-per-image oracle, at the tensor level."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stylealigned import StyleAlignedConfig
+from stylealigned.attention import (adain, attend_with_reference, make_reference, shared_attention,
+                                    token_stats)
+from stylealigned.processors import RECORD, REPLAY, SharedState, StyleAlignedAttnProcessor
+from tests import oracle
+
+KNOBS = ("share_attention", "adain_queries", "adain_keys", "adain_values", "full_attention_share")
+
+
+def qkv(groups, images, heads, tokens, dim, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (groups * images, heads, tokens, dim)
+    return [torch.randn(shape, generator=gen).to(dtype) * 2 + 0.5 for _ in range(3)]
+
+
+def fast(q, k, v, groups, config):
+    """The fast path on a flat batch, reshaped as the processor does."""
+    grouped = [t.view(groups, -1, *t.shape[1:]) for t in (q, k, v)]
+    return shared_attention(*grouped, config).reshape(q.shape)
+
+
+@settings(max_examples=120, deadline=None)
+@given(groups=st.integers(1, 2), images=st.integers(1, 4), heads=st.integers(1, 3), tokens=st.integers(2, 9),
+       dim=st.integers(1, 8), flags=st.lists(st.booleans(), min_size=len(KNOBS), max_size=len(KNOBS)),
+       scale=st.floats(0.25, 3.0), shift=st.sampled_from([0.0, math.log(2), math.log(3), -0.7, 1.3]),
+       seed=st.integers(0, 2**16))
+def test_fast_path_equals_oracle(groups, images, heads, tokens, dim, flags, scale, shift, seed):
+    config = StyleAlignedConfig(**dict(zip(KNOBS, flags)), shared_score_scale=scale, shared_score_shift=shift)
+    q, k, v = qkv(groups, images, heads, tokens, dim, seed)
+    expected = oracle.self_attention(q, k, v, groups, config)
+    torch.testing.assert_close(fast(q, k, v, groups, config), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [StyleAlignedConfig(), StyleAlignedConfig.transfer(shared_score_scale=2.0),
+                                    StyleAlignedConfig(adain_values=True, shared_score_shift=-1.0)])
+def test_reference_attends_as_if_alone(config):
+    q, k, v = qkv(2, 3, 2, 16, 8)
+    out = fast(q, k, v, 2, config)
+    for r in (0, 3):
+        alone = oracle.softmax_attention(q[r], k[r], v[r])
+        torch.testing.assert_close(out[r], alone, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("copies", [2, 3, 5])
+def test_shift_log_k_equals_k_copies_of_reference(copies):
+    q, k, v = qkv(1, 3, 2, 12, 8, seed=3)
+    shifted = fast(q, k, v, 1, StyleAlignedConfig(adain_queries=False, adain_keys=False,
+                                                   shared_score_shift=math.log(copies)))
+    for n in (1, 2):
+        keys = torch.cat([k[n]] + [k[0]] * copies, dim=-2)
+        values = torch.cat([v[n]] + [v[0]] * copies, dim=-2)
+        torch.testing.assert_close(shifted[n], oracle.softmax_attention(q[n], keys, values), atol=1e-6, rtol=1e-6)
+
+
+def test_targets_change_when_sharing():
+    q, k, v = qkv(1, 3, 2, 16, 8)
+    shared = fast(q, k, v, 1, StyleAlignedConfig())
+    plain = fast(q, k, v, 1, StyleAlignedConfig.disabled())
+    assert (shared[1:] - plain[1:]).abs().max() > 1e-2
+    torch.testing.assert_close(shared[0], plain[0])
+
+
+def test_adain_matches_reference_statistics():
+    x, ref = torch.randn(2, 4, 50, 8) * 3 + 1, torch.randn(2, 4, 60, 8) * 0.5 - 2
+    y = adain(x, token_stats(x), token_stats(ref))
+    torch.testing.assert_close(y, oracle.adain(x, ref), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.mean(-2), ref.mean(-2).expand_as(y.mean(-2)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_fp32(dtype):
+    config = StyleAlignedConfig.transfer()
+    q, k, v = qkv(2, 3, 2, 32, 16, seed=1)
+    expected = fast(q, k, v, 2, config)
+    low = fast(*(t.to(dtype) for t in (q, k, v)), 2, config)
+    assert low.dtype == dtype
+    torch.testing.assert_close(low.float(), expected, atol=0.1, rtol=0.05)
+
+
+def test_record_then_replay_equals_one_batch():
+    """Targets in chunks against stored references give the one-batch result."""
+    config = StyleAlignedConfig.transfer(adain_values=True, shared_score_scale=1.5)
+    q, k, v = (t.view(2, 4, *t.shape[1:]) for t in qkv(2, 4, 2, 10, 8, seed=5))
+    one_batch = shared_attention(q, k, v, config)
+    ref = make_reference(q[:, 0], k[:, 0], v[:, 0], config)
+    from stylealigned.attention import align_targets
+    chunks = [align_targets(q[:, s], k[:, s], v[:, s], ref, config) for s in (slice(1, 3), slice(3, 4))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), one_batch[:, 1:], atol=1e-6, rtol=1e-6)
+
+
+def test_bias_is_not_materialised_per_query():
+    """The shift travels as one broadcast row of biases, never a (batch, heads, queries, keys) tensor."""
+    q, k, v = (t.view(1, 3, *t.shape[1:]) for t in qkv(1, 3, 2, 10, 8))
+    seen = {}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, **kwargs):
+        seen["mask"] = attn_mask
+        return original(*args, attn_mask=attn_mask, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = spy
+    try:
+        attend_with_reference(q[:, 1:], k[:, 1:], v[:, 1:], k[:, 0], v[:, 0], score_shift=0.5)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+    assert seen["mask"].shape == (1, 1, 1, 20)
+
+
+class _Attn(torch.nn.Module):
+    """Just enough of diffusers' Attention for the processor."""
+
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.spatial_norm, self.group_norm, self.norm_q, self.norm_k = heads, None, None, None, None
+        self.to_q, self.to_k, self.to_v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.to_out = torch.nn.ModuleList([torch.nn.Linear(dim, dim), torch.nn.Dropout(0.0)])
+        self.residual_connection, self.rescale_output_factor = False, 1.0
+
+
+def test_processor_modes_agree():
+    torch.manual_seed(0)
+    attn, config = _Attn(), StyleAlignedConfig.transfer()
+    state = SharedState(groups=2)
+    processor = StyleAlignedAttnProcessor("layer", config, state)
+    x = torch.randn(2 * 4, 12, 16)
+    expected = oracle.OracleProcessor(config, groups=2)(attn, x)
+    torch.testing.assert_close(processor(attn, x), expected, atol=1e-5, rtol=1e-5)
+    state.mode = RECORD
+    refs = processor(attn, x[[0, 4]])
+    state.mode = REPLAY
+    targets = processor(attn, x[[1, 2, 3, 5, 6, 7]])
+    torch.testing.assert_close(refs, expected[[0, 4]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(targets, expected[[1, 2, 3, 5, 6, 7]], atol=1e-5, rtol=1e-5)
