@@ -4,7 +4,10 @@ Single `.safetensors`/`.ckpt` files need their diffusers config: diffusers fetch
 offline, pass `config=` a local diffusers folder or a cached hub id of the same architecture.
 """
 
+import pickle
 import re
+import zipfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -21,7 +24,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import UserError
 
@@ -75,12 +78,15 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 def checkpoint_kind(path) -> str:
     """Tell "sdxl", "sd2" or "sd1" from the tensor names of an original-format checkpoint (no weights are read)."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as file:
-            keys = list(file.keys())
-    else:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        keys = list(state.get("state_dict", state))
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as file:
+                keys = list(file.keys())
+        else:
+            state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
+            keys = list(state.get("state_dict", state))
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise UserError(f"cannot read checkpoint {path}: {error}".splitlines()[0]) from None
     if not any(key.startswith("model.diffusion_model.") for key in keys):
         raise UserError(f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model weights)")
     if any(key.startswith("conditioner.embedders.") for key in keys):
@@ -96,34 +102,39 @@ def _from_pretrained(model: str, dtype: torch.dtype, config) -> DiffusionPipelin
     if model == "builtin":
         if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
             raise UserError("the built-in model is not installed; reinstall stylealigned or pass --model")
-        return DiffusionPipeline.from_pretrained(BUILTIN_MODEL_DIR, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(BUILTIN_MODEL_DIR, dtype=dtype)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers pipeline folder (it has no model_index.json)")
-        return DiffusionPipeline.from_pretrained(path, torch_dtype=dtype)
+        return DiffusionPipeline.from_pretrained(path, dtype=dtype)
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise UserError(f"{path} is not a .safetensors or .ckpt checkpoint nor a diffusers folder")
         pipeline_class = StableDiffusionXLPipeline if checkpoint_kind(path) == "sdxl" else StableDiffusionPipeline
-        return _hub_call(str(path), lambda: pipeline_class.from_single_file(path, config=config, torch_dtype=dtype))
+        fix = "connect once, or pass config= a local diffusers folder of the same architecture"
+        load = partial(pipeline_class.from_single_file, path, config=config, dtype=dtype)
+        return _hub_call(f"the config of {path.name}", fix, load)
     if not HUB_ID.match(model) or path.suffix in CHECKPOINT_SUFFIXES:
         raise UserError(f"no such model file or folder: {model}")
-    return _hub_call(model, lambda: DiffusionPipeline.from_pretrained(model, torch_dtype=dtype))
+    fix = f"download it once with network (`hf download {model}`) or pass a local diffusers folder"
+    return _hub_call(model, fix, partial(DiffusionPipeline.from_pretrained, model, dtype=dtype))
 
 
-def _hub_call(model: str, load):
-    """Run `load`; diffusers turns every hub or cache failure into an OSError (cause: the hub's own error)."""
+def _hub_call(what: str, fix: str, load):
+    """Run `load`, turning hub and cache failures into one line.
+
+    Offline, diffusers raises a plain OSError whose cause is huggingface_hub's error (OfflineModeIsEnabled,
+    LocalEntryNotFoundError, a connection error); every huggingface_hub error is itself an OSError.
+    """
     try:
         return load()
     except OSError as error:
-        if isinstance(error, (RepositoryNotFoundError, GatedRepoError)) or isinstance(
-            error.__cause__, (RepositoryNotFoundError, GatedRepoError)
-        ):
-            raise UserError(f"{model} is not on the Hugging Face hub or is gated; check the id or run `hf auth login`") from None
-        raise UserError(
-            f"{model} (or its config) is not in the local Hugging Face cache and the hub cannot be reached; "
-            f"download it once with network (`hf download {model}`) or pass a local diffusers folder"
-        ) from None
+        causes = [error]
+        while causes[-1].__cause__ is not None:
+            causes.append(causes[-1].__cause__)
+        if any(isinstance(cause, (RepositoryNotFoundError, GatedRepoError)) for cause in causes):
+            raise UserError(f"{what} is not on the Hugging Face hub or is gated; check the id or log in") from None
+        raise UserError(f"{what} is not in the local Hugging Face cache and the hub cannot be reached; {fix}") from None
 
 
 def scheduler_class(name: str):
