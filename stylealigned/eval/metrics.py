@@ -1,0 +1,53 @@
+"""The paper's two metrics on PIL images: text alignment (CLIP) and set consistency (DINO).
+
+Both run in batches on any device; `model` is a hub id or a local folder (see `encoders`).
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from ..errors import UserError
+from ..models import resolve_device
+from .encoders import (
+    DEFAULT_CLIP, DEFAULT_DINO, clip_image_embeddings, clip_text_embeddings, dino_embeddings, load_clip, load_dino,
+)
+
+
+def _batched(embed, items: list, batch_size: int) -> torch.Tensor:
+    return torch.cat([embed(items[start:start + batch_size]) for start in range(0, len(items), batch_size)])
+
+
+def text_alignment(images: list[Image.Image], texts: list[str], model: str = DEFAULT_CLIP, device: str = "auto",
+                   batch_size: int = 32) -> list[float]:
+    """Per-image cosine between the CLIP embeddings of `images[i]` and `texts[i]`.
+
+    The paper scores each image against the text of its object (e.g. "a bicycle"), not the style description.
+    """
+    if len(images) != len(texts):
+        raise UserError(f"text alignment needs one text per image, got {len(images)} images and {len(texts)} texts")
+    encoder = load_clip(model, resolve_device(device))
+    image_embeds = _batched(lambda chunk: clip_image_embeddings(encoder, chunk), list(images), batch_size)
+    text_embeds = _batched(lambda chunk: clip_text_embeddings(encoder, chunk), list(texts), batch_size)
+    return (image_embeds * text_embeds).sum(dim=-1).tolist()
+
+
+def mean_pairwise_cosine(embeddings: torch.Tensor) -> float:
+    """Mean cosine over all pairs of distinct rows of unit-length `embeddings` [n, d] (self-pairs excluded)."""
+    count = len(embeddings)
+    similarity = embeddings @ embeddings.T
+    return ((similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1))).item()
+
+
+def set_consistency(images: list[Image.Image], model: str = DEFAULT_DINO, include_reference: bool = True,
+                    device: str = "auto", batch_size: int = 32) -> float:
+    """Mean pairwise cosine of the DINO CLS embeddings of a set; `images[0]` is the reference.
+
+    With `include_reference=False` the reference is left out and only the targets are compared.
+    """
+    members = list(images) if include_reference else list(images)[1:]
+    if len(members) < 2:
+        raise UserError(f"set consistency compares pairs of images; got {len(members)} image(s) to compare")
+    encoder = load_dino(model, resolve_device(device))
+    return mean_pairwise_cosine(_batched(lambda chunk: dino_embeddings(encoder, chunk), members, batch_size))
