@@ -1,0 +1,151 @@
+"""Images in and out: robust loading, PNGs with metadata written atomically, grids, output folders."""
+
+import json
+import os
+import re
+import tempfile
+import unicodedata
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .errors import UserError
+
+MAX_PIXELS = 100_000_000  # larger images are refused as possible decompression bombs
+OUR_OUTPUTS = re.compile(r"^(\d+-[a-z0-9-]*\.png|grid\.png|run\.json)$")  # what overwrite may delete
+WHITE = (255, 255, 255)
+
+
+def load_image(path, width: int, height: int) -> Image.Image:
+    """Read an image as RGB, upright (EXIF), transparency on white, center-cropped and resized to width x height."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no such image file: {path}")
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty; pass a PNG, JPEG or WebP image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS below is the limit
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_PIXELS:
+                    raise Image.DecompressionBombError
+                image.load()  # a full decode, so truncation is caught here
+                image = ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError:
+        raise UserError(f"{path} is too large (over {MAX_PIXELS // 1_000_000} megapixels); resize it first") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path} is not an image Pillow can read; pass a PNG, JPEG or WebP image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise UserError(f"{path} is corrupt or truncated ({error}); re-export the image".replace("\n", " ")) from None
+    return ImageOps.fit(to_rgb(image), (width, height), Image.Resampling.LANCZOS)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: 16/32-bit integer images scaled to 8 bits, transparent pixels composited on white."""
+    if image.mode.startswith("I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        if image.mode != "I" or pixels.max() > 255:  # 16-bit data; 8-bit data stored as "I" is kept as is
+            pixels = pixels / 257
+        image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, WHITE)
+        background.alpha_composite(image.convert("RGBA"))
+        image = background
+    return image.convert("RGB")
+
+
+def _write_atomic(path, write) -> None:
+    """Call write(file_object) on a temporary file next to `path`, then move it into place in one step."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            write(file)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def save_png(image: Image.Image, path, metadata: dict) -> None:
+    """Save atomically as PNG with `metadata` as JSON in the "stylealigned" text chunk (and "prompt" if given)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("stylealigned", json.dumps(metadata, default=str))
+    if "prompt" in metadata:
+        info.add_text("prompt", str(metadata["prompt"]))
+    _write_atomic(path, lambda file: image.save(file, format="PNG", pnginfo=info))
+
+
+def read_png_metadata(path) -> dict:
+    """The metadata dict that save_png stored in `path` ({} when there is none)."""
+    with Image.open(path) as image:
+        return json.loads(image.text.get("stylealigned", "{}"))
+
+
+def write_json_atomic(path, data) -> None:
+    """Write `data` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    _write_atomic(path, lambda file: file.write(text.encode()))
+
+
+def make_grid(images: list, columns: int, labels: list | None = None, row_labels: list | None = None) -> Image.Image:
+    """Tile images (resized to the first one's size) in `columns`; optional captions under cells and left of rows."""
+    font = ImageFont.load_default()
+    cell_w, cell_h = images[0].size
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    text_h = font.getbbox("Ag")[3]
+    caption_h = text_h + 6 if labels else 0
+    margin = int(max(font.getlength(label) for label in row_labels)) + 8 if row_labels else 0
+    grid = Image.new("RGB", (margin + columns * cell_w, rows * (cell_h + caption_h)), WHITE)
+    draw = ImageDraw.Draw(grid)
+    for index, image in enumerate(images):
+        x, y = margin + index % columns * cell_w, index // columns * (cell_h + caption_h)
+        grid.paste(image.convert("RGB").resize((cell_w, cell_h)), (x, y))
+        if labels:
+            draw.text((x + 3, y + cell_h + 3), _fit(labels[index], font, cell_w - 6), fill="black", font=font)
+    for row, label in enumerate(row_labels or []):
+        draw.text((4, row * (cell_h + caption_h) + (cell_h - text_h) // 2), label, fill="black", font=font)
+    return grid
+
+
+def _fit(text: str, font, width: int) -> str:
+    """`text` shortened with an ellipsis until it is at most `width` pixels wide."""
+    while text and font.getlength(text) > width:
+        text = text[:-2] + "…" if len(text) > 1 else ""
+    return text
+
+
+def slugify(text: str, max_len: int = 40) -> str:
+    """File-name slug, cut at a word boundary: "A cat, in watercolor!" -> "a-cat-in-watercolor"."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text).strip("-")
+    if len(slug) > max_len:
+        slug = slug[: max_len + 1].rsplit("-", 1)[0] if "-" in slug[: max_len + 1] else slug[:max_len]
+    return slug or "image"
+
+
+def prepare_output_dir(path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create the output folder; earlier results there need `resume` (keep them) or `overwrite` (delete ours)."""
+    path = Path(path)
+    if overwrite and resume:
+        raise UserError("--overwrite and --resume contradict each other; pass one of them")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} is a file; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise UserError(f"cannot write to output folder {path}: {error.strerror}; choose another --out") from None
+    earlier = (path / "run.json").exists() or any(path.glob("*.png"))
+    if earlier and overwrite:
+        for file in path.iterdir():
+            if file.is_file() and OUR_OUTPUTS.match(file.name):
+                file.unlink()
+    elif earlier and not resume:
+        raise UserError(f"{path} holds earlier results; pass --overwrite to replace them or --resume to complete them")
+    return path
