@@ -51,3 +51,17 @@ def set_consistency(images: list[Image.Image], model: str = DEFAULT_DINO, includ
         raise UserError(f"set consistency compares pairs of images; got {len(members)} image(s) to compare")
     encoder = load_dino(model, resolve_device(device))
     return mean_pairwise_cosine(_batched(lambda chunk: dino_embeddings(encoder, chunk), members, batch_size))
+
+
+def score_set(images: list[Image.Image], texts: list[str | None], clip_model: str = DEFAULT_CLIP,
+              dino_model: str = DEFAULT_DINO, device: str = "auto") -> dict:
+    """Both metrics for one set (reference first): mean text alignment over the images that have a text
+    (None skips one, e.g. an inverted real reference), and set consistency with the reference included."""
+    scored = [(image, text) for image, text in zip(images, texts, strict=True) if text is not None]
+    per_image = text_alignment([image for image, _ in scored], [text for _, text in scored], clip_model, device)
+    return {
+        "text_alignment": sum(per_image) / len(per_image),
+        "set_consistency": set_consistency(images, dino_model, include_reference=True, device=device),
+        "set_consistency_includes_reference": True,
+        "text_alignment_per_image": per_image,
+    }

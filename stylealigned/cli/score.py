@@ -1,0 +1,40 @@
+"""`stylealigned score DIR`: the paper's two metrics for a set that `stylealigned generate` wrote."""
+
+from pathlib import Path
+
+import typer
+
+from ..eval.encoders import DEFAULT_CLIP, DEFAULT_DINO
+from ..eval.metrics import score_set
+from ..eval.run_folder import read_run_folder
+from ..io import write_json_atomic
+from . import app
+
+
+@app.command()
+def score(
+    folder: Path = typer.Argument(..., help="Folder written by `stylealigned generate` (holds run.json)."),
+    clip_model: str = typer.Option(DEFAULT_CLIP, help="CLIP for text alignment: hub id or local folder."),
+    dino_model: str = typer.Option(DEFAULT_DINO, help="DINO ViT for set consistency: hub id or local folder."),
+    full_prompt: bool = typer.Option(
+        False, help="Score text alignment against the full prompt instead of the prompt without the --style suffix."
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Print text alignment (CLIP) and set consistency (DINO) and write them to DIR/scores.json."""
+    run = read_run_folder(folder)
+    texts = run.texts(full_prompt)
+    scores = score_set(run.load_images(), texts, clip_model, dino_model, device)
+    per_image = scores.pop("text_alignment_per_image")
+    record = {
+        **scores,
+        "text": "full prompt" if full_prompt else "prompt without the style suffix",
+        "clip_model": clip_model,
+        "dino_model": dino_model,
+        "images": [{"file": path.name, "text": text, "text_alignment": value}
+                   for path, text, value in zip(run.images, texts, per_image)],
+    }
+    write_json_atomic(folder / "scores.json", record)
+    typer.echo(f"text alignment  {scores['text_alignment']:.4f}  (CLIP, mean of {len(per_image)} images)")
+    typer.echo(f"set consistency {scores['set_consistency']:.4f}  (DINO, mean over pairs, reference included)")
+    typer.echo(f"wrote {folder / 'scores.json'}")
