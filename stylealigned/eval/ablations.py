@@ -1,0 +1,33 @@
+"""The named configurations the runner compares: the plain model, the paper's method and its ablations."""
+
+from __future__ import annotations
+
+from ..config import StyleAlignedConfig
+from ..errors import UserError
+
+CONFIGS = {
+    "no-share": StyleAlignedConfig.disabled,
+    "full": StyleAlignedConfig.text_to_image,
+    "no-adain": lambda: StyleAlignedConfig.text_to_image(adain_queries=False, adain_keys=False),
+    "full-attention-share": lambda: StyleAlignedConfig.text_to_image(
+        full_attention_share=True, adain_queries=False, adain_keys=False
+    ),
+    "shared-layers-0.5": lambda: StyleAlignedConfig.text_to_image(shared_layers=0.5),
+    "shared-layers-0.25": lambda: StyleAlignedConfig.text_to_image(shared_layers=0.25),
+    "transfer": StyleAlignedConfig.transfer,  # style from a real image, inverted; needs a reference
+}
+NEEDS_REFERENCE = ("transfer",)
+DEFAULT_CONFIGS = [name for name in CONFIGS if name not in NEEDS_REFERENCE]
+
+
+def parse_configs(text: str | None, has_reference: bool) -> list[str]:
+    """Names from a comma-separated list (None: every configuration that applies); unknown names are a UserError."""
+    if text is None:
+        return DEFAULT_CONFIGS + (list(NEEDS_REFERENCE) if has_reference else [])
+    names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown or not names:
+        raise UserError(f"unknown configuration(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
+    if not has_reference and (needing := [name for name in names if name in NEEDS_REFERENCE]):
+        raise UserError(f"{', '.join(needing)} needs a real reference; pass --reference-image and --reference-prompt")
+    return names
