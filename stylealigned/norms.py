@@ -16,8 +16,9 @@ Moments = tuple[Tensor, Tensor]
 
 
 def group_moments(x: Tensor, groups: int) -> Moments:
-    """Mean and biased variance per image and channel group of x (batch, channels, ...), in fp32."""
-    var, mean = torch.var_mean(x.reshape(x.shape[0], groups, -1).float(), dim=-1, keepdim=True, correction=0)
+    """Mean and biased variance per image and channel group of x (batch, channels, ...), in fp32 or wider."""
+    x = x.reshape(x.shape[0], groups, -1)
+    var, mean = torch.var_mean(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1, keepdim=True, correction=0)
     return mean, var
 
 
@@ -31,7 +32,7 @@ def normalise(x: Tensor, norm: nn.GroupNorm, moments: Moments) -> Tensor:
     """GroupNorm of x with the given moments instead of its own."""
     mean, var = moments
     shape = x.shape
-    y = (x.reshape(shape[0], norm.num_groups, -1).float() - mean) * torch.rsqrt(var + norm.eps)
+    y = (x.reshape(shape[0], norm.num_groups, -1).to(mean.dtype) - mean) * torch.rsqrt(var + norm.eps)
     y = y.reshape(shape).to(x.dtype)
     if norm.affine:
         affine_shape = (1, -1) + (1,) * (len(shape) - 2)
