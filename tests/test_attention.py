@@ -28,8 +28,10 @@ def fast(q, k, v, groups, config):
     return shared_attention(*grouped, config).reshape(q.shape)
 
 
+# From 4 tokens up: with 2 or 3 tokens a near-zero std makes AdaIN so ill-conditioned that fp32 rounding alone
+# (the same formula evaluated in another order) exceeds 1e-5. Real layers have 64 tokens or more.
 @settings(max_examples=120, deadline=None)
-@given(groups=st.integers(1, 2), images=st.integers(1, 4), heads=st.integers(1, 3), tokens=st.integers(2, 9),
+@given(groups=st.integers(1, 2), images=st.integers(1, 4), heads=st.integers(1, 3), tokens=st.integers(4, 16),
        dim=st.integers(1, 8), flags=st.lists(st.booleans(), min_size=len(KNOBS), max_size=len(KNOBS)),
        scale=st.floats(0.25, 3.0), shift=st.sampled_from([0.0, math.log(2), math.log(3), -0.7, 1.3]),
        seed=st.integers(0, 2**16))
