@@ -1,0 +1,123 @@
+"""generate_set: chunked == one batch, subsets reproduce the set, trajectory references stay pinned."""
+
+import pytest
+import torch
+
+import stylealigned as sa
+from stylealigned import sets
+from stylealigned.inversion import invert
+
+PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a car", "a bird", "a red cat", "a blue dog",
+           "a tree in oil style"]
+SETTINGS = dict(num_inference_steps=3, guidance_scale=5.0, height=32, width=32)
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Record the latents generate_set decodes, by set position, so comparisons are made before 8-bit rounding."""
+    seen = {}
+    original = sets.decode
+
+    def spy(pipe, latents):
+        images = original(pipe, latents)
+        seen.setdefault("latents", []).append(latents.clone())
+        return images
+
+    monkeypatch.setattr(sets, "decode", spy)
+    return seen
+
+
+def set_latents(pipe, prompts, decoded, **kwargs):
+    decoded.clear()
+    positions = []
+    sa_images = sets.generate_set(pipe, prompts, seed=7, on_image=lambda i, _: positions.append(i),
+                                  **SETTINGS, **kwargs)
+    assert len(sa_images) == len(positions)
+    return dict(zip(positions, torch.cat(decoded["latents"])))
+
+
+def test_one_chunk_equals_the_apply_path(sd_pipe, decoded):
+    ours = set_latents(sd_pipe, PROMPTS[:4], decoded)
+    with sa.apply(sd_pipe):
+        expected = sd_pipe(PROMPTS[:4], latents=sets.initial_noise(sd_pipe, range(4), 7, 32, 32),
+                           output_type="latent", **SETTINGS).images
+    torch.testing.assert_close(torch.stack([ours[i] for i in range(4)]), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pipe_name", ["sd_pipe", "sdxl_pipe"])
+def test_batches_of_four_equal_one_batch_of_nine(request, pipe_name, decoded):
+    pipe = request.getfixturevalue(pipe_name)
+    whole = set_latents(pipe, PROMPTS, decoded, batch_size=9)
+    chunked = set_latents(pipe, PROMPTS, decoded, batch_size=4)
+    waves = set_latents(pipe, PROMPTS, decoded, batch_size=2, wave_size=3)
+    assert sorted(whole) == sorted(chunked) == sorted(waves) == list(range(9))
+    for i in range(9):
+        torch.testing.assert_close(chunked[i], whole[i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(waves[i], whole[i], atol=1e-4, rtol=1e-4)
+
+
+def test_a_subset_of_positions_reproduces_the_set(sd_pipe, decoded):
+    whole = set_latents(sd_pipe, PROMPTS[:6], decoded, batch_size=2)
+    part = set_latents(sd_pipe, PROMPTS[:6], decoded, batch_size=2, indices=[2, 5])
+    assert sorted(part) == [2, 5]
+    for i in (2, 5):
+        torch.testing.assert_close(part[i], whole[i], atol=1e-4, rtol=1e-4)
+
+
+def test_images_are_pil_in_order(sd_pipe):
+    images = sets.generate_set(sd_pipe, PROMPTS[:3], **SETTINGS)
+    assert [im.size for im in images] == [(32, 32)] * 3
+
+
+def test_a_single_prompt_is_just_the_reference(sd_pipe):
+    assert len(sets.generate_set(sd_pipe, PROMPTS[:1], **SETTINGS)) == 1
+
+
+@pytest.mark.parametrize("bad", [dict(prompts=[]), dict(batch_size=0), dict(indices=[12])])
+def test_bad_arguments_are_user_errors(sd_pipe, bad):
+    arguments = dict(prompts=PROMPTS[:3], **SETTINGS) | bad
+    with pytest.raises(sa.UserError):
+        sets.generate_set(sd_pipe, arguments.pop("prompts"), **arguments)
+
+
+def test_full_attention_share_cannot_be_chunked(sd_pipe):
+    with pytest.raises(ValueError, match="cannot run in chunks"):
+        sets.generate_set(sd_pipe, PROMPTS[:4], sa.StyleAlignedConfig(full_attention_share=True), batch_size=2,
+                          **SETTINGS)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_reference_slot_follows_the_trajectory(sd_pipe, offset, decoded, monkeypatch):
+    from PIL import Image
+
+    trajectory = invert(sd_pipe, Image.new("RGB", (32, 32), (200, 40, 40)), "a cat", num_inference_steps=4)
+    pinned = []
+    original = sets.pin_reference
+
+    def pin_and_record(trajectory, offset):
+        pin = original(trajectory, offset)
+
+        def callback(pipe, step, timestep, tensors):
+            result = pin(pipe, step, timestep, tensors)
+            pinned.append(result["latents"][0].clone())
+            return result
+
+        return callback
+
+    monkeypatch.setattr(sets, "pin_reference", pin_and_record)
+    decoded.clear()
+    images = sets.generate_set(sd_pipe, ["a dog", "a house"], sa.StyleAlignedConfig.transfer(), reference=trajectory,
+                               offset=offset, num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
+                               batch_size=1)
+    assert len(images) == 3 and len(pinned) == 4
+    for step, latent in enumerate(pinned):
+        assert torch.equal(latent, trajectory.latents[max(offset + 1, step + 1)])
+    assert torch.equal(decoded["latents"][0][0], trajectory.latents[-1])
+
+
+def test_trajectory_mismatch_is_a_user_error(sd_pipe):
+    from PIL import Image
+
+    trajectory = invert(sd_pipe, Image.new("RGB", (32, 32)), "a cat", num_inference_steps=4)
+    with pytest.raises(sa.UserError, match="steps"):
+        sets.generate_set(sd_pipe, ["a dog"], reference=trajectory, num_inference_steps=3, height=32, width=32)
