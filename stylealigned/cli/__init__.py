@@ -16,6 +16,7 @@ app = typer.Typer(
 # Each module registers its command on `app` when imported.
 from . import generate  # noqa: E402,F401
 from . import score  # noqa: E402,F401
+from . import evaluate  # noqa: E402,F401
 
 
 def main() -> None:

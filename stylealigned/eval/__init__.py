@@ -3,7 +3,9 @@
 from .benchmark import BenchmarkStyle, load_benchmark
 from .encoders import DEFAULT_CLIP, DEFAULT_DINO
 from .metrics import set_consistency, text_alignment
+from .runner import evaluate
 
 __all__ = [
-    "DEFAULT_CLIP", "DEFAULT_DINO", "BenchmarkStyle", "load_benchmark", "set_consistency", "text_alignment",
+    "DEFAULT_CLIP", "DEFAULT_DINO", "BenchmarkStyle", "evaluate", "load_benchmark", "set_consistency",
+    "text_alignment",
 ]
