@@ -27,7 +27,8 @@ def parse_configs(text: str | None, has_reference: bool) -> list[str]:
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     unknown = [name for name in names if name not in CONFIGS]
     if unknown or not names:
-        raise UserError(f"unknown configuration(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONFIGS)}")
+        given = ", ".join(unknown) or "(none given)"
+        raise UserError(f"unknown configuration(s) {given}; choose from {', '.join(CONFIGS)}")
     if not has_reference and (needing := [name for name in names if name in NEEDS_REFERENCE]):
         raise UserError(f"{', '.join(needing)} needs a real reference; pass --reference-image and --reference-prompt")
     return names

@@ -29,7 +29,12 @@ class RunFolder:
                 for prompt in self.prompts]
 
     def load_images(self) -> list[Image.Image]:
-        return [Image.open(path).convert("RGB") for path in self.images]
+        return [_read_rgb(path) for path in self.images]
+
+
+def _read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def object_text(prompt: str, style: str | None) -> str:
@@ -49,13 +54,14 @@ def full_text(prompt: str, style: str | None) -> str:
 def read_run_folder(folder: str | Path) -> RunFolder:
     """Parse run.json and pair its prompts with the NN-<slug>.png images; a folder that does not fit is a UserError."""
     folder = Path(folder)
-    if not (folder / "run.json").is_file():
+    record = folder / "run.json"
+    if not record.is_file():
         raise UserError(f"{folder} has no run.json; pass a folder written by `stylealigned generate`")
     try:
-        run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        run = json.loads(record.read_text(encoding="utf-8"))
         prompts, style = list(run["prompts"]), run.get("style")
     except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{folder / 'run.json'} is not a readable run record ({error}); generate the set again") from None
+        raise UserError(f"{record} is not a readable run record ({error}); generate the set again") from None
     numbered = {int(match[1]): path for path in folder.iterdir() if (match := IMAGE_NAME.match(path.name))}
     if len(numbered) != len(prompts):
         raise UserError(f"{folder} holds {len(numbered)} NN-<slug>.png images for {len(prompts)} prompts in run.json; "
