@@ -14,6 +14,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from stylealigned.models import load_pipeline
 from stylealigned.toy.vocab import word_level_tokenizer
 
+# One thread per test process: tiny models gain nothing from more, and `pytest -n` runs processes side by side.
+torch.set_num_threads(1)
+
 WORDS = "a an the cat dog house tree car bird in on of with watercolor oil style painting sketch photo red blue".split()
 TEXT_HIDDEN = 32
 SIZE = 32  # image side in pixels; latents are SIZE // 2

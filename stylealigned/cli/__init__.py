@@ -1,10 +1,13 @@
 """Command-line front end: `stylealigned COMMAND ...`. Each command lives in its own module."""
 
+import os
 import sys
 
-import typer
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before diffusers imports transformers: keep output clean
 
-from ..errors import UserError
+import typer  # noqa: E402
+
+from ..errors import UserError  # noqa: E402
 
 app = typer.Typer(
     add_completion=False,
@@ -15,8 +18,10 @@ app = typer.Typer(
 
 # Each module registers its command on `app` when imported.
 from . import generate  # noqa: E402,F401
+from . import transfer  # noqa: E402,F401
 from . import score  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
+from .common import Interrupted  # noqa: E402
 
 
 def main() -> None:
@@ -26,6 +31,6 @@ def main() -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: finished images are kept; rerun with --resume to complete the set", file=sys.stderr)
+    except Interrupted as interruption:
+        print(interruption, file=sys.stderr)
         sys.exit(130)

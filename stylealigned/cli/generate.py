@@ -1,1 +1,48 @@
-"""`stylealigned generate` (placeholder until the core lands)."""
+"""`stylealigned generate`: a style-aligned set from prompts; the first prompt's image is the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from . import app
+from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Flag, Guidance, Layers, Model, Negative, NoShare,
+                     Number, Out, Overwrite, Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size,
+                     Steps, Style, build_config, generate_into, load, read_prompts)
+
+
+@app.command()
+def generate(
+    prompts: Prompts = None, prompts_file: PromptsFile = None, style: Style = None, model: Model = DEFAULT_MODEL,
+    out: Out = Path("stylealigned-out"), seed: Seed = 0, steps: Steps = 50, guidance: Guidance = None,
+    width: Size = None, height: Size = None, device: Device = "auto", dtype: Dtype = None,
+    scheduler: Scheduler = "ddim", negative_prompt: Negative = None, batch_size: BatchSize = None,
+    resume: Resume = False, overwrite: Overwrite = False, no_share: NoShare = False, preset: Preset = "text-to-image",
+    share_attention: Flag = None, adain_queries: Flag = None, adain_keys: Flag = None, adain_values: Flag = None,
+    full_attention_share: Flag = None, share_group_norm: Flag = None, share_layer_norm: Flag = None,
+    shared_score_scale: Number = None, shared_score_shift: Number = None, shared_layers: Layers = None,
+) -> None:
+    """Generate a set of images in one style: one PNG per prompt (00 is the reference), grid.png, run.json."""
+    set_prompts = read_prompts(prompts, prompts_file, style)
+    config = build_config(preset, no_share, share_attention=share_attention, adain_queries=adain_queries,
+                          adain_keys=adain_keys, adain_values=adain_values, full_attention_share=full_attention_share,
+                          share_group_norm=share_group_norm, share_layer_norm=share_layer_norm,
+                          shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift,
+                          shared_layers=shared_layers)
+    pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt)
+    folder = RunFolder(out, set_prompts, {"command": "generate", "model": model, "style": style, "seed": seed,
+                                          "scheduler": scheduler, "dtype": str(pipe.unet.dtype), **settings,
+                                          "batch_size": batch_size, "config": config.to_dict()})
+    todo = folder.open(resume, overwrite)
+    if len(set_prompts) == 1:
+        typer.echo("note: only one prompt, so there is nothing to align; generating the reference alone", err=True)
+
+    def produce(positions, on_image):
+        from ..sets import generate_set
+
+        generate_set(pipe, set_prompts, config, seed=seed, batch_size=batch_size, indices=positions,
+                     on_image=on_image, **settings)
+
+    if generate_into(folder, todo, produce):
+        typer.echo(f"wrote {len(set_prompts)} images, grid.png and run.json to {out}")

@@ -1,0 +1,196 @@
+"""What `generate` and `transfer` share: options, the config from flags, and writing a set to a run folder."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from ..config import StyleAlignedConfig
+from ..errors import UserError
+from ..io import make_grid, prepare_output_dir, read_png_metadata, save_png, slugify, write_json_atomic
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+class Interrupted(Exception):
+    """Ctrl-C or a kill during generation: finished images are on disk, the rest can be resumed."""
+PRESETS = {"text-to-image": StyleAlignedConfig.text_to_image, "transfer": StyleAlignedConfig.transfer}
+
+# Options shared by every command that generates a set.
+Prompts = Annotated[Optional[list[str]], typer.Argument(help="Prompts; the first one is the reference.")]
+PromptsFile = Annotated[Optional[Path], typer.Option(help="Text file with one prompt per line (added after PROMPTS).")]
+Style = Annotated[Optional[str], typer.Option(help='Appended to every prompt as "PROMPT, STYLE".')]
+Model = Annotated[str, typer.Option(help="Hub id, local diffusers folder, single .safetensors file, or 'builtin'.")]
+Out = Annotated[Path, typer.Option(help="Output folder (one PNG per image, grid.png, run.json).")]
+Seed = Annotated[int, typer.Option(help="Image i starts from noise seeded by SEED + i.")]
+Steps = Annotated[int, typer.Option(help="Denoising steps.")]
+Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the pipeline's).")]
+Size = Annotated[Optional[int], typer.Option(help="Pixels (default: the model's native size).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: fp16 on GPUs, fp32 on CPU).")]
+Scheduler = Annotated[str, typer.Option(help="ddim (the paper's), euler, euler-a, dpm++, unipc, pndm, or model.")]
+Negative = Annotated[Optional[str], typer.Option(help="Negative prompt for every image.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Targets per UNet call; bounds memory for large sets.")]
+Resume = Annotated[bool, typer.Option(help="Complete an interrupted run in --out with the same parameters.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace earlier results in --out.")]
+NoShare = Annotated[bool, typer.Option("--no-share", help="Baseline: the plain model, nothing shared.")]
+Preset = Annotated[str, typer.Option(help="Starting knobs: text-to-image (paper default) or transfer.")]
+Flag = Annotated[Optional[bool], typer.Option(show_default=False)]
+Number = Annotated[Optional[float], typer.Option(show_default=False)]
+Layers = Annotated[Optional[str], typer.Option(
+    show_default=False, help="Fraction of self-attention layers that share (0..1), or a layer-name filter.")]
+
+
+def build_config(preset: str, no_share: bool, **knobs) -> StyleAlignedConfig:
+    """The preset with every knob given on the command line applied; invalid values become UserErrors."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if no_share:
+        return StyleAlignedConfig.disabled()
+    changes = {name: value for name, value in knobs.items() if value is not None}
+    if "shared_layers" in changes:
+        text = changes["shared_layers"]
+        try:
+            changes["shared_layers"] = float(text)
+        except ValueError:
+            changes["shared_layers"] = text
+    try:
+        return PRESETS[preset](**changes)
+    except ValueError as error:
+        raise UserError(f"invalid knob: {error}") from None
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: Path | None, style: str | None) -> list[str]:
+    """Prompts from the arguments and the file, with the style appended; none at all is a UserError."""
+    prompts = list(prompts or [])
+    if prompts_file is not None:
+        try:
+            prompts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"cannot read --prompts-file {prompts_file}: {error}") from None
+    if not prompts:
+        raise UserError("no prompts given; pass prompts as arguments or --prompts-file FILE")
+    return [f"{p}, {style}" if style else p for p in prompts]
+
+
+def versions() -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {"stylealigned": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+@dataclass
+class RunFolder:
+    """Where a set is written: NN-<slug>.png per position, grid.png and run.json holding `parameters`."""
+
+    path: Path
+    prompts: list[str]
+    parameters: dict
+    files: dict[int, Path] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.files = {i: self.path / f"{i:02d}-{slugify(p)}.png" for i, p in enumerate(self.prompts)}
+
+    def open(self, resume: bool, overwrite: bool) -> list[int]:
+        """Create or reopen the folder; returns the positions still to generate."""
+        earlier = self.path / "run.json"
+        resuming = resume and earlier.exists()
+        prepare_output_dir(self.path, overwrite=overwrite, resume=resume)
+        if resuming:
+            try:
+                recorded = json.loads(earlier.read_text(encoding="utf-8")).get("parameters")
+            except ValueError:
+                recorded = None
+            if recorded != json.loads(json.dumps(self.parameters)):
+                raise UserError(f"{self.path} holds a run with other parameters; rerun the same command to resume, "
+                                "or pass --overwrite")
+        return [i for i, file in self.files.items() if not (resuming and _is_complete(file))]
+
+    def write_record(self, complete: bool) -> None:
+        write_json_atomic(self.path / "run.json", {"parameters": self.parameters, "prompts": self.prompts,
+                                                   "style": self.parameters.get("style"), "complete": complete,
+                                                   "versions": versions()})
+
+    def save(self, position: int, image) -> None:
+        save_png(image, self.files[position], {**self.parameters, "position": position,
+                                               "prompt": self.prompts[position],
+                                               "seed_of_image": self.parameters["seed"] + position})
+
+    def write_grid(self, extra: list[tuple[str, object]] = ()) -> Path:
+        from PIL import Image
+
+        images = [(label, image) for label, image in extra]
+        images += [(f"{i}: {p}", Image.open(file)) for (i, p), file in zip(enumerate(self.prompts), self.files.values())]
+        grid = make_grid([image for _, image in images], columns=min(len(images), 5),
+                         labels=[label for label, _ in images])
+        save_png(grid, self.path / "grid.png", self.parameters)
+        return self.path / "grid.png"
+
+
+def _is_complete(file: Path) -> bool:
+    """An image this tool finished: writes are atomic, so a readable PNG with our metadata is complete."""
+    try:
+        return bool(read_png_metadata(file))
+    except (OSError, ValueError):
+        return False
+
+
+def generate_into(folder: RunFolder, todo: list[int], produce: Callable[[list[int], Callable], None],
+                  grid_extra: list[tuple[str, object]] = ()) -> bool:
+    """Run `produce(positions, on_image)` for this process's share of `todo`, then write grid.png and run.json.
+
+    Under `accelerate launch` each process takes its share of the positions (all compute the same reference).
+    Returns whether this is the main process (the one that reports).
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        folder.write_record(complete=False)
+    with state.split_between_processes(todo) as mine:
+        try:
+            if mine:
+                produce(list(mine), folder.save)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: finished images are kept in {folder.path}; "
+                              "rerun the same command with --resume to complete the set") from None
+    state.wait_for_everyone()
+    if state.is_main_process:
+        folder.write_grid(grid_extra)
+        folder.write_record(complete=True)
+    return state.is_main_process
+
+
+def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int, guidance: float | None,
+         width: int | None, height: int | None, negative_prompt: str | None):
+    """The pipeline on this process's device, and the pipeline settings every image of the set shares."""
+    from accelerate import PartialState
+
+    from ..models import load_pipeline
+
+    if steps < 1:
+        raise UserError(f"--steps must be at least 1, got {steps}")
+    if any(size is not None and (size < 8 or size % 8) for size in (width, height)):
+        raise UserError(f"--width and --height must be positive multiples of 8, got {width}x{height}")
+    state = PartialState()
+    if device == "auto" and state.num_processes > 1:
+        device = str(state.device)
+    pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler)
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width, height = width or native, height or native
+    settings = {"num_inference_steps": steps, "width": width, "height": height}
+    if guidance is not None:
+        settings["guidance_scale"] = guidance
+    if negative_prompt:
+        settings["negative_prompt"] = negative_prompt
+    return pipe, settings

@@ -1,0 +1,75 @@
+"""`stylealigned transfer`: a set in the style of a real image (DDIM-inverted, or forward-noised)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UserError
+from . import app
+from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Flag, Guidance, Layers, Model, Negative, NoShare,
+                     Number, Out, Overwrite, Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size,
+                     Steps, Style, build_config, generate_into, load, read_prompts)
+
+
+@app.command()
+def transfer(
+    prompts: Annotated[Optional[list[str]], typer.Argument(help="Target prompts.")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="The style image (PNG, JPEG or WebP).")] = None,
+    reference_prompt: Annotated[Optional[str], typer.Option(help="Text describing the style image.")] = None,
+    inversion: Annotated[str, typer.Option(help="ddim (faithful) or noise (no UNet calls, cheaper).")] = "ddim",
+    inversion_guidance: Annotated[float, typer.Option(help="Guidance scale of the DDIM inversion.")] = 2.0,
+    offset: Annotated[int, typer.Option(help="Steps during which the reference stays at its (offset+1)th latent.")] = 0,
+    trajectory: Annotated[Optional[Path], typer.Option(help="Reuse a trajectory saved by --save-trajectory.")] = None,
+    save_trajectory: Annotated[Optional[Path], typer.Option(help="Save the inverted trajectory to this file.")] = None,
+    prompts_file: PromptsFile = None, style: Style = None, model: Model = DEFAULT_MODEL,
+    out: Out = Path("stylealigned-out"), seed: Seed = 0, steps: Steps = 50, guidance: Guidance = None,
+    width: Size = None, height: Size = None, device: Device = "auto", dtype: Dtype = None,
+    scheduler: Scheduler = "ddim", negative_prompt: Negative = None, batch_size: BatchSize = None,
+    resume: Resume = False, overwrite: Overwrite = False, no_share: NoShare = False, preset: Preset = "transfer",
+    share_attention: Flag = None, adain_queries: Flag = None, adain_keys: Flag = None, adain_values: Flag = None,
+    full_attention_share: Flag = None, share_group_norm: Flag = None, share_layer_norm: Flag = None,
+    shared_score_scale: Number = None, shared_score_shift: Number = None, shared_layers: Layers = None,
+) -> None:
+    """Generate targets in the style of a real image; 00 is the reference's reconstruction."""
+    from ..inversion import Trajectory, invert
+    from ..io import load_image
+
+    targets = read_prompts(prompts, prompts_file, style)
+    config = build_config(preset, no_share, share_attention=share_attention, adain_queries=adain_queries,
+                          adain_keys=adain_keys, adain_values=adain_values, full_attention_share=full_attention_share,
+                          share_group_norm=share_group_norm, share_layer_norm=share_layer_norm,
+                          shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift,
+                          shared_layers=shared_layers)
+    if trajectory is None and (reference is None or not reference_prompt):
+        raise UserError("pass --reference IMAGE and --reference-prompt TEXT, or --trajectory FILE")
+    if save_trajectory is not None and save_trajectory.exists() and not overwrite:
+        raise UserError(f"{save_trajectory} already exists; choose another --save-trajectory or pass --overwrite")
+    if reference is not None:
+        load_image(reference, 64, 64)  # fail on a bad image before the model loads
+    saved = Trajectory.load(trajectory) if trajectory is not None else None
+    pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt)
+    image = load_image(reference, settings["width"], settings["height"]) if reference is not None else None
+    if saved is None:
+        saved = invert(pipe, image, reference_prompt, steps, guidance_scale=inversion_guidance, mode=inversion,
+                       seed=seed)
+    saved.check_compatible(pipe, steps, settings["width"], settings["height"])
+    folder = RunFolder(out, [saved.prompt] + targets, {
+        "command": "transfer", "model": model, "style": style, "seed": seed, "scheduler": scheduler,
+        "dtype": str(pipe.unet.dtype), **settings, "batch_size": batch_size, "config": config.to_dict(),
+        "reference": str(reference or trajectory), "inversion": saved.mode, "inversion_guidance": saved.guidance_scale,
+        "offset": offset})
+    todo = folder.open(resume, overwrite)
+    if save_trajectory is not None:
+        saved.save(save_trajectory, overwrite=overwrite)
+
+    def produce(positions, on_image):
+        from ..sets import generate_set
+
+        generate_set(pipe, targets, config, reference=saved, seed=seed, batch_size=batch_size, offset=offset,
+                     indices=positions, on_image=on_image, **settings)
+
+    if generate_into(folder, todo, produce, grid_extra=[("reference (input)", image)] if image is not None else []):
+        typer.echo(f"wrote the reconstruction, {len(targets)} images, grid.png and run.json to {out}")
