@@ -81,3 +81,16 @@ def test_bad_folder_is_one_line_error(tmp_path, monkeypatch, capsys, problem, me
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
     assert not (folder / "scores.json").exists()
+
+
+def test_score_reads_what_generate_wrote(tmp_path, monkeypatch, tiny_sd_path, tiny_clip_path, tiny_dino_path):
+    out = tmp_path / "run"
+    generate = ["generate", "a cat", "a dog", "a house", "--style", "watercolor painting", "--model", tiny_sd_path,
+                "--out", str(out), "--steps", "2", "--device", "cpu"]
+    assert run_cli(monkeypatch, *generate) in (0, None)
+
+    assert run_cli(monkeypatch, *score_args(out, tiny_clip_path, tiny_dino_path)) in (0, None)
+
+    scores = json.loads((out / "scores.json").read_text())
+    assert [entry["text"] for entry in scores["images"]] == ["a cat", "a dog", "a house"]
+    assert [entry["file"][:3] for entry in scores["images"]] == ["00-", "01-", "02-"]

@@ -132,11 +132,10 @@ def evaluate(pipe, out: str | Path, configs: list[str], styles: int = 100, seed:
     return rows
 
 
-def reference_trajectory(pipe, out: str | Path, image_path: str | Path, prompt: str,
-                         num_inference_steps: int) -> Trajectory:
+def reference_trajectory(pipe, out: str | Path, image_path: str | Path, prompt: str, num_inference_steps: int,
+                         width: int, height: int) -> Trajectory:
     """Invert the real reference once (main process) into out/reference.safetensors; every process loads it."""
     path = Path(out) / "reference.safetensors"
-    width = height = pipe.unet.config.sample_size * pipe.vae_scale_factor
     state = PartialState()
     if state.is_main_process and not path.is_file():
         Path(out).mkdir(parents=True, exist_ok=True)
