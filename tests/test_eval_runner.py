@@ -99,3 +99,11 @@ def test_config_names():
         parse_configs("full,bogus", has_reference=False)
     with pytest.raises(UserError, match="needs a real reference"):
         parse_configs("transfer", has_reference=False)
+
+
+def test_a_folder_with_other_files_is_refused(run_eval, tmp_path, generated_sets):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        run_eval(styles=1)
+    assert generated_sets == [] and sorted(path.name for path in (tmp_path / "eval").iterdir()) == ["notes.txt"]

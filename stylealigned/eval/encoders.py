@@ -25,7 +25,7 @@ DEFAULT_DINO = "facebook/dino-vitb8"
 
 @dataclass(frozen=True)
 class Encoder:
-    """A model in eval mode on `device` and the processor that prepares its inputs."""
+    """A model in eval mode, in fp32 on `device`, and the processor that prepares its inputs."""
 
     model: torch.nn.Module
     processor: object
@@ -43,14 +43,14 @@ def _load(name: str, device: torch.device, load_model, load_processor) -> Encode
     if path.is_dir():
         try:
             model, processor = load_model(path), load_processor(path)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise UserError(f"{path} does not hold a saved model and its processor: {error}".splitlines()[0]) from None
     elif HUB_ID.match(name):
         fix = f"download it once with network (`hf download {name}`) or pass a local folder that holds it"
         model, processor = _hub_call(name, fix, lambda: (load_model(name), load_processor(name)))
     else:
-        raise UserError(f"no such model folder: {name}; pass a local folder or a hub id like {DEFAULT_CLIP}")
-    return Encoder(model.to(device).eval(), processor, device)
+        raise UserError(f"no such model folder: {name}; pass a local model folder or a hub id (owner/name)")
+    return Encoder(model.to(device, torch.float32).eval(), processor, device)
 
 
 @functools.lru_cache(maxsize=4)

@@ -32,6 +32,7 @@ from .metrics import score_set
 from .report import write_reports
 
 SET_SEED_STRIDE = 100  # larger than any set, so sets never share a seed
+OUTPUTS = {"eval.json", "reference.safetensors", "sets", "results.csv", "summary.md", "tradeoff.png"}
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,8 @@ class Evaluation:
     def settings(self, pipe) -> dict:
         """Everything that changes the numbers, as recorded in eval.json."""
         return {"model": pipe.name_or_path, "dtype": str(pipe.dtype), "scheduler": type(pipe.scheduler).__name__,
-                "seed": self.seed, "clip_model": self.clip_model,
-                "dino_model": self.dino_model, "reference_prompt": self.reference.prompt if self.reference else None,
+                "seed": self.seed, "clip_model": self.clip_model, "dino_model": self.dino_model,
+                "reference_prompt": self.reference.prompt if self.reference else None,
                 "reference_style": self.reference_style, **self.pipeline_kwargs}
 
     def finished_row(self, task: SetTask) -> dict | None:
@@ -93,11 +94,25 @@ class Evaluation:
         return row
 
 
+def _is_ours(path: Path) -> bool:
+    """One of our outputs, or the temporary file of an interrupted atomic write."""
+    return path.name in OUTPUTS or (path.name.startswith(".") and path.suffix == ".tmp")
+
+
+def check_out_folder(out: Path) -> None:
+    """Refuse an output folder that is a file or holds anything but this evaluation's outputs."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output folder {out} is a file; choose another --out")
+    if out.is_dir() and (foreign := [path.name for path in out.iterdir() if not _is_ours(path)]):
+        raise UserError(f"{out} holds files that are not this evaluation's ({foreign[0]}); choose another --out")
+
+
 def check_settings(out: Path, settings: dict) -> None:
     """Refuse to mix runs: an existing eval.json must hold the same settings."""
-    path = out / "eval.json"
-    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != json.loads(json.dumps(settings, default=str)):
-        raise UserError(f"{out} holds an evaluation made with other settings (see {path}); choose another --out")
+    record = out / "eval.json"
+    recorded = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else None
+    if recorded is not None and recorded != json.loads(json.dumps(settings, default=str)):
+        raise UserError(f"{out} holds an evaluation made with other settings (see {record}); choose another --out")
 
 
 def evaluate(pipe, out: str | Path, configs: list[str], styles: int = 100, seed: int = 0,
@@ -116,8 +131,9 @@ def evaluate(pipe, out: str | Path, configs: list[str], styles: int = 100, seed:
     evaluation = Evaluation(Path(out), seed, reference, reference_style, clip_model, dino_model, pipeline_kwargs)
     settings = evaluation.settings(pipe)
     state = PartialState()
-    evaluation.out.mkdir(parents=True, exist_ok=True)
+    check_out_folder(evaluation.out)
     check_settings(evaluation.out, settings)
+    evaluation.out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
         write_json_atomic(evaluation.out / "eval.json", settings)
     tasks = [SetTask(config, index) for config in configs for index in range(styles)]
@@ -135,10 +151,12 @@ def evaluate(pipe, out: str | Path, configs: list[str], styles: int = 100, seed:
 def reference_trajectory(pipe, out: str | Path, image_path: str | Path, prompt: str, num_inference_steps: int,
                          width: int, height: int) -> Trajectory:
     """Invert the real reference once (main process) into out/reference.safetensors; every process loads it."""
-    path = Path(out) / "reference.safetensors"
+    out = Path(out)
+    check_out_folder(out)
+    path = out / "reference.safetensors"
     state = PartialState()
     if state.is_main_process and not path.is_file():
-        Path(out).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         invert(pipe, load_image(image_path, width, height), prompt, num_inference_steps).save(path)
     state.wait_for_everyone()
     trajectory = Trajectory.load(path)
