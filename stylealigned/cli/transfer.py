@@ -34,7 +34,7 @@ def transfer(
     shared_score_scale: Number = None, shared_score_shift: Number = None, shared_layers: Layers = None,
 ) -> None:
     """Generate targets in the style of a real image; 00 is the reference's reconstruction."""
-    from ..inversion import Trajectory, invert
+    from ..inversion import MODES, Trajectory, invert
     from ..io import load_image
 
     targets = read_prompts(prompts, prompts_file, style)
@@ -43,6 +43,8 @@ def transfer(
                           share_group_norm=share_group_norm, share_layer_norm=share_layer_norm,
                           shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift,
                           shared_layers=shared_layers)
+    if inversion not in MODES:
+        raise UserError(f"unknown --inversion {inversion!r}; choose one of: {', '.join(MODES)}")
     if trajectory is None and (reference is None or not reference_prompt):
         raise UserError("pass --reference IMAGE and --reference-prompt TEXT, or --trajectory FILE")
     if save_trajectory is not None and save_trajectory.exists() and not overwrite:
