@@ -46,6 +46,15 @@ Layers = Annotated[Optional[str], typer.Option(
     show_default=False, help="Fraction of self-attention layers that share (0..1), or a layer-name filter.")]
 
 
+KNOBS = ("share_attention", "adain_queries", "adain_keys", "adain_values", "full_attention_share",
+         "share_group_norm", "share_layer_norm", "shared_score_scale", "shared_score_shift", "shared_layers")
+
+
+def config_from_options(options: dict) -> StyleAlignedConfig:
+    """The config a command's options ask for (its `locals()`: preset, no_share and one option per knob)."""
+    return build_config(options["preset"], options["no_share"], **{name: options[name] for name in KNOBS})
+
+
 def build_config(preset: str, no_share: bool, **knobs) -> StyleAlignedConfig:
     """The preset with every knob given on the command line applied; invalid values become UserErrors."""
     if preset not in PRESETS:

@@ -9,7 +9,7 @@ import typer
 from . import app
 from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Flag, Guidance, Layers, Model, Negative, NoShare,
                      Number, Out, Overwrite, Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size,
-                     Steps, Style, build_config, generate_into, load, read_prompts)
+                     Steps, Style, config_from_options, generate_into, load, read_prompts)
 
 
 @app.command()
@@ -24,12 +24,8 @@ def generate(
     shared_score_scale: Number = None, shared_score_shift: Number = None, shared_layers: Layers = None,
 ) -> None:
     """Generate a set of images in one style: one PNG per prompt (00 is the reference), grid.png, run.json."""
+    config = config_from_options(locals())
     set_prompts = read_prompts(prompts, prompts_file, style)
-    config = build_config(preset, no_share, share_attention=share_attention, adain_queries=adain_queries,
-                          adain_keys=adain_keys, adain_values=adain_values, full_attention_share=full_attention_share,
-                          share_group_norm=share_group_norm, share_layer_norm=share_layer_norm,
-                          shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift,
-                          shared_layers=shared_layers)
     pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt)
     folder = RunFolder(out, set_prompts, {"command": "generate", "model": model, "style": style, "seed": seed,
                                           "scheduler": scheduler, "dtype": str(pipe.unet.dtype), **settings,

@@ -11,7 +11,7 @@ from ..errors import UserError
 from . import app
 from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Flag, Guidance, Layers, Model, Negative, NoShare,
                      Number, Out, Overwrite, Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size,
-                     Steps, Style, build_config, generate_into, load, read_prompts)
+                     Steps, Style, config_from_options, generate_into, load, read_prompts)
 
 
 @app.command()
@@ -37,12 +37,8 @@ def transfer(
     from ..inversion import MODES, Trajectory, invert
     from ..io import load_image
 
+    config = config_from_options(locals())
     targets = read_prompts(prompts, prompts_file, style)
-    config = build_config(preset, no_share, share_attention=share_attention, adain_queries=adain_queries,
-                          adain_keys=adain_keys, adain_values=adain_values, full_attention_share=full_attention_share,
-                          share_group_norm=share_group_norm, share_layer_norm=share_layer_norm,
-                          shared_score_scale=shared_score_scale, shared_score_shift=shared_score_shift,
-                          shared_layers=shared_layers)
     if inversion not in MODES:
         raise UserError(f"unknown --inversion {inversion!r}; choose one of: {', '.join(MODES)}")
     if trajectory is None and (reference is None or not reference_prompt):
