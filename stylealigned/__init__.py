@@ -1,5 +1,11 @@
 """StyleAligned: style-aligned image sets with shared attention for diffusers pipelines."""
 
+import logging
+
+# transformers 5 warns on every import that its CLIP image processor falls back to PIL without torchvision; we never
+# use torchvision, so that one message is noise. Every other transformers message still shows.
+logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "requires torchvision" not in record.getMessage())
+
 from .apply import StyleAlignedHandle, apply
 from .config import StyleAlignedConfig
 from .errors import UserError

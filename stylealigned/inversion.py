@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .errors import UserError
-from .io import _write_atomic
+from .io import write_atomic
 
 MODES = ("ddim", "noise")
 SD_PIPELINES = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline)
@@ -52,7 +52,7 @@ class Trajectory:
             raise UserError(f"{path} already exists; choose another file name or allow overwriting it")
         metadata = {name: value for name, value in asdict(self).items() if name != "latents"}
         data = save({"latents": self.latents.contiguous()}, metadata={_METADATA_KEY: json.dumps(metadata)})
-        _write_atomic(path, lambda file: file.write(data))
+        write_atomic(path, lambda file: file.write(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trajectory:

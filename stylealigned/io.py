@@ -58,7 +58,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _write_atomic(path, write) -> None:
+def write_atomic(path, write) -> None:
     """Call write(file_object) on a temporary file next to `path`, then move it into place in one step."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -77,7 +77,7 @@ def save_png(image: Image.Image, path, metadata: dict) -> None:
     info.add_text("stylealigned", json.dumps(metadata, default=str))
     if "prompt" in metadata:
         info.add_text("prompt", str(metadata["prompt"]))
-    _write_atomic(path, lambda file: image.save(file, format="PNG", pnginfo=info))
+    write_atomic(path, lambda file: image.save(file, format="PNG", pnginfo=info))
 
 
 def read_png_metadata(path) -> dict:
@@ -89,7 +89,7 @@ def read_png_metadata(path) -> dict:
 def write_json_atomic(path, data) -> None:
     """Write `data` as indented JSON, atomically."""
     text = json.dumps(data, indent=2, default=str) + "\n"
-    _write_atomic(path, lambda file: file.write(text.encode()))
+    write_atomic(path, lambda file: file.write(text.encode()))
 
 
 def make_grid(images: list, columns: int, labels: list | None = None, row_labels: list | None = None) -> Image.Image:

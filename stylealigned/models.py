@@ -113,14 +113,14 @@ def _from_pretrained(model: str, dtype: torch.dtype, config) -> DiffusionPipelin
         pipeline_class = StableDiffusionXLPipeline if checkpoint_kind(path) == "sdxl" else StableDiffusionPipeline
         fix = "connect once, or pass config= a local diffusers folder of the same architecture"
         load = partial(pipeline_class.from_single_file, path, config=config, dtype=dtype)
-        return _hub_call(f"the config of {path.name}", fix, load)
+        return hub_call(f"the config of {path.name}", fix, load)
     if not HUB_ID.match(model) or path.suffix in CHECKPOINT_SUFFIXES:
         raise UserError(f"no such model file or folder: {model}")
     fix = f"download it once with network (`hf download {model}`) or pass a local diffusers folder"
-    return _hub_call(model, fix, partial(DiffusionPipeline.from_pretrained, model, dtype=dtype))
+    return hub_call(model, fix, partial(DiffusionPipeline.from_pretrained, model, dtype=dtype))
 
 
-def _hub_call(what: str, fix: str, load):
+def hub_call(what: str, fix: str, load):
     """Run `load`, turning hub and cache failures into one line.
 
     Offline, diffusers raises a plain OSError whose cause is huggingface_hub's error (OfflineModeIsEnabled,

@@ -17,7 +17,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
 
 from ..errors import UserError
-from ..models import HUB_ID, _hub_call
+from ..models import HUB_ID, hub_call
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 DEFAULT_DINO = "facebook/dino-vitb8"
@@ -47,7 +47,7 @@ def _load(name: str, device: torch.device, load_model, load_processor) -> Encode
             raise UserError(f"{path} does not hold a saved model and its processor: {error}".splitlines()[0]) from None
     elif HUB_ID.match(name):
         fix = f"download it once with network (`hf download {name}`) or pass a local folder that holds it"
-        model, processor = _hub_call(name, fix, lambda: (load_model(name), load_processor(name)))
+        model, processor = hub_call(name, fix, lambda: (load_model(name), load_processor(name)))
     else:
         raise UserError(f"no such model folder: {name}; pass a local model folder or a hub id (owner/name)")
     return Encoder(model.to(device, torch.float32).eval(), processor, device)

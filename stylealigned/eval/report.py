@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from ..io import _write_atomic
+from ..io import write_atomic
 
 COLUMNS = ["config", "style_index", "style", "seed", "text_alignment", "set_consistency",
            "set_consistency_includes_reference", "folder"]
@@ -72,6 +72,6 @@ def tradeoff_figure(summary: dict[str, dict]) -> Figure:
 def write_reports(out: Path, rows: list[dict], settings: dict) -> None:
     """Write results.csv, summary.md and tradeoff.png into `out`, each atomically."""
     summary = summarize(rows)
-    _write_atomic(out / "results.csv", lambda file: file.write(results_csv(rows).encode()))
-    _write_atomic(out / "summary.md", lambda file: file.write(summary_markdown(summary, settings).encode()))
-    _write_atomic(out / "tradeoff.png", lambda file: tradeoff_figure(summary).savefig(file, format="png", dpi=120))
+    write_atomic(out / "results.csv", lambda file: file.write(results_csv(rows).encode()))
+    write_atomic(out / "summary.md", lambda file: file.write(summary_markdown(summary, settings).encode()))
+    write_atomic(out / "tradeoff.png", lambda file: tradeoff_figure(summary).savefig(file, format="png", dpi=120))
