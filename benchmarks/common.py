@@ -1,0 +1,184 @@
+"""Helpers shared by the benchmark scripts (and the memory test): timing, peak memory, random-weight pipelines.
+
+The pipelines have the real architectures (config values copied from the released models) and random weights,
+which cost the same time and memory as trained ones; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from stylealigned.toy.vocab import word_level_tokenizer
+
+MIB = 2**20
+
+# runwayml/stable-diffusion-v1-5 unet/config.json (values that differ from diffusers' defaults)
+SD15_UNET = dict(
+    sample_size=64, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+)
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json ("attention_head_dim" holds head counts: 5/10/20 of 64)
+SDXL_UNET = dict(
+    sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+# the SDXL VAE (sdxl-vae/config.json); SD1.5's differs only in scaling_factor (0.18215) and force_upcast
+SDXL_VAE = dict(
+    sample_size=1024, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    scaling_factor=0.13025, force_upcast=True,
+)
+# a stand-in VAE with the same 8x latent downsampling at a fraction of the cost (for CPU runs timing the UNet)
+SMALL_VAE = dict(
+    latent_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64, 64),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
+)
+# text encoders: SD1.5's and SDXL's first are CLIP ViT-L/14's, SDXL's second is OpenCLIP ViT-bigG/14's
+CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   hidden_act="quick_gelu", projection_dim=768)
+CLIP_BIGG_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                      hidden_act="gelu", projection_dim=1280)
+# both models' scheduler settings, with DDIM (the paper's sampler)
+SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                 set_alpha_to_one=False, steps_offset=1)
+
+
+def text_encoder(cls, config: dict, vocab_size: int):
+    """A random CLIP text encoder; the vocabulary is the word-level tokenizer's (its size does not affect cost)."""
+    return cls(CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                              pad_token_id=1, **config))
+
+
+def random_sd15(words: list[str], unet_changes: dict, device: torch.device) -> StableDiffusionPipeline:
+    """SD1.5's UNet (with `unet_changes`), the small VAE and a one-layer CLIP-L-width text encoder, random weights."""
+    torch.manual_seed(0)
+    tokenizer = word_level_tokenizer(words, tempfile.mkdtemp(prefix="benchmark-tokenizer-"))
+    with torch.device(device):
+        return StableDiffusionPipeline(
+            vae=AutoencoderKL(**SMALL_VAE), unet=UNet2DConditionModel(**SD15_UNET | unet_changes),
+            text_encoder=text_encoder(CLIPTextModel, CLIP_L_TEXT | dict(num_hidden_layers=1), len(tokenizer)),
+            tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def random_sdxl(words: list[str], device: torch.device) -> StableDiffusionXLPipeline:
+    """SDXL-base's UNet, VAE and both text encoders at full size, random weights."""
+    torch.manual_seed(0)
+    tokenizer = word_level_tokenizer(words, tempfile.mkdtemp(prefix="benchmark-tokenizer-"))
+    with torch.device(device):
+        return StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**SDXL_VAE), unet=UNet2DConditionModel(**SDXL_UNET),
+            text_encoder=text_encoder(CLIPTextModel, CLIP_L_TEXT, len(tokenizer)),
+            text_encoder_2=text_encoder(CLIPTextModelWithProjection, CLIP_BIGG_TEXT, len(tokenizer)),
+            tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=DDIMScheduler(**SCHEDULER), add_watermarker=False,
+        )
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock times cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device,
+              warmup: int = 1) -> dict[str, float]:
+    """Median milliseconds per call of each callable after `warmup` calls, taking turns so load drifts hit all alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(warmup + repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            if repeat >= warmup:
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak total size of the tensor storages created inside the block that are alive at the same time.
+
+    Every op output whose storage is new (not a view of, or written into, an input) is counted until its storage is
+    freed: PyTorch keeps one Python object per storage, so a weakref finalizer fires exactly then. Tensors made
+    before the block (weights) are not counted, and neither are scratch buffers that kernels allocate internally.
+    The count is deterministic and independent of the allocator, of other runs in the process and of the machine.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._counted: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self._count(tensor.untyped_storage(), inputs)
+        return out
+
+    def _count(self, storage: torch.UntypedStorage, inputs: set[int]) -> None:
+        key, size = storage.data_ptr(), storage.nbytes()
+        if not size or key in inputs or key in self._counted:
+            return
+        self._counted.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, size)
+
+    def _release(self, key: int, size: int) -> None:
+        self._counted.discard(key)
+        self.live -= size
+
+
+@dataclass
+class PeakMemory:
+    """Filled in when its `peak_memory` block ends."""
+
+    bytes: int = 0
+
+
+def peak_memory_method(device: torch.device) -> str:
+    """What `peak_memory` measures on this device."""
+    return "CUDA allocator peak (max_memory_allocated)" if device.type == "cuda" else "live tensor storages"
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
+    """Peak bytes allocated inside the block above what was allocated before it.
+
+    On CUDA the caching allocator's own statistics; elsewhere `LiveTensorBytes` (live tensor storages).
+    """
+    result = PeakMemory()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield result
+        synchronize(device)
+        result.bytes = torch.cuda.max_memory_allocated(device) - before
+    else:
+        with LiveTensorBytes() as tracker:
+            yield result
+        result.bytes = tracker.peak

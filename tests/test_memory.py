@@ -1,0 +1,51 @@
+"""Memory of a style-aligned set is bounded by `batch_size`, not by the size of the set.
+
+What is measured: the peak total size of the tensor storages alive at the same time while `generate_set` runs,
+counted by `benchmarks.common.LiveTensorBytes`, a TorchDispatchMode that adds up every new op output until its
+storage is freed. That is the memory that grows with the batch (activations, attention inputs, the reference's
+cached keys and values, latents, decoded images) and nothing else: weights made before the block, the interpreter
+and the allocator's caches are left out, whereas they dominate the RSS of a tiny model. The count is exact and
+deterministic, and each measurement sees only tensors created inside it, so no fresh process is needed to keep
+runs apart. Images are 64x64 pixels (32x32 latents, 1024 tokens in the first attention layers) so activations
+outweigh the per-image constants such as text embeddings.
+"""
+
+import torch
+
+from benchmarks.common import LiveTensorBytes
+from stylealigned.sets import generate_set
+
+SUBJECTS = "cat dog house tree car bird".split()
+PROMPTS = [f"a {SUBJECTS[i % len(SUBJECTS)]} in watercolor style" for i in range(16)]
+SETTINGS = dict(num_inference_steps=1, guidance_scale=7.5, height=64, width=64)  # every step peaks alike
+
+
+def peak_bytes(pipe, size: int, batch_size: int | None) -> int:
+    with LiveTensorBytes() as tracker:
+        generate_set(pipe, PROMPTS[:size], batch_size=batch_size, **SETTINGS)
+    return tracker.peak
+
+
+def test_live_tensor_bytes_counts_new_storages_until_freed():
+    weight = torch.ones(1000)  # made before the block: not counted
+    with LiveTensorBytes() as tracker:
+        a = torch.zeros(1000)  # 4000 bytes live
+        b = a + weight  # 8000
+        view = b[10:].t()  # a view: nothing new
+        b.mul_(2)  # in place: nothing new
+        del a  # 4000
+        c = torch.empty(500, dtype=torch.float64)  # 8000 again
+        del b  # the view keeps b's storage alive
+        assert tracker.live == 8000
+        del view, c
+    assert (tracker.peak, tracker.live) == (8000, 0)
+
+
+def test_chunked_set_memory_does_not_grow_with_set_size(sd_pipe):
+    four, sixteen = peak_bytes(sd_pipe, 4, batch_size=4), peak_bytes(sd_pipe, 16, batch_size=4)
+    assert sixteen <= 1.3 * four, f"16 images took {sixteen / four:.2f}x the peak memory of 4 with batch_size=4"
+
+
+def test_one_batch_set_memory_grows_with_set_size(sd_pipe):
+    four, sixteen = peak_bytes(sd_pipe, 4, batch_size=None), peak_bytes(sd_pipe, 16, batch_size=None)
+    assert sixteen >= 2.5 * four, f"16 images in one batch took only {sixteen / four:.2f}x the memory of 4"
