@@ -126,6 +126,10 @@ def hub_call(what: str, fix: str, load):
     Offline, diffusers raises a plain OSError whose cause is huggingface_hub's error (OfflineModeIsEnabled,
     LocalEntryNotFoundError, a connection error); every huggingface_hub error is itself an OSError.
     """
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its "couldn't connect, trying the cache" notice would precede ours
     try:
         return load()
     except OSError as error:
@@ -135,6 +139,8 @@ def hub_call(what: str, fix: str, load):
         if any(isinstance(cause, (RepositoryNotFoundError, GatedRepoError)) for cause in causes):
             raise UserError(f"{what} is not on the Hugging Face hub or is gated; check the id or log in") from None
         raise UserError(f"{what} is not in the local Hugging Face cache and the hub cannot be reached; {fix}") from None
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def scheduler_class(name: str):
