@@ -184,3 +184,15 @@ def test_chunked_unet_equals_one_batch(sd_pipe, preset):
             chunked = latents(sd_pipe, prompts)
     torch.testing.assert_close(chunked, one_batch, atol=1e-4, rtol=1e-4)  # the bound for fp32
     assert "forward" not in vars(sd_pipe.unet)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_pipelines_follow_fp32(sd_pipe, dtype):
+    config = sa.StyleAlignedConfig.transfer()
+    with sa.apply(sd_pipe, config):
+        full = latents(sd_pipe, PROMPTS[:3])
+        sd_pipe.to(dtype=dtype)
+        half = latents(sd_pipe, PROMPTS[:3])
+    assert half.dtype == dtype and torch.isfinite(half).all()
+    error = (half.float() - full).norm() / full.norm()
+    assert error < 0.05, error
