@@ -16,16 +16,27 @@ from .world import OBJECTS, SIZE, STYLES
 CLASSIFIER_FOLDER = Path(__file__).resolve().parent.parent / "builtin" / "classifier"
 
 
+def foreground(pixels: torch.Tensor) -> torch.Tensor:
+    """Distance of each pixel from the background colour (the median of the border), summed over channels.
+
+    A style-independent view of where the object is, which makes the object far quicker to learn.
+    """
+    border = torch.cat([pixels[:, :, 0], pixels[:, :, -1], pixels[:, :, :, 0], pixels[:, :, :, -1]], dim=2)
+    background = border.median(dim=2).values[:, :, None, None]
+    return (pixels - background).abs().sum(dim=1, keepdim=True)
+
+
 class ShapeStyleClassifier(nn.Module):
-    """Four strided conv stages, global pooling, and one linear head each for object and style."""
+    """Four strided conv stages over RGB and the foreground, global pooling, one head each for object and style."""
 
     def __init__(self, objects=OBJECTS, styles=STYLES, width: int = 32):
         super().__init__()
         self.objects, self.styles, self.width = tuple(objects), tuple(styles), width
-        layers, channels = [], 3
+        layers, channels = [], 4
         for out_channels in (width, width * 2, width * 4, width * 4):
-            layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.GroupNorm(8, out_channels), nn.SiLU(),
-                       nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.SiLU()]
+            layers += [nn.Conv2d(channels, out_channels, 3, stride=2, padding=1), nn.BatchNorm2d(out_channels),
+                       nn.ReLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
+                       nn.ReLU()]
             channels = out_channels
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.object_head = nn.Linear(channels, len(self.objects))
@@ -33,7 +44,7 @@ class ShapeStyleClassifier(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Object and style logits for images in [-1, 1], shape [B, 3, 64, 64]."""
-        features = self.features(pixels)
+        features = self.features(torch.cat([pixels, foreground(pixels)], dim=1))
         return self.object_head(features), self.style_head(features)
 
     def config(self) -> dict:
