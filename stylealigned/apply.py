@@ -48,16 +48,27 @@ class StyleAlignedHandle:
         self.state = SharedState()
         unet = pipe.unet
         self._original_processors = unet.attn_processors
-        processors = dict(self._original_processors)
+        self._processors = dict(self._original_processors)
         for name in layers:
-            processors[f"{name}.processor"] = StyleAlignedAttnProcessor(name, config, self.state)
-        unet.set_attn_processor(processors)
+            self._processors[f"{name}.processor"] = StyleAlignedAttnProcessor(name, config, self.state)
         self._norms = [(name, module) for name, module in unet.named_modules()
                        if config.share_group_norm and isinstance(module, nn.GroupNorm)]
+        self._install()
+        self.active = True
+
+    def _install(self) -> None:
+        unet = self.pipe.unet
+        unet.set_attn_processor(dict(self._processors))
         for name, norm in self._norms:
             norm.forward = shared_group_norm_forward(norm, name, self.state)
         self._hook = unet.register_forward_pre_hook(self._detect_groups)
-        self.active = True
+
+    def _uninstall(self) -> None:
+        self.pipe.unet.set_attn_processor(dict(self._original_processors))
+        for _, norm in self._norms:
+            del norm.forward
+        self._hook.remove()
+        self.state.cache.clear()
 
     def _detect_groups(self, unet, args) -> None:
         """Read whether the pipeline batches [uncond, cond] halves (classifier-free guidance) for this call."""
@@ -71,14 +82,22 @@ class StyleAlignedHandle:
         """Restore the original processors and norms; the pipeline then behaves exactly as before."""
         if not self.active:
             return
-        self.pipe.unet.set_attn_processor(self._original_processors)
-        for _, norm in self._norms:
-            del norm.forward
-        self._hook.remove()
-        self.state.cache.clear()
+        self._uninstall()
         self.active = False
         if getattr(self.pipe, "_stylealigned_handle", None) is self:
             del self.pipe._stylealigned_handle
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Within this block the UNet is the plain model (e.g. to invert an image); StyleAligned returns after."""
+        if not self.active:
+            yield
+            return
+        self._uninstall()
+        try:
+            yield
+        finally:
+            self._install()
 
     def __enter__(self) -> StyleAlignedHandle:
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -178,6 +179,12 @@ def invert(
         )
     if mode not in MODES:
         raise UserError(f"unknown inversion mode '{mode}'; choose one of: {', '.join(MODES)}")
+    handle = getattr(pipe, "_stylealigned_handle", None)  # an applied StyleAligned must not touch the inversion
+    with handle.suspended() if handle is not None else contextlib.nullcontext():
+        return _invert(pipe, image, prompt, num_inference_steps, guidance_scale, mode, seed)
+
+
+def _invert(pipe, image, prompt, num_inference_steps, guidance_scale, mode, seed) -> Trajectory:
     timesteps = sampling_timesteps(pipe, num_inference_steps)
     z_0 = encode_image(pipe, image)
     height, width = (size * pipe.vae_scale_factor for size in z_0.shape[-2:])

@@ -121,3 +121,16 @@ def test_trajectory_mismatch_is_a_user_error(sd_pipe):
     trajectory = invert(sd_pipe, Image.new("RGB", (32, 32)), "a cat", num_inference_steps=4)
     with pytest.raises(sa.UserError, match="steps"):
         sets.generate_set(sd_pipe, ["a dog"], reference=trajectory, num_inference_steps=3, height=32, width=32)
+
+
+def test_inverting_under_an_applied_handle_uses_the_plain_model(sd_pipe):
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), (20, 90, 200))
+    plain = invert(sd_pipe, image, "a cat", num_inference_steps=3, guidance_scale=3.0)
+    sd_pipe(["a cat", "a dog"], num_inference_steps=1, height=32, width=32, guidance_scale=1.0)  # stale guidance
+    with sa.apply(sd_pipe, sa.StyleAlignedConfig.transfer()) as handle:
+        applied = invert(sd_pipe, image, "a cat", num_inference_steps=3, guidance_scale=3.0)
+        assert any(isinstance(p, sa.processors.StyleAlignedAttnProcessor)
+                   for p in sd_pipe.unet.attn_processors.values()) and handle.active
+    assert torch.equal(plain.latents, applied.latents)
