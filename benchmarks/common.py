@@ -72,13 +72,11 @@ def random_sd15(words: list[str], unet_changes: dict, device: torch.device) -> S
     """SD1.5's UNet (with `unet_changes`), the small VAE and a one-layer CLIP-L-width text encoder, random weights."""
     torch.manual_seed(0)
     tokenizer = word_level_tokenizer(words, tempfile.mkdtemp(prefix="benchmark-tokenizer-"))
-    with torch.device(device):
-        return StableDiffusionPipeline(
-            vae=AutoencoderKL(**SMALL_VAE), unet=UNet2DConditionModel(**SD15_UNET | unet_changes),
-            text_encoder=text_encoder(CLIPTextModel, CLIP_L_TEXT | dict(num_hidden_layers=1), len(tokenizer)),
-            tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    with torch.device(device):  # weights are made where they will run (the scheduler stays on CPU, as usual)
+        models = dict(vae=AutoencoderKL(**SMALL_VAE), unet=UNet2DConditionModel(**SD15_UNET | unet_changes),
+                      text_encoder=text_encoder(CLIPTextModel, CLIP_L_TEXT | dict(num_hidden_layers=1), len(tokenizer)))
+    return StableDiffusionPipeline(**models, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def random_sdxl(words: list[str], device: torch.device) -> StableDiffusionXLPipeline:
@@ -86,12 +84,11 @@ def random_sdxl(words: list[str], device: torch.device) -> StableDiffusionXLPipe
     torch.manual_seed(0)
     tokenizer = word_level_tokenizer(words, tempfile.mkdtemp(prefix="benchmark-tokenizer-"))
     with torch.device(device):
-        return StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**SDXL_VAE), unet=UNet2DConditionModel(**SDXL_UNET),
-            text_encoder=text_encoder(CLIPTextModel, CLIP_L_TEXT, len(tokenizer)),
-            text_encoder_2=text_encoder(CLIPTextModelWithProjection, CLIP_BIGG_TEXT, len(tokenizer)),
-            tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=DDIMScheduler(**SCHEDULER), add_watermarker=False,
-        )
+        models = dict(vae=AutoencoderKL(**SDXL_VAE), unet=UNet2DConditionModel(**SDXL_UNET),
+                      text_encoder=text_encoder(CLIPTextModel, CLIP_L_TEXT, len(tokenizer)),
+                      text_encoder_2=text_encoder(CLIPTextModelWithProjection, CLIP_BIGG_TEXT, len(tokenizer)))
+    return StableDiffusionXLPipeline(**models, tokenizer=tokenizer, tokenizer_2=tokenizer,
+                                     scheduler=DDIMScheduler(**SCHEDULER), add_watermarker=False)
 
 
 def synchronize(device: torch.device) -> None:
