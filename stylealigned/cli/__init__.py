@@ -21,6 +21,7 @@ from . import generate  # noqa: E402,F401
 from . import transfer  # noqa: E402,F401
 from . import score  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
+from . import demo  # noqa: E402,F401
 from .common import Interrupted  # noqa: E402
 
 
