@@ -1,13 +1,10 @@
 """Command-line front end: `stylealigned COMMAND ...`. Each command lives in its own module."""
 
-import os
 import sys
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before diffusers imports transformers: keep output clean
+import typer
 
-import typer  # noqa: E402
-
-from ..errors import UserError  # noqa: E402
+from ..errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -22,6 +19,7 @@ from . import transfer  # noqa: E402,F401
 from . import score  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
+from . import ui  # noqa: E402,F401
 from .common import Interrupted  # noqa: E402
 
 
