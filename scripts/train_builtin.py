@@ -97,7 +97,7 @@ class Trainer:
             step = state["step"]
         elif self.args.resume and (self.out / "vae").exists():
             log("vae", note="warm start from --out")
-            vae = AutoencoderKL.from_pretrained(self.out / "vae")
+            vae = AutoencoderKL.from_pretrained(self.out / "vae").float()
             step = self.args.vae_steps
         last_save, started = time.time(), time.time()
         while step < self.args.vae_steps:
@@ -158,8 +158,8 @@ class Trainer:
         state, step = self.checkpoint("unet"), 0
         if state is None and args.resume and (self.out / "unet").exists():
             log("unet", note="warm start from --out")
-            unet = UNet2DConditionModel.from_pretrained(self.out / "unet")
-            text_encoder = CLIPTextModel.from_pretrained(self.out / "text_encoder")
+            unet = UNet2DConditionModel.from_pretrained(self.out / "unet").float()
+            text_encoder = CLIPTextModel.from_pretrained(self.out / "text_encoder").float()
             step = json.loads((self.out / "training.json").read_text())["unet_steps"]
         models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
         ema = copy.deepcopy(models).requires_grad_(False)
@@ -209,8 +209,8 @@ class Trainer:
                 log("unet", step=step, note="checkpoint and export")
 
     def export(self, unet, text_encoder, step: int) -> None:
-        """Write the StableDiffusionPipeline folder --out, replacing each component folder in one move."""
-        vae = copy.deepcopy(self.vae)
+        """Write the StableDiffusionPipeline folder --out in fp16, replacing each component folder in one move."""
+        vae, unet, text_encoder = (copy.deepcopy(m).half() for m in (self.vae, unet, text_encoder))
         vae.register_to_config(scaling_factor=self.data["scaling_factor"])
         scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=self.tokenizer, unet=unet,
