@@ -20,8 +20,11 @@ Stats = tuple[Tensor, Tensor]
 
 
 def token_stats(x: Tensor) -> Stats:
-    """Mean and std over tokens (dim -2) per head and channel; unbiased variance + EPS under the root."""
-    var, mean = torch.var_mean(x, dim=-2, keepdim=True)
+    """Mean and std over tokens (dim -2) per head and channel; unbiased variance + EPS under the root.
+
+    A layer with a single token (a 1x1 bottleneck at tiny sizes) has no unbiased variance; it gets 0, not NaN.
+    """
+    var, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=min(1, x.shape[-2] - 1))
     return mean, (var + EPS).sqrt()
 
 

@@ -142,3 +142,8 @@ def test_processor_modes_agree():
     targets = processor(attn, x[[1, 2, 3, 5, 6, 7]])
     torch.testing.assert_close(refs, expected[[0, 4]], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(targets, expected[[1, 2, 3, 5, 6, 7]], atol=1e-5, rtol=1e-5)
+
+
+def test_a_single_token_layer_stays_finite():
+    q, k, v = (t.view(1, 3, *t.shape[1:]) for t in qkv(1, 3, 2, 1, 8))
+    assert torch.isfinite(shared_attention(q, k, v, StyleAlignedConfig.transfer(adain_values=True))).all()
