@@ -47,6 +47,7 @@ SDXL_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
     scaling_factor=0.13025, force_upcast=True,
 )
+SD15_VAE = SDXL_VAE | dict(scaling_factor=0.18215, force_upcast=False)
 # a stand-in VAE with the same 8x latent downsampling at a fraction of the cost (for CPU runs timing the UNet)
 SMALL_VAE = dict(
     latent_channels=4, layers_per_block=1, block_out_channels=(32, 32, 64, 64),
@@ -68,12 +69,14 @@ def text_encoder(cls, config: dict, vocab_size: int):
                               pad_token_id=1, **config))
 
 
-def random_sd15(words: list[str], unet_changes: dict, device: torch.device) -> StableDiffusionPipeline:
-    """SD1.5's UNet (with `unet_changes`), the small VAE and a one-layer CLIP-L-width text encoder, random weights."""
+def random_sd15(words: list[str], unet_changes: dict, device: torch.device,
+                vae: dict = SMALL_VAE) -> StableDiffusionPipeline:
+    """SD1.5's UNet (with `unet_changes`), the `vae` config (small by default) and a one-layer CLIP-L-width text
+    encoder, random weights."""
     torch.manual_seed(0)
     tokenizer = word_level_tokenizer(words, tempfile.mkdtemp(prefix="benchmark-tokenizer-"))
     with torch.device(device):  # weights are made where they will run (the scheduler stays on CPU, as usual)
-        models = dict(vae=AutoencoderKL(**SMALL_VAE), unet=UNet2DConditionModel(**SD15_UNET | unet_changes),
+        models = dict(vae=AutoencoderKL(**vae), unet=UNet2DConditionModel(**SD15_UNET | unet_changes),
                       text_encoder=text_encoder(CLIPTextModel, CLIP_L_TEXT | dict(num_hidden_layers=1), len(tokenizer)))
     return StableDiffusionPipeline(**models, tokenizer=tokenizer, scheduler=DDIMScheduler(**SCHEDULER),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
