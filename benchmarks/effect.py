@@ -5,8 +5,9 @@
 Each set's reference is "a {object} in {style} style" (random object, styles in balanced rounds), its 3 targets
 "a {object}" of other objects (seeded RNG). Every set runs under each configuration with the same noise seeds; the
 transfer configuration starts from the reference as the synthetic world draws it, DDIM-inverted. Per target: its
-classified style equals the reference's (style agreement), its object is the prompted one (object accuracy), its
-object is the reference's (content leakage). Intervals: 95% percentile bootstrap over sets (targets of one set
+classified style is the reference's prompted (or drawn) style (style agreement), its object is the prompted one
+(object accuracy), its object is the reference's (content leakage), and its classified style equals the reference
+image's classified style (the agreement that counts where the model fails to draw the prompted style). Intervals: 95% percentile bootstrap over sets (targets of one set
 share a reference, so sets are the independent unit).
 
 Resumable: every image is kept as OUT/images/CONFIG/SET-POSITION.png and a set already on disk is skipped when
@@ -33,7 +34,8 @@ from stylealigned.io import save_png, write_json_atomic
 from stylealigned.models import load_pipeline
 
 CONFIGURATIONS = ["no-share", "full", "no-adain", "full-attention-share", "shared-layers-0.5", "transfer"]
-METRICS = {"style_agrees": "style agreement", "object_right": "object accuracy", "leaks": "content leakage"}
+METRICS = {"style_agrees": "style agreement", "object_right": "object accuracy", "leaks": "content leakage",
+           "seen_agrees": "agreement with reference as classified"}
 BOOTSTRAP = 2000
 
 
@@ -57,6 +59,11 @@ def generate_round(pipe, toy_set: ToySet, index: int, args) -> None:
                                    "prompt": ([toy_set.reference_prompt] + toy_set.target_prompts)[position]})
 
 
+def read_image(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def judge_sets(out: Path, toy_sets: list[ToySet], classifier) -> list[dict]:
     """Every complete set on disk, judged: the references' own style and each target's verdicts."""
     records = []
@@ -65,10 +72,12 @@ def judge_sets(out: Path, toy_sets: list[ToySet], classifier) -> list[dict]:
             files = set_files(out, name, index)
             if not all(file.exists() for file in files):
                 continue
-            images = [Image.open(file) for file in files]
-            records.append({"config": name, "set": index,
-                            "reference_style_right": judge(toy_set, images[:1], classifier)[0]["style_agrees"],
-                            "verdicts": judge(toy_set, images[1:], classifier)})
+            images = [read_image(file) for file in files]
+            reference, targets = judge(toy_set, images[:1], classifier)[0], judge(toy_set, images[1:], classifier)
+            for verdict in targets:
+                verdict["seen_agrees"] = verdict["style"] == reference["style"]
+            records.append({"config": name, "set": index, "reference_style_right": reference["style_agrees"],
+                            "verdicts": targets})
     return records
 
 
@@ -106,6 +115,21 @@ def table(summary: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def checks(summary: dict) -> list[str]:
+    """The issue's targets for the effect, each with the measured numbers and whether it is met."""
+    if not {"no-share", "full", "full-attention-share"} <= set(summary):
+        return []
+    plain, full, everything = (summary[name] for name in ("no-share", "full", "full-attention-share"))
+    drop = plain["object_right"][0] - full["object_right"][0]
+    found = [(f"style agreement: paper default {full['style_agrees'][0]:.2f} (target >= 0.6) vs no sharing "
+              f"{plain['style_agrees'][0]:.2f} (target <= 0.3)",
+              full["style_agrees"][0] >= 0.6 and plain["style_agrees"][0] <= 0.3),
+             (f"object accuracy lower with the paper default by {drop:.2f} (target <= 0.1)", drop <= 0.1),
+             (f"content leakage: full attention share {everything['leaks'][0]:.2f} vs paper default "
+              f"{full['leaks'][0]:.2f} (target: more)", everything["leaks"][0] > full["leaks"][0])]
+    return [f"- {text}: {'met' if met else 'NOT met'}" for text, met in found]
+
+
 def plot(summary: dict, path: Path) -> None:
     """Grouped bars per metric, one bar per configuration, with the intervals as error bars."""
     import matplotlib
@@ -133,7 +157,7 @@ def plot(summary: dict, path: Path) -> None:
 def report(out: Path, toy_sets: list[ToySet], header: str) -> str:
     """Judge what is on disk with the shipped classifier; write effect.md, effect.json and effect.png."""
     summary = summarise(judge_sets(out, toy_sets, load_judge()))
-    text = table(summary, header)
+    text = "\n".join([table(summary, header), *checks(summary)]) + "\n"
     (out / "effect.md").write_text(text)
     write_json_atomic(out / "effect.json", summary)
     plot(summary, out / "effect.png")

@@ -45,14 +45,17 @@ class ToySet:
 
 
 def random_sets(count: int, seed: int, targets: int = TARGETS) -> list[ToySet]:
-    """`count` sets from a seeded RNG: styles in shuffled rounds (balanced), objects uniform, targets distinct."""
+    """`count` sets from a seeded RNG: styles in shuffled rounds (balanced), objects uniform, targets distinct.
+
+    Set k is the same whatever `count` is, so a longer run extends a shorter one.
+    """
     rng = np.random.default_rng(seed)
-    styles = [style for _ in range(-(-count // len(STYLES))) for style in rng.permutation(STYLES)]
-    sets = []
-    for style in styles[:count]:
+    sets, styles = [], []
+    for _ in range(count):
+        styles = styles or list(rng.permutation(STYLES))
         reference = str(rng.choice(OBJECTS))
         others = rng.choice([o for o in OBJECTS if o != reference], size=targets, replace=False)
-        sets.append(ToySet(reference, str(style), tuple(str(o) for o in others)))
+        sets.append(ToySet(reference, str(styles.pop()), tuple(str(o) for o in others)))
     return sets
 
 

@@ -41,9 +41,10 @@ def test_demo_keeps_earlier_results_without_overwrite(tmp_path, capsys):
     assert (out / "grid.png").read_bytes() == b"earlier"
 
 
-def test_random_sets_are_seeded_balanced_and_never_repeat_the_reference_object():
+def test_random_sets_are_seeded_balanced_prefix_stable_and_never_repeat_the_reference_object():
     sets = random_sets(2 * len(STYLES), seed=7)
     assert sets == random_sets(2 * len(STYLES), seed=7) and sets != random_sets(2 * len(STYLES), seed=8)
+    assert random_sets(5, seed=7) == sets[:5]  # a longer run extends a shorter one
     assert Counter(s.style for s in sets) == {style: 2 for style in STYLES}
     for toy_set in sets:
         assert len(set(toy_set.targets)) == TARGETS and toy_set.object not in toy_set.targets
