@@ -47,6 +47,7 @@ SDXL_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
     scaling_factor=0.13025, force_upcast=True,
 )
+SD15_LITE = dict(block_out_channels=(160, 320, 640, 640), layers_per_block=1)  # half the channels, 1 layer
 SD15_VAE = SDXL_VAE | dict(scaling_factor=0.18215, force_upcast=False)
 # a stand-in VAE with the same 8x latent downsampling at a fraction of the cost (for CPU runs timing the UNet)
 SMALL_VAE = dict(

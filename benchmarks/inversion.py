@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks.common
 
-from benchmarks.common import SD15_VAE, SMALL_VAE, median_ms, random_sd15  # noqa: E402
+from benchmarks.common import SD15_LITE, SD15_VAE, SMALL_VAE, median_ms, random_sd15  # noqa: E402
 from stylealigned.inversion import invert  # noqa: E402
 from stylealigned.models import load_pipeline, resolve_device, resolve_dtype  # noqa: E402
 
@@ -25,7 +25,7 @@ PROMPT = "a watercolor painting of a house with a red car"
 # name: (UNet changes to SD1.5's, VAE config, description)
 RANDOM_MODELS = {
     "sd15": ({}, SD15_VAE, "SD1.5 UNet and VAE at full size, one-layer text encoder"),
-    "sd15-lite": (dict(block_out_channels=(160, 320, 640, 640), layers_per_block=1), SMALL_VAE,
+    "sd15-lite": (SD15_LITE, SMALL_VAE,
                   "SD1.5 UNet with half the channels (160-320-640-640) and one layer per block; small VAE, "
                   "one-layer text encoder"),
     "tiny": (dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1), SMALL_VAE,

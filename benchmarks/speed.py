@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks.common
 
 import stylealigned as sa  # noqa: E402
-from benchmarks.common import MIB, peak_memory, peak_memory_method, random_sd15, random_sdxl, synchronize  # noqa: E402
+from benchmarks.common import (MIB, SD15_LITE, peak_memory, peak_memory_method, random_sd15, random_sdxl,  # noqa: E402
+                               synchronize)
 from stylealigned.models import resolve_device, resolve_dtype  # noqa: E402
 from stylealigned.sets import decode, generate_set, initial_noise  # noqa: E402
 
@@ -60,7 +61,7 @@ def build(model: str, device: torch.device, dtype: torch.dtype):
     if model == "sdxl":
         pipe = random_sdxl(words, device)
     else:
-        lite = dict(block_out_channels=(160, 320, 640, 640), layers_per_block=1) if model == "sd15-lite" else {}
+        lite = SD15_LITE if model == "sd15-lite" else {}
         pipe = random_sd15(words, lite, device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
