@@ -9,7 +9,7 @@ import typer
 
 from ..errors import UserError
 from . import app
-from .common import Device, Overwrite, Seed
+from .common import Device, Overwrite
 
 
 @app.command()
@@ -19,7 +19,8 @@ def demo(
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
     threads: Annotated[int, typer.Option(
         help="CPU threads; the built-in model is small, so more rarely help and slow a busy machine down.")] = 1,
-    seed: Seed = 0, device: Device = "auto", overwrite: Overwrite = False,
+    seed: Annotated[int, typer.Option(help="Picks the sets and their starting noise.")] = 0,
+    device: Device = "auto", overwrite: Overwrite = False,
 ) -> None:
     """Generate sets of 4 with the built-in model without and with sharing, and one transfer from a drawing."""
     import torch
