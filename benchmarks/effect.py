@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 import time
 from pathlib import Path
 
@@ -65,14 +66,14 @@ def read_image(path: Path) -> Image.Image:
 
 
 def judge_sets(out: Path, toy_sets: list[ToySet], classifier) -> list[dict]:
-    """Every complete set on disk, judged: the references' own style and each target's verdicts."""
+    """Every set on disk under all configurations, judged: the reference's own style and each target's verdicts."""
     records = []
-    for name in CONFIGURATIONS:
-        for index, toy_set in enumerate(toy_sets):
-            files = set_files(out, name, index)
-            if not all(file.exists() for file in files):
-                continue
-            images = [read_image(file) for file in files]
+    for index, toy_set in enumerate(toy_sets):
+        files = {name: set_files(out, name, index) for name in CONFIGURATIONS}
+        if not all(file.exists() for paths in files.values() for file in paths):
+            continue
+        for name, paths in files.items():
+            images = [read_image(file) for file in paths]
             reference, targets = judge(toy_set, images[:1], classifier)[0], judge(toy_set, images[1:], classifier)
             for verdict in targets:
                 verdict["seen_agrees"] = verdict["style"] == reference["style"]
@@ -137,18 +138,18 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(9, 4))
+    figure, axis = plt.subplots(figsize=(11, 4))
     width = 0.8 / len(summary)
     for number, (name, row) in enumerate(summary.items()):
         rates = np.array([row[key] for key in METRICS])
         positions = np.arange(len(METRICS)) + (number - (len(summary) - 1) / 2) * width
         axis.bar(positions, rates[:, 0], width, yerr=[rates[:, 0] - rates[:, 1], rates[:, 2] - rates[:, 0]],
                  capsize=2, label=f"{name} ({row['sets']} sets)")
-    axis.set_xticks(np.arange(len(METRICS)), list(METRICS.values()))
+    axis.set_xticks(np.arange(len(METRICS)), [textwrap.fill(label, 22) for label in METRICS.values()])
     axis.set_ylim(0, 1)
     axis.set_ylabel("fraction of targets (95% interval)")
     axis.set_title("StyleAligned on the built-in model, judged by its classifier")
-    axis.legend(fontsize=8, ncol=2)
+    axis.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
