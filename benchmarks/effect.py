@@ -7,14 +7,15 @@ Each set's reference is "a {object} in {style} style" (random object, styles in 
 transfer configuration starts from the reference as the synthetic world draws it, DDIM-inverted. Per target: its
 classified style is the reference's prompted (or drawn) style (style agreement), its object is the prompted one
 (object accuracy), its object is the reference's (content leakage), and its classified style equals the reference
-image's classified style (the agreement that counts where the model fails to draw the prompted style). Intervals: 95% percentile bootstrap over sets (targets of one set
-share a reference, so sets are the independent unit).
+image's classified style (the agreement that counts where the model fails to draw the prompted style).
+Intervals: 95% percentile bootstrap over sets (targets of one set share a reference, so sets are the independent
+unit). On a shared CPU run it with OMP_NUM_THREADS=1: the model is tiny and more threads stall each other.
 
 Resumable: every image is kept as OUT/images/CONFIG/SET-POSITION.png and a set already on disk is skipped when
-the same command runs again. Sets run round by round (set k under every configuration before set k + 1), and
-every --report-every rounds the sets on disk are judged into OUT/effect.md, effect.json and effect.png, so an
-interrupted run still reports all configurations on equal footing; --report-only judges them again (with a newer
-classifier, say) without generating.
+the same command runs again. Sets run round by round (set k under every configuration before set k + 1); every
+--report-every rounds, the sets present under all configurations are judged into OUT/effect.md, effect.json and
+effect.png, so an interrupted run still reports all configurations on equal footing. --report-only judges them
+again (with a newer classifier, say) without generating.
 """
 
 from __future__ import annotations
