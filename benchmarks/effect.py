@@ -127,9 +127,15 @@ def checks(summary: dict) -> list[str]:
               f"{plain['style_agrees'][0]:.2f} (target <= 0.3)",
               full["style_agrees"][0] >= 0.6 and plain["style_agrees"][0] <= 0.3),
              (f"object accuracy lower with the paper default by {drop:.2f} (target <= 0.1)", drop <= 0.1),
-             (f"content leakage: full attention share {everything['leaks'][0]:.2f} vs paper default "
-              f"{full['leaks'][0]:.2f} (target: more)", everything["leaks"][0] > full["leaks"][0])]
+             (f"content leakage: full attention share {_with_interval(everything['leaks'])} vs paper default "
+              f"{_with_interval(full['leaks'])} (target: more; overlapping intervals mean no clear difference)",
+              everything["leaks"][0] > full["leaks"][0])]
     return [f"- {text}: {'met' if met else 'NOT met'}" for text, met in found]
+
+
+def _with_interval(measured: tuple[float, float, float]) -> str:
+    rate, low, high = measured
+    return f"{rate:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def plot(summary: dict, path: Path) -> None:
