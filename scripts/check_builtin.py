@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--batch", type=int, default=36)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", help="save a labelled grid of one sample per styled pair and 12 unstyled samples here")
+    parser.add_argument("--grid", help="save a labelled grid here: one sample per styled pair, then 12 unstyled")
     parser.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -85,7 +85,8 @@ def main() -> None:
             print(f"{key}: {value if not isinstance(value, float) else round(value, 3)}")
     if args.grid:
         captions = [f"{o} {s}\n-> {po} {ps}" for (o, s), po, ps in zip(pairs, objects, styles)][:36]
-        captions += [f"{o} (no style)\n-> {po} {ps}" for o, po, ps in zip(unstyled_objects, free_objects, free_styles)][:12]
+        captions += [f"{o} (no style)\n-> {po} {ps}"
+                     for o, po, ps in zip(unstyled_objects, free_objects, free_styles)][:12]
         labelled_grid(styled[:36] + unstyled[:12], captions).save(args.grid)
 
 

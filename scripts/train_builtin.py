@@ -202,8 +202,8 @@ class Trainer:
                 log("unet", step=step, loss=float(np.mean(losses)), steps_per_s=50 / (time.time() - started))
                 started, losses = time.time(), []
             if time.time() - last_save > args.save_every or step == args.steps:
-                save_atomic({"models": models.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": step}, self.work / "unet.pt")
+                save_atomic({"models": models.state_dict(), "ema": ema.state_dict(),
+                             "optimizer": optimizer.state_dict(), "step": step}, self.work / "unet.pt")
                 self.export(ema["unet"], ema["text_encoder"], step)
                 last_save = time.time()
                 log("unet", step=step, note="checkpoint and export")

@@ -4,7 +4,6 @@ import itertools
 from collections import Counter
 
 import numpy as np
-import pytest
 import torch
 
 from stylealigned.models import load_pipeline

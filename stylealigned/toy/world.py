@@ -47,10 +47,12 @@ def _outline_points(shape: str) -> list[tuple[float, float]]:
         ]
     if shape == "cross":
         a, b = 0.3, 0.9
-        return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
+        return [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a),
+                (a, b), (-a, b), (-a, a), (-b, a), (-b, -a), (-a, -a)]
     if shape == "heart":
         ts = np.linspace(0, 2 * math.pi, 48, endpoint=False)
-        return [(math.sin(t) ** 3 * 0.95, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) / 17 + 0.1)
+        return [(math.sin(t) ** 3 * 0.95,
+                 -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)) / 17 + 0.1)
                 for t in ts]
     raise ValueError(f"unknown object {shape!r}; choose from {OBJECTS}")
 
