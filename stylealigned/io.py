@@ -129,6 +129,11 @@ def slugify(text: str, max_len: int = 40) -> str:
     return slug or "image"
 
 
+def image_filename(position: int, prompt: str) -> str:
+    """`NN-<slug>.png`: how a set's image at `position` is named in a run folder (00 is the reference)."""
+    return f"{position:02d}-{slugify(prompt)}.png"
+
+
 def prepare_output_dir(path, overwrite: bool = False, resume: bool = False) -> Path:
     """Create the output folder; earlier results there need `resume` (keep them) or `overwrite` (delete ours)."""
     path = Path(path)

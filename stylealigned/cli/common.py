@@ -12,7 +12,7 @@ import typer
 
 from ..config import StyleAlignedConfig
 from ..errors import UserError
-from ..io import make_grid, prepare_output_dir, read_png_metadata, save_png, slugify, write_json_atomic
+from ..io import image_filename, make_grid, prepare_output_dir, read_png_metadata, save_png, write_json_atomic
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -108,7 +108,7 @@ class RunFolder:
     files: dict[int, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.files = {i: self.path / f"{i:02d}-{slugify(p)}.png" for i, p in enumerate(self.prompts)}
+        self.files = {i: self.path / image_filename(i, p) for i, p in enumerate(self.prompts)}
 
     def open(self, resume: bool, overwrite: bool) -> list[int]:
         """Create or reopen the folder; returns the positions still to generate."""

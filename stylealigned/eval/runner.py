@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..inversion import Trajectory, invert
-from ..io import load_image, save_png, slugify, write_json_atomic
+from ..io import image_filename, load_image, save_png, write_json_atomic
 from ..sets import generate_set
 from .ablations import CONFIGS
 from .benchmark import PROMPT_TEMPLATE, BenchmarkStyle, load_benchmark
@@ -85,7 +85,7 @@ class Evaluation:
         folder = task.folder(self.out)
         folder.mkdir(parents=True, exist_ok=True)
         for index, (image, prompt) in enumerate(zip(images, all_prompts, strict=True)):
-            save_png(image, folder / f"{index:02d}-{slugify(prompt)}.png",
+            save_png(image, folder / image_filename(index, prompt),
                      {"prompt": prompt, "seed": set_seed + index, "config": config.to_dict()})
         scores = score_set(images, texts, self.clip_model, self.dino_model, str(pipe.device))
         row = {"config": task.config, "style_index": task.style_index, "style": set_style, "seed": set_seed,
