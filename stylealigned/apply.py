@@ -1,8 +1,10 @@
-"""Install StyleAligned on a diffusers pipeline and take it off again.
+"""Install StyleAligned on a diffusers pipeline and take it off again, through diffusers' own hook registry.
 
-`apply(pipe, config)` swaps the processors of the selected self-attention layers (and, if asked, the forward of
-every GroupNorm) of `pipe.unet`, and returns a handle that restores them exactly. The handle can also run the
-UNet in chunks against one reference (`handle.chunked(batch_size)`), which `sets.py` uses for large sets.
+`apply(pipe, config)` asks the pipeline's backbone (`backbones/`) for its attention layers, and registers one
+`diffusers.hooks.ModelHook` named "stylealigned" on each selected attention module (its forward runs our processor
+in place of the module's own), on every GroupNorm if their statistics are shared, and on the denoiser (which reads
+each call's layout and, inside `handle.chunked(batch_size)`, runs the reference once and the targets in chunks).
+Processors, LoRA layers or adapters loaded meanwhile are left alone; `remove()` takes off only these hooks.
 """
 
 from __future__ import annotations
@@ -11,19 +13,15 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
+from .backbones import Backbone, backbone_for
 from .config import StyleAlignedConfig
-from .norms import shared_group_norm_forward
-from .processors import BATCH, RECORD, REPLAY, SharedState, StyleAlignedAttnProcessor, is_self_attention
+from .norms import shared_group_norm
+from .processors import BATCH, RECORD, REPLAY, SharedState
 
-SUPPORTED = ("StableDiffusionPipeline, StableDiffusionXLPipeline, their img2img variants, "
-             "or any pipeline whose .unet is a diffusers UNet2DConditionModel")
-
-
-def self_attention_layers(unet: nn.Module) -> list[str]:
-    """Names of the UNet's self-attention modules, in network order."""
-    return [name for name, module in unet.named_modules() if is_self_attention(module)]
+HOOK = "stylealigned"
 
 
 def select_layers(names: Sequence[str], shared_layers: float | str | tuple[str, ...]) -> list[str]:
@@ -33,125 +31,77 @@ def select_layers(names: Sequence[str], shared_layers: float | str | tuple[str, 
     if isinstance(shared_layers, tuple):
         unknown = sorted(set(shared_layers) - set(names))
         if unknown:
-            raise ValueError(f"shared_layers names unknown layers {unknown}; self-attention layers are {list(names)}")
+            raise ValueError(f"shared_layers names unknown layers {unknown}; attention layers are {list(names)}")
         return [name for name in names if name in shared_layers]
     count = round(shared_layers * len(names))
     picks = {int((i + 0.5) * len(names) / count) for i in range(count)} if count else set()
     return [name for i, name in enumerate(names) if i in picks]
 
 
-class StyleAlignedHandle:
-    """What `apply` installed on one pipeline; `remove()` (or leaving the `with` block) restores it bit for bit."""
-
-    def __init__(self, pipe, config: StyleAlignedConfig, layers: list[str]):
-        self.pipe, self.config, self.layers = pipe, config, layers
-        self.state = SharedState()
-        unet = pipe.unet
-        self._original_processors = unet.attn_processors
-        self._processors = dict(self._original_processors)
-        for name in layers:
-            self._processors[f"{name}.processor"] = StyleAlignedAttnProcessor(name, config, self.state)
-        self._norms = [(name, module) for name, module in unet.named_modules()
-                       if config.share_group_norm and isinstance(module, nn.GroupNorm)]
-        self._install()
-        self.active = True
-
-    def _install(self) -> None:
-        unet = self.pipe.unet
-        unet.set_attn_processor(dict(self._processors))
-        for name, norm in self._norms:
-            norm.forward = shared_group_norm_forward(norm, name, self.state)
-        self._hook = unet.register_forward_pre_hook(self._detect_groups)
-
-    def _uninstall(self) -> None:
-        self.pipe.unet.set_attn_processor(dict(self._original_processors))
-        for _, norm in self._norms:
-            del norm.forward
-        self._hook.remove()
-        self.state.cache.clear()
-
-    def _detect_groups(self, unet, args) -> None:
-        """Read whether the pipeline batches [uncond, cond] halves (classifier-free guidance) for this call."""
-        try:
-            guided = bool(self.pipe.do_classifier_free_guidance)
-        except AttributeError:  # called outside a pipeline call, or a pipeline without the property
-            guided = False
-        self.state.groups = 2 if guided else 1
-
-    def remove(self) -> None:
-        """Restore the original processors and norms; the pipeline then behaves exactly as before."""
-        if not self.active:
-            return
-        self._uninstall()
-        self.active = False
-        if getattr(self.pipe, "_stylealigned_handle", None) is self:
-            del self.pipe._stylealigned_handle
-
-    @contextlib.contextmanager
-    def suspended(self) -> Iterator[None]:
-        """Within this block the UNet is the plain model (e.g. to invert an image); StyleAligned returns after."""
-        if not self.active:
-            yield
-            return
-        self._uninstall()
-        try:
-            yield
-        finally:
-            self._install()
-
-    def __enter__(self) -> StyleAlignedHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-    @contextlib.contextmanager
-    def chunked(self, batch_size: int | None) -> Iterator[None]:
-        """Within this block the UNet runs each reference once per call, then the targets `batch_size` at a time."""
-        unet = self.pipe.unet
-        if batch_size is None:
-            yield
-            return
-        if self.config.full_attention_share:
-            raise ValueError("full_attention_share shares among all images at once: it cannot run in chunks")
-        previous = vars(unet).get("forward")  # e.g. an offloading hook's forward, kept inside ours
-        unet.forward = _chunked_forward(unet.forward, self.state, batch_size)
-        try:
-            yield
-        finally:
-            if previous is None:
-                del unet.forward
-            else:
-                unet.forward = previous
-            self.state.cache.clear()
+def layers_to_share(backbone: Backbone, config: StyleAlignedConfig) -> list[str]:
+    """The attention layers `config` shares on this backbone (its family's default when shared_layers is None)."""
+    if config.is_disabled:
+        return []
+    shared = backbone.default_shared_layers if config.shared_layers is None else config.shared_layers
+    return select_layers(backbone.attention_layers(), shared)
 
 
-def _chunked_forward(forward, state: SharedState, batch_size: int):
-    """A UNet forward that runs the references (RECORD) and then targets in chunks (REPLAY)."""
+class AttentionHook(ModelHook):
+    """Runs a shared-attention processor in place of the attention module's own."""
 
-    def run(sample: torch.Tensor, *args, **kwargs):
+    def __init__(self, processor):
+        super().__init__()
+        self.processor = processor
+
+    def new_forward(self, module, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        return self.processor(module, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+
+
+class GroupNormHook(ModelHook):
+    """GroupNorm with statistics joint over each image and its reference."""
+
+    def __init__(self, name: str, state: SharedState):
+        super().__init__()
+        self.name, self.state = name, state
+
+    def new_forward(self, module, x):
+        return shared_group_norm(module, self.name, self.state, x)
+
+
+class DenoiserHook(ModelHook):
+    """Reads each call's layout into the shared state; with a batch size, runs references then targets in chunks."""
+
+    def __init__(self, handle: StyleAlignedHandle):
+        super().__init__()
+        self.handle = handle
+
+    def new_forward(self, module, *args, **kwargs):
+        handle, state, backbone = self.handle, self.handle.state, self.handle.backbone
+        forward = self.fn_ref.original_forward
+        state.groups = backbone.guidance_groups()
+        backbone.begin_call(state, handle.config, kwargs)
+        sample = args[0] if args else kwargs[backbone.sample_name]
         batch = sample.shape[0]
-        per_group = state.split(batch)
-        if per_group - 1 <= batch_size:
-            return forward(sample, *args, **kwargs)
-        rows = torch.arange(batch, device=sample.device).view(state.groups, per_group)
-        pieces = [rows[:, :1]] + list(rows[:, 1:].split(batch_size, dim=1))
+        if handle.batch_size is None or state.split(batch) - 1 <= handle.batch_size:
+            return forward(*args, **kwargs)
+        rows = torch.arange(batch, device=sample.device).view(state.groups, -1)
+        pieces = [rows[:, :1]] + list(rows[:, 1:].split(handle.batch_size, dim=1))
         outputs = []
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode = mode
                 index = piece.reshape(-1)
-                outputs.append((index, _first(forward(*_take((sample, *args), index, batch),
-                                                       **_take(kwargs, index, batch)))))
+                chunk_args = _take(args, index, batch)
+                chunk_kwargs = {key: value if key in backbone.unbatched_inputs else _take(value, index, batch)
+                                for key, value in kwargs.items()}
+                outputs.append((index, _first(forward(*chunk_args, **chunk_kwargs))))
         finally:
             state.mode = BATCH
             state.cache.clear()
         merged = outputs[0][1].new_empty(batch, *outputs[0][1].shape[1:])
         for index, out in outputs:
             merged[index] = out
-        return (merged,) if kwargs.get("return_dict") is False else _as_output(merged)
-
-    return run
+        return backbone.wrap_output(merged, kwargs.get("return_dict", True))
 
 
 def _take(value, index: torch.Tensor, batch: int):
@@ -169,27 +119,117 @@ def _first(output):
     return output[0] if isinstance(output, tuple) else output.sample
 
 
-def _as_output(sample: torch.Tensor):
-    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+def hooked_layers(denoiser: nn.Module) -> list[str]:
+    """Names of the denoiser's modules whose attention StyleAligned runs now."""
+    return [name for name, module in denoiser.named_modules()
+            if isinstance(getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).get(HOOK), AttentionHook)]
 
-    return UNet2DConditionOutput(sample=sample)
+
+def _register(module: nn.Module, hook: ModelHook) -> None:
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK)
+
+
+def _unregister(module: nn.Module) -> None:
+    """Remove our hook; a registry left empty goes too, with the forward it bound, so the module is as before."""
+    registry = module._diffusers_hook
+    registry.remove_hook(HOOK, recurse=False)
+    if not registry.hooks:
+        del module._diffusers_hook
+        forward = vars(module).get("forward")
+        if getattr(forward, "__func__", None) is type(module).forward and forward.__self__ is module:
+            del module.forward
+
+
+class StyleAlignedHandle:
+    """What `apply` installed on one pipeline; `remove()` (or leaving the `with` block) takes it off again."""
+
+    def __init__(self, pipe, config: StyleAlignedConfig, backbone: Backbone, layers: list[str]):
+        self.pipe, self.config, self.backbone, self.layers = pipe, config, backbone, layers
+        self.state = SharedState()
+        self.batch_size: int | None = None
+        denoiser = backbone.denoiser
+        modules = dict(denoiser.named_modules())
+        self._hooks: list[tuple[nn.Module, ModelHook]] = [(denoiser, DenoiserHook(self))]
+        self._hooks += [(modules[name], AttentionHook(backbone.processor(name, config, self.state)))
+                        for name in layers]
+        if config.share_group_norm:
+            self._hooks += [(module, GroupNormHook(name, self.state)) for name, module in modules.items()
+                            if isinstance(module, nn.GroupNorm)]
+        self._install()
+        self.active = True
+
+    def _install(self) -> None:
+        for module, hook in self._hooks:
+            _register(module, hook)
+        self._refresh_registries()
+
+    def _uninstall(self) -> None:
+        for module, _ in reversed(self._hooks):
+            _unregister(module)
+        self._refresh_registries()
+        self.state.cache.clear()
+
+    def _refresh_registries(self) -> None:
+        """Tell a registry on the denoiser (caching features keep one) that the hooks below it changed."""
+        registry = getattr(self.backbone.denoiser, "_diffusers_hook", None)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
+
+    def remove(self) -> None:
+        """Take off every hook this handle installed; the pipeline then behaves exactly as before."""
+        if not self.active:
+            return
+        self._uninstall()
+        self.active = False
+        if getattr(self.pipe, "_stylealigned_handle", None) is self:
+            del self.pipe._stylealigned_handle
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Within this block the denoiser is the plain model (e.g. to invert an image); StyleAligned returns after."""
+        if not self.active:
+            yield
+            return
+        self._uninstall()
+        try:
+            yield
+        finally:
+            self._install()
+
+    def __enter__(self) -> StyleAlignedHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @contextlib.contextmanager
+    def chunked(self, batch_size: int | None) -> Iterator[None]:
+        """Within this block each denoiser call runs the references once, then the targets `batch_size` at a time."""
+        if batch_size is None:
+            yield
+            return
+        if self.config.full_attention_share:
+            raise ValueError("full_attention_share shares among all images at once: it cannot run in chunks")
+        self.batch_size = batch_size
+        try:
+            yield
+        finally:
+            self.batch_size = None
+            self.state.cache.clear()
 
 
 def apply(pipe, config: StyleAlignedConfig | None = None) -> StyleAlignedHandle:
-    """Make `pipe` generate style-aligned sets: image 0 of each guidance half is the reference.
+    """Make `pipe` generate style-aligned sets: image 0 of each guidance group is the reference.
 
-    Applying again replaces the earlier installation instead of stacking on it.
+    Applying again replaces the earlier installation instead of stacking on it. An unsupported pipeline, or a knob
+    that means nothing on its model family, is a UserError.
     """
-    from diffusers import UNet2DConditionModel
-
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise TypeError(f"StyleAligned needs a pipeline with a UNet2DConditionModel .unet; supported: {SUPPORTED}; "
-                        f"got {type(pipe).__name__}")
+    backbone = backbone_for(pipe)
     config = config or StyleAlignedConfig()
+    backbone.check_config(config)
     previous = getattr(pipe, "_stylealigned_handle", None)
     if previous is not None:
         previous.remove()
-    layers = [] if config.is_disabled else select_layers(self_attention_layers(pipe.unet), config.shared_layers)
-    handle = StyleAlignedHandle(pipe, config, layers)
+    handle = StyleAlignedHandle(pipe, config, backbone, layers_to_share(backbone, config))
     pipe._stylealigned_handle = handle
     return handle

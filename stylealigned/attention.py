@@ -2,11 +2,16 @@
 
 Layout: a batch of images is split into G guidance groups (2 with classifier-free guidance, else 1) of M images;
 image 0 of each group is that group's reference. Per-layer tensors are (G, M, heads, tokens, head_dim).
-Nothing here knows about diffusers.
+
+On transformers an image's tokens are text and image tokens: `image` (a slice of the token axis) says which are
+image tokens, the only ones normalised and shared. `rotate` applies the layer's rotary embedding at an image's own
+positions (text and image tokens); `rotate_shared` rotates the reference's image-token keys at the positions
+targets see them at. Both are None on models without RoPE. Nothing here knows about diffusers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +21,9 @@ from torch import Tensor
 from .config import StyleAlignedConfig
 
 EPS = 1e-5
+ALL = slice(None)
 Stats = tuple[Tensor, Tensor]
+Rotation = Callable[[Tensor], Tensor] | None
 
 
 def token_stats(x: Tensor) -> Stats:
@@ -35,27 +42,52 @@ def adain(x: Tensor, stats: Stats, ref_stats: Stats) -> Tensor:
     return torch.addcmul(ref_mean - mean * gain, x, gain)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Fused scaled-dot-product attention over (..., tokens, head_dim), leading dims flattened for the kernel."""
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Fused scaled-dot-product attention over (..., heads, tokens, head_dim), leading dims flattened for the kernel.
+
+    `mask` (boolean: True attends, or additive) broadcasts against (..., heads, queries, keys).
+    """
     lead = q.shape[:-3]
+    if mask is not None and mask.ndim > 4:
+        mask = mask.expand(*lead, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
     out = F.scaled_dot_product_attention(q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]),
-                                         v.reshape(-1, *v.shape[-3:]), attn_mask=bias)
+                                         v.reshape(-1, *v.shape[-3:]), attn_mask=mask)
     return out.reshape(*lead, *out.shape[-3:])
 
 
+def rotated(x: Tensor, rotate: Rotation) -> Tensor:
+    """x with the rotary embedding applied (unchanged on models without RoPE)."""
+    return x if rotate is None else rotate(x)
+
+
+def on_tokens(x: Tensor, tokens: slice, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """x with `fn` applied to the given slice of its token axis (dim -2) only."""
+    if tokens == ALL:
+        return fn(x)
+    out = x.clone()
+    out[..., tokens, :] = fn(x[..., tokens, :])
+    return out
+
+
 def attend_with_reference(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v: Tensor,
-                          score_scale: float = 1.0, score_shift: float = 0.0) -> Tensor:
-    """Targets (G, T, H, N, D) attend to their own tokens and to their group's reference tokens (G, H, R, D).
+                          score_scale: float = 1.0, score_shift: float = 0.0, mask: Tensor | None = None) -> Tensor:
+    """Targets (G, T, H, N, D) attend to their own tokens and to their group's shared reference tokens (G, H, R, D).
 
     The reference keys are multiplied by `score_scale`; `score_shift` is added to the logits toward them
-    through an additive bias inside the fused kernel (no logits tensor is built here).
+    through an additive bias inside the fused kernel (no logits tensor is built here). `mask` (G, T, 1, N, N),
+    boolean (True attends) or additive, masks the targets' own keys; the shared keys are never masked.
     """
     groups, targets = q.shape[:2]
     ref_k = ref_k * score_scale if score_scale != 1.0 else ref_k
     keys = torch.cat([k, ref_k[:, None].expand(groups, targets, *ref_k.shape[1:])], dim=-2)
     values = torch.cat([v, ref_v[:, None].expand(groups, targets, *ref_v.shape[1:])], dim=-2)
     bias = None
-    if score_shift != 0.0:
+    if mask is not None:
+        own = mask.to(q.dtype) if mask.is_floating_point() else torch.zeros(
+            mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        shared = torch.full((*mask.shape[:-1], ref_k.shape[-2]), score_shift, dtype=q.dtype, device=q.device)
+        bias = torch.cat([own, shared], dim=-1)
+    elif score_shift != 0.0:
         bias = torch.zeros(1, 1, 1, keys.shape[-2], dtype=q.dtype, device=q.device)
         bias[..., k.shape[-2]:] = score_shift
     return attention(q, keys, values, bias)
@@ -74,50 +106,67 @@ def full_attention_share(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 @dataclass
 class Reference:
-    """One layer's view of the references: keys, values and the AdaIN statistics targets are aligned to."""
+    """One layer's view of the references: the shared keys and values, and the AdaIN statistics of targets."""
 
-    key: Tensor  # (G, H, R, D)
+    key: Tensor  # (G, H, R, D): the reference's image-token keys, rotated where targets see them, unscaled
     value: Tensor
     query_stats: Stats | None
     key_stats: Stats | None
     value_stats: Stats | None
 
 
-def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig) -> Reference:
-    """Collect what targets need from the references' (G, H, R, D) queries, keys and values."""
+def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, image: slice = ALL,
+                   rotate_shared: Rotation = None) -> Reference:
+    """Collect what targets need from the references' (G, H, N, D) queries, keys and values (before RoPE)."""
+    q, k, v = q[..., image, :], k[..., image, :], v[..., image, :]
     return Reference(
-        key=k, value=v,
+        key=rotated(k, rotate_shared), value=v,
         query_stats=token_stats(q) if config.adain_queries else None,
         key_stats=token_stats(k) if config.adain_keys else None,
         value_stats=token_stats(v) if config.adain_values else None,
     )
 
 
-def align_targets(q: Tensor, k: Tensor, v: Tensor, ref: Reference, config: StyleAlignedConfig) -> Tensor:
-    """Targets (G, T, H, N, D): AdaIN to the reference, then attention shared with it (per the config)."""
+def align_targets(q: Tensor, k: Tensor, v: Tensor, ref: Reference, config: StyleAlignedConfig, image: slice = ALL,
+                  rotate: Rotation = None, mask: Tensor | None = None) -> Tensor:
+    """Targets (G, T, H, N, D), before RoPE: AdaIN of their image tokens to the reference's, RoPE, then attention
+    to their own tokens and, per the config, to the reference's shared tokens."""
 
     def normalised(x: Tensor, ref_stats: Stats | None) -> Tensor:
         if ref_stats is None:
             return x
-        return adain(x, token_stats(x), (ref_stats[0][:, None], ref_stats[1][:, None]))
+        ref_stats = (ref_stats[0][:, None], ref_stats[1][:, None])
+        return on_tokens(x, image, lambda tokens: adain(tokens, token_stats(tokens), ref_stats))
 
     q, k, v = normalised(q, ref.query_stats), normalised(k, ref.key_stats), normalised(v, ref.value_stats)
+    q, k = rotated(q, rotate), rotated(k, rotate)
     if not config.share_attention:
-        return attention(q, k, v)
-    return attend_with_reference(q, k, v, ref.key, ref.value, config.shared_score_scale, config.shared_score_shift)
+        return attention(q, k, v, mask)
+    return attend_with_reference(q, k, v, ref.key, ref.value, config.shared_score_scale, config.shared_score_shift,
+                                 mask)
 
 
-def shared_attention(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig) -> Tensor:
-    """Self-attention of (G, M, H, N, D) images where image 0 of each group is the reference.
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, rotate: Rotation = None,
+                        mask: Tensor | None = None) -> Tensor:
+    """The references (G, H, N, D) attend to their own tokens only: the stock model's attention."""
+    return attention(rotated(q, rotate), rotated(k, rotate), v, mask)
+
+
+def shared_attention(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, image: slice = ALL,
+                     rotate: Rotation = None, rotate_shared: Rotation = None, mask: Tensor | None = None) -> Tensor:
+    """Attention of (G, M, H, N, D) images (before RoPE) where image 0 of each group is the reference.
 
     The reference attends to itself only, exactly as if generated alone (in the paper's formulation it also
-    sees a copy of itself, which leaves its softmax unchanged); targets follow `align_targets`.
+    sees a copy of itself, which leaves its softmax unchanged); targets follow `align_targets`. `mask`
+    (G, M, 1, N, N), boolean, is the model's own attention mask, if any.
     """
     if config.full_attention_share:
         return full_attention_share(q, k, v)
     ref_q, ref_k, ref_v = q[:, 0], k[:, 0], v[:, 0]
-    ref_out = attention(ref_q, ref_k, ref_v)[:, None]
+    ref_out = reference_attention(ref_q, ref_k, ref_v, rotate, None if mask is None else mask[:, 0])[:, None]
     if q.shape[1] == 1:
         return ref_out
-    ref = make_reference(ref_q, ref_k, ref_v, config)
-    return torch.cat([ref_out, align_targets(q[:, 1:], k[:, 1:], v[:, 1:], ref, config)], dim=1)
+    ref = make_reference(ref_q, ref_k, ref_v, config, image, rotate_shared)
+    targets = align_targets(q[:, 1:], k[:, 1:], v[:, 1:], ref, config, image, rotate,
+                            None if mask is None else mask[:, 1:])
+    return torch.cat([ref_out, targets], dim=1)

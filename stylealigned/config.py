@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+REFERENCE_POSITIONS = ("shifted", "same")
+
 
 @dataclass(frozen=True)
 class StyleAlignedConfig:
@@ -26,8 +28,11 @@ class StyleAlignedConfig:
         shared_score_scale: multiplies the reference keys that targets see (> 1 sharpens attention to them).
         shared_score_shift: added to every image's logits toward the reference tokens; log(k) equals
             attending to k copies of the reference.
-        shared_layers: which self-attention layers share: a fraction in [0, 1] spread evenly through the
-            network (1.0 = all), a list of layer names, or a substring that selects layers by name.
+        shared_layers: which attention layers share, counted in network order: a fraction in [0, 1] spread
+            evenly (1.0 = all), a list of layer names, or a substring that selects layers by name; None = the
+            model family's default (all layers on UNets and SD3, FLUX's single-stream blocks).
+        reference_positions: on RoPE transformers (FLUX), where targets see the shared reference keys: "shifted"
+            (beside the image, moved by the latent width, so targets do not copy its layout) or "same".
     """
 
     share_attention: bool = True
@@ -39,7 +44,8 @@ class StyleAlignedConfig:
     share_layer_norm: bool = False
     shared_score_scale: float = 1.0
     shared_score_shift: float = 0.0
-    shared_layers: float | str | tuple[str, ...] = field(default=1.0)
+    shared_layers: float | str | tuple[str, ...] | None = field(default=None)
+    reference_positions: str = "shifted"
 
     def __post_init__(self) -> None:
         for name in ("share_attention", "adain_queries", "adain_keys", "adain_values", "full_attention_share",
@@ -55,12 +61,15 @@ class StyleAlignedConfig:
         layers = self.shared_layers
         if isinstance(layers, list):
             object.__setattr__(self, "shared_layers", layers := tuple(layers))
-        if isinstance(layers, bool) or not isinstance(layers, (int, float, str, tuple)):
+        if isinstance(layers, bool) or not isinstance(layers, (int, float, str, tuple, type(None))):
             raise ValueError(f"shared_layers must be a fraction, a layer-name filter or a list of names, got {layers!r}")
         if isinstance(layers, (int, float)) and not 0.0 <= layers <= 1.0:
             raise ValueError(f"shared_layers must be a fraction in [0, 1], got {layers}")
         if isinstance(layers, tuple) and not all(isinstance(name, str) and name for name in layers):
             raise ValueError("shared_layers as a list must hold layer names (non-empty strings)")
+        if self.reference_positions not in REFERENCE_POSITIONS:
+            raise ValueError(f"reference_positions must be one of {', '.join(REFERENCE_POSITIONS)}, "
+                             f"got {self.reference_positions!r}")
 
     @classmethod
     def text_to_image(cls, **changes) -> StyleAlignedConfig:

@@ -1,44 +1,41 @@
-"""Real image -> reference latent trajectory: DDIM inversion, or the cheaper forward-noising mode."""
+"""Real image -> reference latent trajectory: the sampler run backwards, or the cheaper forward-noising mode.
+
+On eps / v models (UNets) that is DDIM inversion; on flow-matching transformers (FLUX.1, SD3) the flow ODE's Euler
+step run backwards, and the noise mode is the rectified-flow interpolation (1 - sigma) z_0 + sigma eps.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import (
-    StableDiffusionImg2ImgPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLPipeline,
-)
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from .backbones import Backbone, backbone_for
 from .errors import UserError
 from .io import write_atomic
 
 MODES = ("ddim", "noise")
-SD_PIPELINES = (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline)
-SDXL_PIPELINES = (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline)
 _METADATA_KEY = "stylealigned.trajectory"
-_SDXL_IMG2IMG_AESTHETIC_SCORES = (6.0, 2.5)  # the img2img pipeline's defaults (positive, negative)
 
 
 @dataclass
 class Trajectory:
     """Latents of one reference image at every sampling step: z_T first (index 0), z_0 last.
 
-    `latents` is [steps + 1, C, h, w], fp32, on the CPU; `latents[i]` is the latent at `timesteps[i]`.
+    `latents` is [steps + 1, ...] in the pipeline's latent layout ([C, h, w], or FLUX's packed [tokens, C]), fp32,
+    on the CPU; `latents[i]` is the latent at `timesteps[i]` (integers on UNets, sigma x 1000 on flow models).
     """
 
     latents: torch.Tensor
-    timesteps: list[int]
+    timesteps: list[float]
     prompt: str
     guidance_scale: float
     model: str
@@ -68,7 +65,7 @@ class Trajectory:
             raise UserError(
                 f"{path} is not a readable stylealigned trajectory ({error}); invert the reference again"
             ) from error
-        shape_ok = trajectory.latents.ndim == 4 and len(trajectory.latents) == len(trajectory.timesteps) + 1
+        shape_ok = trajectory.latents.ndim in (3, 4) and len(trajectory.latents) == len(trajectory.timesteps) + 1
         if not shape_ok or trajectory.mode not in MODES:
             raise UserError(f"{path} holds an inconsistent trajectory; invert the reference again")
         return trajectory
@@ -91,7 +88,8 @@ class Trajectory:
                 f"the trajectory has {len(self.timesteps)} steps but {num_inference_steps} were requested; "
                 f"use {len(self.timesteps)} steps or invert the reference again with {num_inference_steps}"
             )
-        if sampling_timesteps(pipe, num_inference_steps) != self.timesteps:
+        expected = sampling_timesteps(pipe, num_inference_steps, width, height)
+        if not all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(expected, self.timesteps)):
             raise UserError(
                 f"the trajectory's timesteps differ from this pipeline scheduler's for {num_inference_steps} steps "
                 "(another scheduler or timestep spacing); use the scheduler it was inverted with "
@@ -104,44 +102,19 @@ def model_id(pipe) -> str:
     return str(pipe.name_or_path or "")
 
 
-def sampling_timesteps(pipe, num_inference_steps: int) -> list[int]:
-    """The timesteps the pipeline's scheduler samples at, descending, without touching the pipeline's scheduler."""
-    if num_inference_steps < 1:
-        raise UserError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-    scheduler = copy.deepcopy(pipe.scheduler)
-    scheduler.set_timesteps(num_inference_steps)
-    timesteps = scheduler.timesteps
-    if not hasattr(scheduler, "alphas_cumprod") or not torch.equal(timesteps, timesteps.round()):
-        raise UserError(
-            f"{type(scheduler).__name__} has no discrete noise schedule to invert; "
-            "use a DDIM, PNDM, Euler or DPM-Solver scheduler without Karras sigmas"
-        )
-    return [int(t) for t in timesteps]
+def sampling_timesteps(pipe, num_inference_steps: int, width: int, height: int) -> list[float]:
+    """The timesteps the pipeline samples at, descending, without touching the pipeline's scheduler."""
+    return [_number(t) for t in backbone_for(pipe).scheduled(num_inference_steps, height, width).timesteps]
 
 
-@torch.no_grad()
+def _number(t) -> float:
+    t = float(t)
+    return int(t) if t.is_integer() else t
+
+
 def encode_image(pipe, image: Image.Image) -> torch.Tensor:
-    """z_0 of an RGB image: the mean of the VAE's latent distribution, scaled as the pipeline decodes it.
-
-    The VAE runs in fp32 (SDXL's VAE overflows in fp16) and is put back in its own dtype afterwards.
-    Returns [1, C, h, w] fp32 on the pipeline's execution device.
-    """
-    vae = pipe.vae
-    pixels = pipe.image_processor.preprocess(image).to(pipe._execution_device, torch.float32)
-    vae_dtype = vae.dtype
-    if vae_dtype != torch.float32:
-        vae.to(torch.float32)
-    try:
-        latents = vae.encode(pixels).latent_dist.mean
-    finally:
-        if vae_dtype != torch.float32:
-            vae.to(vae_dtype)
-    config = vae.config
-    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1)
-        std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1)
-        return (latents - mean) * config.scaling_factor / std
-    return latents * config.scaling_factor
+    """z_0 of an RGB image in the pipeline's latent layout, batch of 1, fp32 on the execution device."""
+    return backbone_for(pipe).encode(image)[0]
 
 
 def forward_noise(z_0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -157,6 +130,20 @@ def ddim_inversion_step(
     return forward_noise(z_0, eps, alpha_bar_to)
 
 
+def flow_inversion_step(z: torch.Tensor, velocity: torch.Tensor, sigma_from: float, sigma_to: float) -> torch.Tensor:
+    """The flow sampler's Euler step run backwards: from sigma_from up to the noisier sigma_to."""
+    return z + (sigma_to - sigma_from) * velocity
+
+
+def as_eps(output: torch.Tensor, z: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The noise a UNet's output stands for: eps itself, or eps from a v prediction."""
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * z
+    if prediction_type != "epsilon":
+        raise UserError(f"cannot invert a model that predicts {prediction_type!r}; use an eps, v or flow model")
+    return output
+
+
 @torch.no_grad()
 def invert(
     pipe,
@@ -169,65 +156,61 @@ def invert(
 ) -> Trajectory:
     """Invert a real image into the reference trajectory that StyleAligned shares attention with.
 
-    `mode="ddim"` runs DDIM inversion with the pipeline's UNet and text encoders (classifier-free guidance when
-    `guidance_scale > 1`); `mode="noise"` forward-noises z_0 with one noise sample seeded by `seed`, with no UNet
-    calls. The trajectory holds the latents at the pipeline scheduler's timesteps for `num_inference_steps`.
+    `mode="ddim"` runs the pipeline's sampler backwards with its denoiser and text encoders (DDIM on UNets, the
+    Euler flow step on FLUX/SD3; classifier-free guidance when `guidance_scale > 1` on models that batch it,
+    FLUX.1-dev's embedded guidance otherwise); `mode="noise"` forward-noises z_0 with one noise sample seeded by
+    `seed`, with no denoiser calls. The trajectory holds the latents at the pipeline's timesteps for
+    `num_inference_steps`.
     """
-    if not isinstance(pipe, SD_PIPELINES + SDXL_PIPELINES):
-        raise UserError(
-            f"cannot invert with a {type(pipe).__name__}; use a Stable Diffusion 1.x/2.x or SDXL pipeline"
-        )
+    backbone = backbone_for(pipe)
     if mode not in MODES:
         raise UserError(f"unknown inversion mode '{mode}'; choose one of: {', '.join(MODES)}")
     handle = getattr(pipe, "_stylealigned_handle", None)  # an applied StyleAligned must not touch the inversion
     with handle.suspended() if handle is not None else contextlib.nullcontext():
-        return _invert(pipe, image, prompt, num_inference_steps, guidance_scale, mode, seed)
+        return _invert(backbone, image, prompt, num_inference_steps, guidance_scale, mode, seed)
 
 
-def _invert(pipe, image, prompt, num_inference_steps, guidance_scale, mode, seed) -> Trajectory:
-    timesteps = sampling_timesteps(pipe, num_inference_steps)
-    z_0 = encode_image(pipe, image)
-    height, width = (size * pipe.vae_scale_factor for size in z_0.shape[-2:])
-    alphas_cumprod = pipe.scheduler.alphas_cumprod.to(z_0.device)
+def _invert(backbone: Backbone, image, prompt, num_inference_steps, guidance_scale, mode, seed) -> Trajectory:
+    z_0, height, width = backbone.encode(image)
+    scheduler = backbone.scheduled(num_inference_steps, height, width)
+    timesteps = [_number(t) for t in scheduler.timesteps]
     if mode == "noise":
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(z_0.shape, generator=generator).to(z_0.device)
-        noisy = [forward_noise(z_0, noise, alphas_cumprod[t]) for t in timesteps]
+        noise = torch.randn(z_0.shape, generator=torch.Generator("cpu").manual_seed(seed)).to(z_0.device)
+        if backbone.flow:
+            noisy = [(1 - sigma) * z_0 + sigma * noise for sigma in scheduler.sigmas[:-1].tolist()]
+        else:
+            alphas_cumprod = scheduler.alphas_cumprod.to(z_0.device)
+            noisy = [forward_noise(z_0, noise, alphas_cumprod[t]) for t in timesteps]
     else:
-        conditioning = _text_conditioning(pipe, prompt, guidance_scale > 1, width, height)
-        noisy = _ddim_inversion(pipe, z_0, conditioning, guidance_scale, timesteps, alphas_cumprod)
+        conditioning = backbone.conditioning(prompt, guidance_scale, height, width)
+        run = _flow_inversion if backbone.flow else _ddim_inversion
+        noisy = run(backbone, scheduler, z_0, conditioning, guidance_scale)
     return Trajectory(
         latents=torch.cat(noisy + [z_0]).float().cpu(),
         timesteps=timesteps,
         prompt=prompt,
         guidance_scale=float(guidance_scale),
-        model=model_id(pipe),
+        model=model_id(backbone.pipe),
         width=width,
         height=height,
         mode=mode,
     )
 
 
-def _ddim_inversion(pipe, z_0, conditioning, guidance_scale, timesteps, alphas_cumprod) -> list[torch.Tensor]:
-    """Latents at `timesteps` (descending), reached from z_0 by DDIM inversion; fp32 update, UNet in its dtype.
+def _ddim_inversion(backbone, scheduler, z_0, conditioning, guidance_scale) -> list[torch.Tensor]:
+    """Latents at the scheduler's timesteps (descending), reached from z_0 by DDIM inversion; fp32 update.
 
     Each step predicts eps at the noisier target timestep from the current latent (the usual approximation
     eps(z_t, t) ~ eps(z_{t-1}, t)), so it mirrors the sampler's step from that timestep.
     """
-    guided = guidance_scale > 1
-    embeddings, added_cond_kwargs = conditioning
-    final_alpha_bar = getattr(pipe.scheduler, "final_alpha_cumprod", torch.tensor(1.0))
-    alpha_bar_from = final_alpha_bar.to(z_0.device)
+    alphas_cumprod = scheduler.alphas_cumprod.to(z_0.device)
+    alpha_bar_from = getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)).to(z_0.device)
+    prediction_type = backbone.prediction_type()
     latents, noisy = z_0, []
-    with pipe.progress_bar(total=len(timesteps)) as progress:
-        for t in reversed(timesteps):
-            unet_input = torch.cat([latents] * 2 if guided else [latents]).to(pipe.unet.dtype)
-            eps = pipe.unet(
-                unet_input, t, encoder_hidden_states=embeddings, added_cond_kwargs=added_cond_kwargs, return_dict=False
-            )[0].float()
-            if guided:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    with backbone.pipe.progress_bar(total=len(scheduler.timesteps)) as progress:
+        for t in reversed(scheduler.timesteps.tolist()):
+            output = backbone.predict(latents, t, conditioning, guidance_scale)
+            eps = as_eps(output, latents, alphas_cumprod[t], prediction_type)
             latents = ddim_inversion_step(latents, eps, alpha_bar_from, alphas_cumprod[t])
             alpha_bar_from = alphas_cumprod[t]
             noisy.append(latents)
@@ -235,33 +218,18 @@ def _ddim_inversion(pipe, z_0, conditioning, guidance_scale, timesteps, alphas_c
     return noisy[::-1]
 
 
-def _text_conditioning(pipe, prompt, guided, width, height):
-    """Text embeddings for the UNet (batch [uncond, cond] when guided) and SDXL's added conditioning."""
-    device = pipe._execution_device
-    if isinstance(pipe, SD_PIPELINES):
-        cond, uncond = pipe.encode_prompt(prompt, device, 1, guided)
-        return (torch.cat([uncond, cond]) if guided else cond), None
-    cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
-        prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided
-    )
-    time_ids_uncond, time_ids = _sdxl_time_ids(pipe, width, height, cond.dtype, pooled.shape[-1])
-    if guided:
-        cond, pooled, time_ids = (
-            torch.cat([uncond, cond]),
-            torch.cat([pooled_uncond, pooled]),
-            torch.cat([time_ids_uncond, time_ids]),
-        )
-    return cond, {"text_embeds": pooled, "time_ids": time_ids.to(device)}
+def _flow_inversion(backbone, scheduler, z_0, conditioning, guidance_scale) -> list[torch.Tensor]:
+    """Latents at the scheduler's timesteps (descending), reached from z_0 by the flow sampler run backwards.
 
-
-def _sdxl_time_ids(pipe, width, height, dtype, pooled_dim):
-    """SDXL's (uncond, cond) added time ids for an uncropped image, as the pipeline's own `__call__` builds them."""
-    size, crop = (height, width), (0, 0)
-    projection_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled_dim
-    if isinstance(pipe, StableDiffusionXLImg2ImgPipeline):
-        time_ids, time_ids_uncond = pipe._get_add_time_ids(
-            size, crop, size, *_SDXL_IMG2IMG_AESTHETIC_SCORES, size, crop, size, dtype, projection_dim
-        )
-        return time_ids_uncond, time_ids
-    time_ids = pipe._get_add_time_ids(size, crop, size, dtype=dtype, text_encoder_projection_dim=projection_dim)
-    return time_ids, time_ids
+    Each step evaluates the velocity at the noisier target timestep from the current latent, mirroring the
+    sampler's Euler step from that timestep (as DDIM inversion does).
+    """
+    sigmas = scheduler.sigmas.tolist()  # one per timestep, then the final 0
+    latents, noisy = z_0, []
+    with backbone.pipe.progress_bar(total=len(scheduler.timesteps)) as progress:
+        for i in reversed(range(len(scheduler.timesteps))):
+            velocity = backbone.predict(latents, scheduler.timesteps[i], conditioning, guidance_scale)
+            latents = flow_inversion_step(latents, velocity, sigmas[i + 1], sigmas[i])
+            noisy.append(latents)
+            progress.update()
+    return noisy[::-1]

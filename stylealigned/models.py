@@ -20,21 +20,21 @@ from diffusers import (
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 
+from .backbones import backbone_for
 from .errors import UserError
 
 BUILTIN_MODEL_DIR = Path(__file__).parent / "builtin"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SUPPORTED = "SD 1.x/2.x, SDXL and their img2img variants, or any pipeline whose .unet is a UNet2DConditionModel"
-
+# "auto": DDIM (the paper's sampler) on UNets, the model's own flow-matching scheduler on FLUX and SD3;
 # "model" keeps the scheduler the model ships with.
 SCHEDULERS = {
+    "auto": None,
     "ddim": DDIMScheduler,
     "euler": EulerDiscreteScheduler,
     "euler-a": EulerAncestralDiscreteScheduler,
@@ -153,13 +153,19 @@ def scheduler_class(name: str):
 def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
     """Replace the pipeline's scheduler by the named one, built from the model's own scheduler config."""
     new_class = scheduler_class(name)
+    backbone = backbone_for(pipe)
+    if backbone.flow and new_class is not None:
+        raise UserError(f"{name} is a noise-prediction scheduler but this {backbone.label} is a flow-matching "
+                        "model; use --scheduler auto (its own flow-matching scheduler)")
+    if name == "auto" and not backbone.flow:
+        new_class = DDIMScheduler
     if new_class is DDIMScheduler:  # the paper's sampler; latent models must not clip the predicted x0
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
     elif new_class is not None:
         pipe.scheduler = new_class.from_config(pipe.scheduler.config)
 
 
-def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "ddim", config=None) -> DiffusionPipeline:
+def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "auto", config=None) -> DiffusionPipeline:
     """Load `model` ("builtin", a diffusers folder, a .safetensors/.ckpt file or a hub id) ready to sample.
 
     `config` (single files only): a local diffusers folder or hub id giving the pipeline's component configs.
@@ -168,7 +174,5 @@ def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "ddim"
     dtype = resolve_dtype(dtype, device)
     scheduler_class(scheduler)  # fail before a slow load
     pipe = _from_pretrained(str(model), dtype, config)
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise UserError(f"{model} is a {type(pipe).__name__}; stylealigned supports {SUPPORTED}")
-    set_scheduler(pipe, scheduler)
+    set_scheduler(pipe, scheduler)  # refuses a pipeline of no supported family
     return pipe.to(device)

@@ -40,21 +40,17 @@ def normalise(x: Tensor, norm: nn.GroupNorm, moments: Moments) -> Tensor:
     return y
 
 
-def shared_group_norm_forward(norm: nn.GroupNorm, name: str, state: SharedState):
-    """A forward for `norm` that shares statistics with the reference according to `state`."""
-
-    def forward(x: Tensor) -> Tensor:
-        per_group = state.split(x.shape[0])
-        moments = group_moments(x, norm.num_groups)
-        if state.mode == RECORD:
-            state.cache[name] = moments
-            return normalise(x, norm, moments)
-        mean, var = (m.view(state.groups, per_group, *m.shape[1:]) for m in moments)
-        if state.mode == BATCH:
-            ref = (mean[:, :1], var[:, :1])
-        else:
-            ref = tuple(m.view(state.groups, 1, *m.shape[1:]) for m in state.cache[name])
-        joint = joint_moments((mean, var), ref)
-        return normalise(x, norm, tuple(m.reshape(x.shape[0], *m.shape[2:]) for m in joint))
-
-    return forward
+def shared_group_norm(norm: nn.GroupNorm, name: str, state: SharedState, x: Tensor) -> Tensor:
+    """GroupNorm of x whose statistics are shared with the reference according to `state`."""
+    per_group = state.split(x.shape[0])
+    moments = group_moments(x, norm.num_groups)
+    if state.mode == RECORD:
+        state.cache[name] = moments
+        return normalise(x, norm, moments)
+    mean, var = (m.view(state.groups, per_group, *m.shape[1:]) for m in moments)
+    if state.mode == BATCH:
+        ref = (mean[:, :1], var[:, :1])
+    else:
+        ref = tuple(m.view(state.groups, 1, *m.shape[1:]) for m in state.cache[name])
+    joint = joint_moments((mean, var), ref)
+    return normalise(x, norm, tuple(m.reshape(x.shape[0], *m.shape[2:]) for m in joint))

@@ -1,7 +1,8 @@
-"""A diffusers attention processor for self-attention shared with a reference image.
+"""Attention with a shared reference, per attention kind: a UNet's self-attention and a transformer's joint attention.
 
-The processor only projects and reshapes; the method's math lives in `attention.py`. It knows nothing about
-pipelines: `SharedState` tells it how the batch is laid out.
+Each processor projects, reshapes and puts outputs back exactly as diffusers' own processor for that kind does;
+the method's math lives in `attention.py`. They know nothing about pipelines: `SharedState` tells them how the
+batch is laid out, and `apply.py` calls them from a hook on each shared attention module.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import align_targets, attention, make_reference, shared_attention
+from .attention import ALL, align_targets, make_reference, reference_attention, shared_attention
 from .config import StyleAlignedConfig
 
 BATCH, RECORD, REPLAY = "batch", "record", "replay"
@@ -20,16 +21,20 @@ BATCH, RECORD, REPLAY = "batch", "record", "replay"
 
 @dataclass
 class SharedState:
-    """Batch layout shared by every patched layer of one UNet.
+    """Batch layout shared by every hooked layer of one denoiser, set anew by the denoiser's hook on each call.
 
     mode BATCH: each of `groups` guidance groups starts with its reference image.
     mode RECORD: the batch holds only the references; layers store what targets need in `cache`.
     mode REPLAY: the batch holds only targets; layers use the references stored by the last RECORD pass.
+    `text_tokens`: text tokens at the front of a joined [text, image] sequence (FLUX single-stream blocks).
+    `reference_rotary`: the rotary embedding the shared reference keys are rotated with (RoPE models).
     """
 
     groups: int = 1
     mode: str = BATCH
     cache: dict[str, Any] = field(default_factory=dict)
+    text_tokens: int = 0
+    reference_rotary: Any = None
 
     def split(self, batch: int) -> int:
         """Images per guidance group for a batch of this size."""
@@ -38,16 +43,39 @@ class SharedState:
         return batch // self.groups
 
 
-class StyleAlignedAttnProcessor:
-    """Self-attention in which targets see their group's reference (drop-in for diffusers' AttnProcessor2_0)."""
+class SharedAttention:
+    """What every kind shares: the three modes over (G, M, H, N, D) queries, keys and values before RoPE."""
 
     def __init__(self, name: str, config: StyleAlignedConfig, state: SharedState):
         self.name, self.config, self.state = name, config, state
 
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, image: slice = ALL, rotate=None, rotate_shared=None,
+               mask: Tensor | None = None) -> Tensor:
+        mode = self.state.mode
+        if mode == BATCH:
+            return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask)
+        if mode == RECORD:
+            self.state.cache[self.name] = make_reference(q[:, 0], k[:, 0], v[:, 0], self.config, image, rotate_shared)
+            return reference_attention(q, k, v, rotate, mask)
+        return align_targets(q, k, v, self.state.cache[self.name], self.config, image, rotate, mask)
+
+    def grouped(self, x: Tensor) -> Tensor:
+        """(batch, tokens, heads, dim) -> (groups, per group, heads, tokens, dim)."""
+        return x.unflatten(0, (self.state.groups, self.state.split(x.shape[0]))).transpose(2, 3)
+
+    @staticmethod
+    def ungrouped(x: Tensor) -> Tensor:
+        """(groups, per group, heads, tokens, dim) -> (batch, tokens, heads * dim)."""
+        return x.transpose(2, 3).flatten(0, 1).flatten(2)
+
+
+class SelfAttentionProcessor(SharedAttention):
+    """A UNet's self-attention (diffusers `Attention` with AttnProcessor2_0), every token an image token."""
+
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError(f"{self.name}: StyleAligned shares self-attention only, without attention masks")
+            raise ValueError(f"{self.name}: StyleAligned shares a UNet's self-attention only, without masks")
         residual, input_shape = hidden_states, hidden_states.shape
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -56,19 +84,11 @@ class StyleAlignedAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        batch, tokens, _ = hidden_states.shape
-        per_group = self.state.split(batch)
-        heads = attn.heads
-
-        def split_heads(x: Tensor) -> Tensor:
-            return x.view(self.state.groups, per_group, tokens, heads, -1).transpose(2, 3)
-
-        q, k, v = (split_heads(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = (self.grouped(proj(hidden_states).unflatten(-1, (attn.heads, -1)))
+                   for proj in (attn.to_q, attn.to_k, attn.to_v))
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
-
-        out = self._attend(q, k, v)
-        hidden_states = out.transpose(2, 3).reshape(batch, tokens, -1).to(q.dtype)
+        hidden_states = self.ungrouped(self.attend(q, k, v)).to(q.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if len(input_shape) == 4:
             hidden_states = hidden_states.transpose(1, 2).reshape(input_shape)
@@ -76,20 +96,78 @@ class StyleAlignedAttnProcessor:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        mode = self.state.mode
-        if mode == BATCH:
-            return shared_attention(q, k, v, self.config)
-        if self.config.full_attention_share:
-            raise ValueError("full_attention_share shares among all images at once and cannot run in chunks")
-        if mode == RECORD:
-            self.state.cache[self.name] = make_reference(q[:, 0], k[:, 0], v[:, 0], self.config)
-            return attention(q, k, v)
-        return align_targets(q, k, v, self.state.cache[self.name], self.config)
+
+class JointAttentionProcessor(SharedAttention):
+    """A transformer's attention over text and image tokens (FLUX.1's FluxAttention, SD3's joint `Attention`).
+
+    `text_first`: the joint sequence is [text, image] (FLUX) rather than [image, text] (SD3). Called without
+    `encoder_hidden_states` the layer sees one sequence: FLUX single-stream blocks' joined [text, image]
+    (`state.text_tokens` long text part), or SD3.5's image-only `attn2`.
+    """
+
+    def __init__(self, name: str, config: StyleAlignedConfig, state: SharedState, text_first: bool):
+        super().__init__(name, config, state)
+        self.text_first = text_first
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, image_rotary_emb=None, **kwargs) -> Tensor | tuple:
+        if kwargs.get("ip_hidden_states") is not None:
+            raise ValueError(f"{self.name}: StyleAligned does not share attention layers that run an IP-Adapter")
+        q, k, v = self._project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
+        text_tokens = 0
+        if encoder_hidden_states is not None:
+            text_tokens = encoder_hidden_states.shape[1]
+            text = self._project(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                                 getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None))
+            q, k, v = (torch.cat([t, x] if self.text_first else [x, t], dim=-2) for x, t in zip((q, k, v), text))
+        elif self.text_first:
+            text_tokens = self.state.text_tokens
+        image_tokens = q.shape[-2] - text_tokens
+        image = slice(text_tokens, None) if self.text_first else slice(0, image_tokens)
+
+        rotate = rotate_shared = None
+        if image_rotary_emb is not None:
+            rotate = _rotation(image_rotary_emb)
+            rotate_shared = _rotation(self.state.reference_rotary)
+        mask = None if attention_mask is None else self.grouped_mask(attention_mask)
+        out = self.ungrouped(self.attend(q, k, v, image, rotate, rotate_shared, mask)).to(q.dtype)
+
+        if encoder_hidden_states is None:
+            if getattr(attn, "pre_only", False):  # FLUX single-stream: the block projects the output itself
+                return out
+            return attn.to_out[1](attn.to_out[0](out))
+        text_out, image_out = (out[:, :text_tokens], out[:, text_tokens:]) if self.text_first else \
+            (out[:, image_tokens:], out[:, :image_tokens])
+        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
+        if not getattr(attn, "context_pre_only", False):
+            text_out = attn.to_add_out(text_out.contiguous())
+        return image_out, text_out
+
+    def _project(self, attn, x: Tensor, to_q, to_k, to_v, norm_q, norm_k) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (to_q, to_k, to_v))
+        if norm_q is not None:
+            q = norm_q(q)
+        if norm_k is not None:
+            k = norm_k(k)
+        return self.grouped(q), self.grouped(k), self.grouped(v)
+
+    def grouped_mask(self, mask: Tensor) -> Tensor:
+        """The model's (batch, 1, N, N) attention mask as (groups, per group, 1, N, N)."""
+        return mask.unflatten(0, (self.state.groups, self.state.split(mask.shape[0])))
 
 
-def is_self_attention(module: torch.nn.Module) -> bool:
-    """True for diffusers Attention modules that attend within the image (not to text)."""
+def _rotation(rotary_emb):
+    """Apply a (cos, sin) rotary embedding, as the stock FLUX processor does, to (..., heads, tokens, dim)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    def rotate(x: Tensor) -> Tensor:
+        return apply_rotary_emb(x.reshape(-1, *x.shape[-3:]), rotary_emb, sequence_dim=2).view(x.shape)
+
+    return rotate
+
+
+def is_self_attention(module) -> bool:
+    """True for a UNet's diffusers Attention modules that attend within the image (not to text)."""
     from diffusers.models.attention_processor import Attention
 
     return isinstance(module, Attention) and not module.is_cross_attention

@@ -5,8 +5,9 @@ depends only on itself and the reference, so any subset of positions (a resumed 
 reproduces exactly the images of the full set.
 
 Each wave denoises up to `wave_size` targets together with the reference through the pipeline's own call; the
-UNet runs the reference once per step and the targets `batch_size` at a time against its stored keys, values
-and statistics (`StyleAlignedHandle.chunked`). Latents are decoded `batch_size` at a time at the end of a wave.
+denoiser (UNet or transformer) runs the reference once per step and the targets `batch_size` at a time against its
+stored keys, values and statistics (`StyleAlignedHandle.chunked`). Latents are decoded `batch_size` at a time at the
+end of a wave, by the model family's backbone.
 """
 
 from __future__ import annotations
@@ -18,36 +19,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .apply import apply
+from .backbones import backbone_for
 from .config import StyleAlignedConfig
 from .errors import UserError
 from .inversion import Trajectory
 
 WAVE_CHUNKS = 8  # chunks per wave by default: the reference is recomputed once per wave, so 1/(8 x batch) extra
-
-
-def initial_noise(pipe, positions: Sequence[int], seed: int, height: int, width: int) -> torch.Tensor:
-    """Starting latents for the given set positions, each from its own CPU generator seeded `seed + position`."""
-    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + p)) for p in positions]
-    return torch.cat(noise).to(pipe.device, pipe.unet.dtype)
-
-
-@torch.no_grad()
-def decode(pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """Latents -> PIL images as the pipeline would decode them (fp32 VAE where fp16 would overflow)."""
-    vae = pipe.vae
-    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    dtype = torch.float32 if upcast else vae.dtype
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        images = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    finally:
-        if upcast:
-            vae.to(torch.float16)
-    if getattr(pipe, "safety_checker", None) is not None:
-        images, _ = pipe.run_safety_checker(images, pipe.device, latents.dtype)
-    return pipe.image_processor.postprocess(images, output_type="pil")
 
 
 def pin_reference(trajectory: Trajectory, offset: int) -> Callable:
@@ -69,12 +46,12 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     """Generate one style-aligned set and return its images, the reference first.
 
     Args:
-        pipe: a diffusers text-to-image pipeline (SD 1.x/2.x, SDXL or any with a UNet2DConditionModel).
+        pipe: a diffusers text-to-image pipeline of a supported family (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5).
         prompts: with `reference=None`, prompts[0] is the reference; with a trajectory, every prompt is a target.
         config: the StyleAligned knobs (default: the paper's text-to-image setting).
         reference: a `Trajectory` from `invert` to take the style from a real image.
         seed: image i starts from noise seeded by `seed + i`.
-        batch_size: targets per UNet call (memory bound); None = all targets of a wave at once.
+        batch_size: targets per denoiser call (memory bound); None = all targets of a wave at once.
         offset: with a trajectory, the first `offset` steps keep the reference at `offset + 1`, as in the paper.
         indices: set positions to return (default all); the reference is always computed, returned if listed.
         on_image: called with (position, image) as soon as each image is decoded.
@@ -91,8 +68,10 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     wanted = sorted(set(range(len(set_prompts)) if indices is None else indices))
     if any(not 0 <= i < len(set_prompts) for i in wanted):
         raise UserError(f"indices must lie in 0..{len(set_prompts) - 1}")
-    height = pipeline_kwargs.pop("height", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = pipeline_kwargs.pop("width", None) or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    backbone = backbone_for(pipe)
+    native_height, native_width = backbone.native_size()
+    height = pipeline_kwargs.pop("height", None) or native_height
+    width = pipeline_kwargs.pop("width", None) or native_width
     kwargs = dict(pipeline_kwargs, height=height, width=width, output_type="latent")
     if reference is not None:
         _check_reference(pipe, reference, offset, kwargs)
@@ -105,14 +84,14 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     with apply(pipe, config) as handle, handle.chunked(batch_size):
         for number, wave in enumerate(tqdm(waves, desc="waves", disable=len(waves) == 1)):
             positions = [0] + [i for i in wave if i is not None]
-            noise = initial_noise(pipe, positions, seed, height, width)
+            noise = backbone.initial_noise(positions, seed, height, width)
             if reference is not None:
                 noise[0] = reference.latents[offset].to(noise.device, noise.dtype)
             latents = pipe([set_prompts[i] for i in positions], latents=noise, **kwargs).images
             keep = [(k, i) for k, i in enumerate(positions) if i in wanted and (i > 0 or number == 0)]
             for start in range(0, len(keep), batch_size or len(keep)):
                 part = keep[start:start + (batch_size or len(keep))]
-                for (_, position), image in zip(part, decode(pipe, latents[[k for k, _ in part]])):
+                for (_, position), image in zip(part, backbone.decode(latents[[k for k, _ in part]], height, width)):
                     images[position] = image
                     if on_image is not None:
                         on_image(position, image)

@@ -136,3 +136,35 @@ def run():
         return pipe(prompts, **(settings | kwargs)).images
 
     return run_pipe
+
+
+# FLUX.1- and SD3.5-style pipelines (tests/dit_pipelines.py), loaded with plain diffusers for now.
+from diffusers import DiffusionPipeline  # noqa: E402
+
+from tests.dit_pipelines import build_flux, build_sd3  # noqa: E402
+
+
+def loaded_dit(path: str):
+    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory) -> str:
+    return saved(tmp_path_factory, "tiny-flux", build_flux)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory) -> str:
+    return saved(tmp_path_factory, "tiny-sd3", build_sd3)
+
+
+@pytest.fixture
+def flux_pipe(tiny_flux_path):
+    return loaded_dit(tiny_flux_path)
+
+
+@pytest.fixture
+def sd3_pipe(tiny_sd3_path):
+    return loaded_dit(tiny_sd3_path)

@@ -7,7 +7,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 import stylealigned as sa
-from stylealigned.apply import select_layers, self_attention_layers
+from stylealigned.apply import hooked_layers, layers_to_share, select_layers
+from stylealigned.backbones import backbone_for
 from tests import oracle
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree"]
@@ -64,7 +65,7 @@ EXTRA = [dict(shared_score_scale=1.7, shared_score_shift=0.69), dict(shared_scor
 
 def install_oracle(pipe, config, groups):
     """Replace the selected self-attention processors (and GroupNorms if shared) by the oracle's."""
-    names = select_layers(self_attention_layers(pipe.unet), config.shared_layers)
+    names = layers_to_share(backbone_for(pipe), config)
     processors = dict(pipe.unet.attn_processors)
     for name in names:
         processors[f"{name}.processor"] = oracle.OracleProcessor(config, groups)
@@ -114,12 +115,11 @@ def test_layer_norm_sharing_changes_nothing(sd_pipe):
 
 
 def test_shared_layers_fraction_is_counted(sdxl_pipe):
-    names = self_attention_layers(sdxl_pipe.unet)
+    names = backbone_for(sdxl_pipe).attention_layers()
     assert len(names) == 8  # SDXL-style: 2 down + 2 mid... counted from the tiny model's blocks
     for fraction, count in [(1.0, 8), (0.5, 4), (0.25, 2), (0.0, 0)]:
         handle = sa.apply(sdxl_pipe, sa.StyleAlignedConfig(shared_layers=fraction))
-        ours = [n for n, p in sdxl_pipe.unet.attn_processors.items() if isinstance(p, sa.processors.StyleAlignedAttnProcessor)]
-        assert len(ours) == len(handle.layers) == count
+        assert hooked_layers(sdxl_pipe.unet) == handle.layers and len(handle.layers) == count
         handle.remove()
     half = select_layers(names, 0.5)
     assert half[0] != names[0] or half[-1] != names[-1]  # spread, not a prefix block
@@ -144,10 +144,10 @@ def test_apply_twice_replaces_and_remove_restores(sd_pipe):
     second = sa.apply(sd_pipe, sa.StyleAlignedConfig(shared_layers=0.5))
     assert not first.active and second.active
     assert not any("forward" in vars(m) for m in sd_pipe.unet.modules() if isinstance(m, torch.nn.GroupNorm))
-    assert sum(isinstance(p, sa.processors.StyleAlignedAttnProcessor) for p in sd_pipe.unet.attn_processors.values()) \
-        == len(second.layers)
+    assert hooked_layers(sd_pipe.unet) == second.layers
     second.remove()
     assert all(sd_pipe.unet.attn_processors[k] is v for k, v in originals.items())
+    assert not any(hasattr(m, "_diffusers_hook") or "forward" in vars(m) for m in sd_pipe.unet.modules())
 
 
 def test_disabled_config_installs_nothing(sd_pipe):
@@ -169,8 +169,8 @@ def test_img2img_variant_is_supported(tiny_sd_path):
     assert out.shape == (2, 32, 32, 3)
 
 
-def test_pipeline_without_unet_is_a_type_error():
-    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+def test_pipeline_of_no_supported_family_is_a_user_error():
+    with pytest.raises(sa.UserError, match="does not support DiffusionPipeline; it supports Stable Diffusion"):
         sa.apply(DiffusionPipeline())
 
 

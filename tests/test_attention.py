@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from stylealigned import StyleAlignedConfig
 from stylealigned.attention import (adain, attend_with_reference, make_reference, shared_attention,
                                     token_stats)
-from stylealigned.processors import RECORD, REPLAY, SharedState, StyleAlignedAttnProcessor
+from stylealigned.processors import RECORD, REPLAY, SelfAttentionProcessor, SharedState
 from tests import oracle
 
 KNOBS = ("share_attention", "adain_queries", "adain_keys", "adain_values", "full_attention_share")
@@ -132,7 +132,7 @@ def test_processor_modes_agree():
     torch.manual_seed(0)
     attn, config = _Attn(), StyleAlignedConfig.transfer()
     state = SharedState(groups=2)
-    processor = StyleAlignedAttnProcessor("layer", config, state)
+    processor = SelfAttentionProcessor("layer", config, state)
     x = torch.randn(2 * 4, 12, 16)
     expected = oracle.OracleProcessor(config, groups=2)(attn, x)
     torch.testing.assert_close(processor(attn, x), expected, atol=1e-5, rtol=1e-5)

@@ -129,7 +129,7 @@ def test_img2img_pipelines_invert_like_their_text_to_image_pipeline(sd_pipe, sdx
 
 
 def test_unsupported_pipeline_and_mode_are_user_errors(sd_pipe, image):
-    with pytest.raises(UserError, match="cannot invert"):
+    with pytest.raises(UserError, match="does not support object"):
         invert(object(), image, PROMPT)
     with pytest.raises(UserError, match="unknown inversion mode"):
         invert(sd_pipe, image, PROMPT, mode="exact")

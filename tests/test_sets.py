@@ -5,6 +5,8 @@ import torch
 
 import stylealigned as sa
 from stylealigned import sets
+from stylealigned.apply import hooked_layers
+from stylealigned.backbones import Backbone, backbone_for
 from stylealigned.inversion import invert
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a car", "a bird", "a red cat", "a blue dog",
@@ -16,14 +18,14 @@ SETTINGS = dict(num_inference_steps=3, guidance_scale=5.0, height=32, width=32)
 def decoded(monkeypatch):
     """Record the latents generate_set decodes, by set position, so comparisons are made before 8-bit rounding."""
     seen = {}
-    original = sets.decode
+    original = Backbone.decode
 
-    def spy(pipe, latents):
-        images = original(pipe, latents)
+    def spy(backbone, latents, height, width):
+        images = original(backbone, latents, height, width)
         seen.setdefault("latents", []).append(latents.clone())
         return images
 
-    monkeypatch.setattr(sets, "decode", spy)
+    monkeypatch.setattr(Backbone, "decode", spy)
     return seen
 
 
@@ -39,7 +41,7 @@ def set_latents(pipe, prompts, decoded, **kwargs):
 def test_one_chunk_equals_the_apply_path(sd_pipe, decoded):
     ours = set_latents(sd_pipe, PROMPTS[:4], decoded)
     with sa.apply(sd_pipe):
-        expected = sd_pipe(PROMPTS[:4], latents=sets.initial_noise(sd_pipe, range(4), 7, 32, 32),
+        expected = sd_pipe(PROMPTS[:4], latents=backbone_for(sd_pipe).initial_noise(range(4), 7, 32, 32),
                            output_type="latent", **SETTINGS).images
     torch.testing.assert_close(torch.stack([ours[i] for i in range(4)]), expected, atol=1e-4, rtol=1e-4)
 
@@ -131,6 +133,5 @@ def test_inverting_under_an_applied_handle_uses_the_plain_model(sd_pipe):
     sd_pipe(["a cat", "a dog"], num_inference_steps=1, height=32, width=32, guidance_scale=1.0)  # stale guidance
     with sa.apply(sd_pipe, sa.StyleAlignedConfig.transfer()) as handle:
         applied = invert(sd_pipe, image, "a cat", num_inference_steps=3, guidance_scale=3.0)
-        assert any(isinstance(p, sa.processors.StyleAlignedAttnProcessor)
-                   for p in sd_pipe.unet.attn_processors.values()) and handle.active
+        assert hooked_layers(sd_pipe.unet) and handle.active
     assert torch.equal(plain.latents, applied.latents)

@@ -1,0 +1,184 @@
+"""What every model family tells the rest of the package: its denoiser, attention layers, latents and calls.
+
+A `Backbone` wraps one pipeline. Everything family-specific (where the attention layers are, how tokens are laid
+out, how latents are made, packed, encoded and decoded, what the denoiser predicts, how to call it for one step)
+is a method or attribute here, overridden by one module per family; nothing above `backbones/` names a UNet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..errors import UserError
+
+
+@dataclass
+class Conditioning:
+    """Denoiser inputs for one prompt (batched [uncond, cond] when `guided`), as its family's `predict` takes them."""
+
+    inputs: dict[str, Any]
+    guided: bool
+
+
+class Backbone:
+    """One pipeline seen through its family. Subclasses set the class attributes and override the hooks."""
+
+    family = ""                 # short name, e.g. "flux"
+    label = ""                  # for messages and the README, e.g. "FLUX.1 transformer"
+    denoiser_name = ""          # the pipeline attribute holding the denoiser
+    sample_name = "hidden_states"  # the denoiser's first (latent) argument
+    unbatched_inputs: tuple[str, ...] = ()  # denoiser keyword inputs without a batch dimension
+    default_shared_layers: float | str = 1.0
+    shares_norms = False        # share_group_norm / share_layer_norm have a meaning
+    flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        raise NotImplementedError
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    # attention layers
+    def attention_layers(self) -> list[str]:
+        """Names (in the denoiser) of the attention modules that can share, in network order."""
+        raise NotImplementedError
+
+    def processor(self, name: str, config, state):
+        """The processor that runs layer `name` with a shared reference."""
+        raise NotImplementedError
+
+    def check_config(self, config) -> None:
+        """Refuse knobs that mean nothing on this family, in one line."""
+        if self.shares_norms:
+            return
+        for knob in ("share_group_norm", "share_layer_norm", "full_attention_share"):
+            if getattr(config, knob):
+                raise UserError(f"{knob} has no meaning on a {self.label} (it has no such layers or ablation "
+                                f"here); turn it off for {self.family} models")
+
+    # one denoiser call
+    def guidance_groups(self) -> int:
+        """2 when the pipeline batches [uncond..., cond...] in this call (classifier-free guidance), else 1."""
+        try:
+            return 2 if self.pipe.do_classifier_free_guidance else 1
+        except AttributeError:  # called outside a pipeline call, or a pipeline without the property
+            return 1
+
+    def begin_call(self, state, config, kwargs: dict) -> None:
+        """Read per-call layout facts (text length, positions) from the denoiser's inputs into `state`."""
+
+    def wrap_output(self, sample: torch.Tensor, return_dict: bool):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    # latents
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) in pixels that the model generates by default."""
+        side = self.pipe.default_sample_size * self.pipe.vae_scale_factor
+        return side, side
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(channels, rows, columns) of one image's unpacked latent."""
+        factor = self.pipe.vae_scale_factor
+        return self.pipe.vae.config.latent_channels, height // factor, width // factor
+
+    def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Unpacked [B, C, h, w] latents -> the layout the pipeline's `latents=` takes."""
+        return latents
+
+    def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return latents
+
+    def initial_noise(self, positions, seed: int, height: int, width: int) -> torch.Tensor:
+        """Starting latents for the given set positions, each from its own CPU generator seeded `seed + position`."""
+        shape = (1, *self.latent_shape(height, width))
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + p))
+                           for p in positions])
+        return self.pack(noise, height, width).to(self.pipe.device, self.denoiser.dtype)
+
+    @torch.no_grad()
+    def encode(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:
+        """(z_0, height, width): an RGB image's latent in the pipeline's layout, batch of 1, fp32 on the execution
+        device (the VAE's mean, run in fp32), and the pixel size it stands for."""
+        vae = self.pipe.vae
+        pixels = self.pipe.image_processor.preprocess(image).to(self.pipe._execution_device, torch.float32)
+        with _vae_in_fp32(vae):
+            latents = vae.encode(pixels).latent_dist.mean
+        scale, offset = self._latent_scaling(latents)
+        height, width = (size * self.pipe.vae_scale_factor for size in latents.shape[-2:])
+        return self.pack((latents - offset) * scale, height, width), height, width
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
+        """Latents -> PIL images as the pipeline decodes them (fp32 VAE where fp16 would overflow)."""
+        vae = self.pipe.vae
+        latents = self.unpack(latents, height, width)
+        upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        with _vae_in_fp32(vae) if upcast else contextlib.nullcontext():
+            scale, offset = self._latent_scaling(latents)
+            images = vae.decode((latents / scale + offset).to(vae.dtype), return_dict=False)[0]
+        if getattr(self.pipe, "safety_checker", None) is not None:
+            images, _ = self.pipe.run_safety_checker(images, self.pipe.device, latents.dtype)
+        return self.pipe.image_processor.postprocess(images, output_type="pil")
+
+    def _latent_scaling(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) with model latents = (VAE latents - offset) * scale: the VAE's scaling factor with its
+        shift factor, or with its per-channel latents mean and std."""
+        config = self.pipe.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            view = dict(device=like.device, dtype=torch.float32)
+            return (config.scaling_factor / torch.tensor(std, **view).view(1, -1, 1, 1),
+                    torch.tensor(mean, **view).view(1, -1, 1, 1))
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return torch.tensor(config.scaling_factor), torch.tensor(shift)
+
+    # sampling and one step, for inversion
+    def prediction_type(self) -> str:
+        """What the denoiser predicts: "epsilon", "v_prediction" or "flow" (velocity)."""
+        return "flow" if self.flow else self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def scheduled(self, num_inference_steps: int, height: int, width: int):
+        """A copy of the pipeline's scheduler with its timesteps set as the pipeline's own call sets them."""
+        if num_inference_steps < 1:
+            raise UserError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler
+
+    def conditioning(self, prompt: str, guidance_scale: float, height: int, width: int) -> Conditioning:
+        raise NotImplementedError
+
+    def predict(self, latents: torch.Tensor, timestep, conditioning: Conditioning,
+                guidance_scale: float) -> torch.Tensor:
+        """The denoiser's output for one latent at one timestep (guidance applied), fp32."""
+        raise NotImplementedError
+
+
+class _vae_in_fp32:
+    """Run the VAE in fp32 inside the block (SDXL's VAE overflows in fp16), then put its dtype back."""
+
+    def __init__(self, vae):
+        self.vae, self.dtype = vae, vae.dtype
+
+    def __enter__(self):
+        if self.dtype != torch.float32:
+            self.vae.to(torch.float32)
+        return self
+
+    def __exit__(self, *exc):
+        if self.dtype != torch.float32:
+            self.vae.to(self.dtype)
+        return False

@@ -1,0 +1,96 @@
+"""FLUX.1 (dev, schnell) and Chroma: a flow-matching transformer with double- and single-stream blocks and RoPE.
+
+Double-stream blocks (`transformer_blocks.N.attn`) join [text, image]; single-stream blocks
+(`single_transformer_blocks.N.attn`) get that joined sequence whole, its text length given by `txt_ids`. Latents are
+packed 2x2 into tokens. One transformer call is one guidance group: FLUX.1-dev embeds its guidance, and true CFG
+(and Chroma's CFG) runs the negative prompt in a call of its own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..processors import JointAttentionProcessor
+from .base import Backbone, Conditioning
+
+
+class FluxBackbone(Backbone):
+    family = "flux"
+    label = "FLUX.1 / Chroma transformer"
+    denoiser_name = "transformer"
+    unbatched_inputs = ("img_ids", "txt_ids")
+    # AlignedGen (Zhang et al., NeurIPS 2025) shares only the single-stream blocks: sharing the double-stream
+    # blocks as well copies the reference's content and layout into the targets.
+    default_shared_layers = "single_transformer_blocks"
+    flow = True
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+
+        transformer = getattr(pipe, "transformer", None)
+        return transformer is not None and hasattr(transformer, "single_transformer_blocks") and any(
+            isinstance(module, FluxAttention) for module in transformer.modules())
+
+    def attention_layers(self):
+        from diffusers.models.transformers.transformer_flux import FluxAttention
+
+        return [name for name, module in self.denoiser.named_modules() if isinstance(module, FluxAttention)]
+
+    def processor(self, name, config, state):
+        return JointAttentionProcessor(name, config, state, text_first=True)
+
+    def begin_call(self, state, config, kwargs):
+        """Text length and the rotary embedding of the shared reference keys, from this call's position ids."""
+        txt_ids, img_ids = (kwargs[name][0] if kwargs[name].ndim == 3 else kwargs[name]
+                            for name in ("txt_ids", "img_ids"))
+        state.text_tokens = txt_ids.shape[0]
+        if config.reference_positions == "shifted":  # beside the image: columns moved by the latent width
+            img_ids = img_ids.clone()
+            img_ids[:, 2] += int(img_ids[:, 2].max()) + 1
+        state.reference_rotary = self.denoiser.pos_embed(img_ids)
+
+    def latent_shape(self, height, width):
+        factor = self.pipe.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 packing
+        return self.denoiser.config.in_channels // 4, 2 * (height // factor), 2 * (width // factor)
+
+    def pack(self, latents, height, width):
+        return self.pipe._pack_latents(latents, *latents.shape[:2], *latents.shape[2:])
+
+    def unpack(self, latents, height, width):
+        return self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+
+    def scheduled(self, num_inference_steps, height, width):
+        """The schedule as FluxPipeline sets it: sigmas 1 .. 1/n, shifted by mu for the image's token count."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        scheduler = super().scheduled(num_inference_steps, height, width)
+        config = scheduler.config
+        _, rows, columns = self.latent_shape(height, width)
+        mu = calculate_shift((rows // 2) * (columns // 2), config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps,
+                                                                          num_inference_steps)
+        scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas, mu=mu)
+        return scheduler
+
+    def conditioning(self, prompt, guidance_scale, height, width):
+        """T5 + CLIP embeddings and position ids; FLUX.1-dev's guidance is embedded, so one batch row."""
+        pipe = self.pipe
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None,
+                                                      device=pipe._execution_device, num_images_per_prompt=1)
+        _, rows, columns = self.latent_shape(height, width)
+        image_ids = pipe._prepare_latent_image_ids(1, rows // 2, columns // 2, pipe._execution_device, embeds.dtype)
+        return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids,
+                             "img_ids": image_ids}, guided=False)
+
+    def predict(self, latents, timestep, conditioning, guidance_scale):
+        transformer = self.denoiser
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([latents.shape[0]], guidance_scale, device=latents.device, dtype=torch.float32)
+        timestep = torch.as_tensor(timestep, device=latents.device).expand(latents.shape[0]).to(transformer.dtype)
+        return transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep / 1000, guidance=guidance,
+                           **conditioning.inputs, return_dict=False)[0].float()

@@ -1,0 +1,72 @@
+"""SD3 / SD3.5: an MMDiT flow-matching transformer with joint [image, text] attention and no RoPE.
+
+Joint blocks (`transformer_blocks.N.attn`) order tokens [image, text]; SD3.5's dual-attention blocks add an
+image-only self-attention (`transformer_blocks.N.attn2`). Classifier-free guidance batches [uncond..., cond...].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..processors import JointAttentionProcessor
+from .base import Backbone, Conditioning
+
+
+class SD3Backbone(Backbone):
+    family = "sd3"
+    label = "SD3 / SD3.5 transformer"
+    denoiser_name = "transformer"
+    # Every attention layer, as the paper shares every self-attention layer of SDXL: no published choice exists
+    # for SD3, and without RoPE there is no position-by-position copying for fewer layers to avoid.
+    default_shared_layers = 1.0
+    flow = True
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        from diffusers import SD3Transformer2DModel
+
+        return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
+
+    def attention_layers(self):
+        from diffusers.models.attention_processor import Attention
+
+        return [name for name, module in self.denoiser.named_modules()
+                if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in ("attn", "attn2")]
+
+    def processor(self, name, config, state):
+        return JointAttentionProcessor(name, config, state, text_first=False)
+
+    def scheduled(self, num_inference_steps, height, width):
+        """The schedule as StableDiffusion3Pipeline sets it (shifted by mu only with dynamic shifting)."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        scheduler = super().scheduled(num_inference_steps, height, width)
+        config = scheduler.config
+        if config.get("use_dynamic_shifting"):
+            _, rows, columns = self.latent_shape(height, width)
+            patch = self.denoiser.config.patch_size
+            mu = calculate_shift((rows // patch) * (columns // patch), config.get("base_image_seq_len", 256),
+                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                 config.get("max_shift", 1.16))
+            scheduler.set_timesteps(num_inference_steps, mu=mu)
+        return scheduler
+
+    def conditioning(self, prompt, guidance_scale, height, width):
+        """CLIP x2 + T5 embeddings and pooled projections, batched [uncond, cond] when guided."""
+        guided = guidance_scale > 1
+        embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=self.pipe._execution_device,
+            num_images_per_prompt=1, do_classifier_free_guidance=guided)
+        if guided:
+            embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
+        return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, guided)
+
+    def predict(self, latents, timestep, conditioning, guidance_scale):
+        transformer = self.denoiser
+        batch = torch.cat([latents] * 2 if conditioning.guided else [latents]).to(transformer.dtype)
+        timestep = torch.as_tensor(timestep, device=latents.device).expand(batch.shape[0])
+        out = transformer(hidden_states=batch, timestep=timestep, **conditioning.inputs, return_dict=False)[0].float()
+        if conditioning.guided:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out

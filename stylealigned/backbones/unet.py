@@ -1,0 +1,85 @@
+"""SD 1.x / 2.x / SDXL: a UNet2DConditionModel whose self-attention layers share; eps or v prediction."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from ..processors import SelfAttentionProcessor, is_self_attention
+from .base import Backbone, Conditioning
+
+_SDXL_IMG2IMG_AESTHETIC_SCORES = (6.0, 2.5)  # the img2img pipeline's defaults (positive, negative)
+
+
+class UNetBackbone(Backbone):
+    family = "unet"
+    label = "UNet (SD 1.x/2.x, SDXL)"
+    denoiser_name = "unet"
+    sample_name = "sample"
+    shares_norms = True
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
+
+    def attention_layers(self) -> list[str]:
+        return [name for name, module in self.denoiser.named_modules() if is_self_attention(module)]
+
+    def processor(self, name, config, state):
+        return SelfAttentionProcessor(name, config, state)
+
+    def wrap_output(self, sample, return_dict):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=sample) if return_dict else (sample,)
+
+    def native_size(self):
+        side = self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+        return side, side
+
+    def latent_shape(self, height, width):
+        factor = self.pipe.vae_scale_factor
+        return self.denoiser.config.in_channels, height // factor, width // factor
+
+    def scheduled(self, num_inference_steps, height, width):
+        scheduler = super().scheduled(num_inference_steps, height, width)
+        if not hasattr(scheduler, "alphas_cumprod") or not torch.equal(scheduler.timesteps,
+                                                                       scheduler.timesteps.round()):
+            raise UserError(f"{type(scheduler).__name__} has no discrete noise schedule to invert; "
+                            "use a DDIM, PNDM, Euler or DPM-Solver scheduler without Karras sigmas")
+        return scheduler
+
+    def conditioning(self, prompt, guidance_scale, height, width):
+        """Text embeddings (batch [uncond, cond] when guided) and, on SDXL, its added conditioning."""
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        pipe, guided, device = self.pipe, guidance_scale > 1, self.pipe._execution_device
+        if not hasattr(pipe, "_get_add_time_ids"):  # SD 1.x/2.x: text embeddings only
+            cond, uncond = pipe.encode_prompt(prompt, device, 1, guided)
+            return Conditioning({"encoder_hidden_states": torch.cat([uncond, cond]) if guided else cond}, guided)
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided)
+        projection_dim = (pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None
+                          else pooled.shape[-1])
+        size, crop = (height, width), (0, 0)
+        if isinstance(pipe, StableDiffusionXLImg2ImgPipeline):
+            time_ids, time_ids_uncond = pipe._get_add_time_ids(
+                size, crop, size, *_SDXL_IMG2IMG_AESTHETIC_SCORES, size, crop, size, cond.dtype, projection_dim)
+        else:
+            time_ids = time_ids_uncond = pipe._get_add_time_ids(
+                size, crop, size, dtype=cond.dtype, text_encoder_projection_dim=projection_dim)
+        if guided:
+            cond, pooled, time_ids = (torch.cat([uncond, cond]), torch.cat([pooled_uncond, pooled]),
+                                      torch.cat([time_ids_uncond, time_ids]))
+        return Conditioning({"encoder_hidden_states": cond,
+                             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device)}}, guided)
+
+    def predict(self, latents, timestep, conditioning, guidance_scale):
+        unet_input = torch.cat([latents] * 2 if conditioning.guided else [latents]).to(self.denoiser.dtype)
+        out = self.denoiser(unet_input, timestep, **conditioning.inputs, return_dict=False)[0].float()
+        if conditioning.guided:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance_scale * (cond - uncond)
+        return out
