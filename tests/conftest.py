@@ -1,4 +1,4 @@
-"""Tiny random-weight SD1- and SDXL-style pipelines, saved to disk once and loaded back through load_pipeline."""
+"""Tiny random-weight SD1-, SDXL-, FLUX.1- and SD3.5-style pipelines, saved once and loaded back through load_pipeline."""
 
 import pytest
 import torch
@@ -13,11 +13,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from stylealigned.models import load_pipeline
 from stylealigned.toy.vocab import word_level_tokenizer
+from tests.dit_pipelines import WORDS, build_flux, build_sd3
 
 # One thread per test process: tiny models gain nothing from more, and `pytest -n` runs processes side by side.
 torch.set_num_threads(1)
 
-WORDS = "a an the cat dog house tree car bird in on of with watercolor oil style painting sketch photo red blue".split()
 TEXT_HIDDEN = 32
 SIZE = 32  # image side in pixels; latents are SIZE // 2
 
@@ -138,18 +138,6 @@ def run():
     return run_pipe
 
 
-# FLUX.1- and SD3.5-style pipelines (tests/dit_pipelines.py), loaded with plain diffusers for now.
-from diffusers import DiffusionPipeline  # noqa: E402
-
-from tests.dit_pipelines import build_flux, build_sd3  # noqa: E402
-
-
-def loaded_dit(path: str):
-    pipe = DiffusionPipeline.from_pretrained(path, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture(scope="session")
 def tiny_flux_path(tmp_path_factory) -> str:
     return saved(tmp_path_factory, "tiny-flux", build_flux)
@@ -162,9 +150,9 @@ def tiny_sd3_path(tmp_path_factory) -> str:
 
 @pytest.fixture
 def flux_pipe(tiny_flux_path):
-    return loaded_dit(tiny_flux_path)
+    return loaded(tiny_flux_path)
 
 
 @pytest.fixture
 def sd3_pipe(tiny_sd3_path):
-    return loaded_dit(tiny_sd3_path)
+    return loaded(tiny_sd3_path)
