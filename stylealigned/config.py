@@ -35,24 +35,32 @@ class StyleAlignedConfig:
             (beside the image, moved by the latent width, so targets do not copy its layout) or "same".
     """
 
-    share_attention: bool = True
-    adain_queries: bool = True
-    adain_keys: bool = True
-    adain_values: bool = False
-    full_attention_share: bool = False
-    share_group_norm: bool = False
-    share_layer_norm: bool = False
-    shared_score_scale: float = 1.0
-    shared_score_shift: float = 0.0
-    shared_layers: float | str | tuple[str, ...] | None = field(default=None)
-    reference_positions: str = "shifted"
+    share_attention: bool = field(default=True, metadata={
+        "help": "Targets also attend to the reference's keys and values."})
+    adain_queries: bool = field(default=True, metadata={
+        "help": "AdaIN-normalise targets' queries to the reference's token statistics."})
+    adain_keys: bool = field(default=True, metadata={"help": "The same for keys."})
+    adain_values: bool = field(default=False, metadata={"help": "The same for values (off in the paper)."})
+    full_attention_share: bool = field(default=False, metadata={
+        "help": "Ablation: every image attends to all images of its group, no AdaIN (UNets)."})
+    share_group_norm: bool = field(default=False, metadata={
+        "help": "GroupNorm statistics joint over each image and its reference (UNets)."})
+    share_layer_norm: bool = field(default=False, metadata={
+        "help": "LayerNorm likewise; changes nothing (per-token statistics), kept for parity (UNets)."})
+    shared_score_scale: float = field(default=1.0, metadata={
+        "help": "Multiplies the reference keys targets see (> 1 sharpens attention to them)."})
+    shared_score_shift: float = field(default=0.0, metadata={
+        "help": "Added to logits toward the reference; log(k) = k copies of it."})
+    shared_layers: float | str | tuple[str, ...] | None = field(default=None, metadata={
+        "help": "Fraction of attention layers that share (0..1), or a layer-name filter; default: the family's."})
+    reference_positions: str = field(default="shifted", metadata={
+        "help": "FLUX: shared reference keys at positions shifted beside the image, or the same positions."})
 
     def __post_init__(self) -> None:
-        for name in ("share_attention", "adain_queries", "adain_keys", "adain_values", "full_attention_share",
-                     "share_group_norm", "share_layer_norm"):
+        for name in knobs_of_type("bool"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        for name in ("shared_score_scale", "shared_score_shift"):
+        for name in knobs_of_type("float"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -103,3 +111,16 @@ class StyleAlignedConfig:
         if isinstance(self.shared_layers, tuple):
             data["shared_layers"] = list(self.shared_layers)
         return data
+
+
+KNOBS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StyleAlignedConfig))
+
+
+def knobs_of_type(kind: str) -> tuple[str, ...]:
+    """The knobs declared with this type ("bool", "float", ...): the one list CLI, UI and run.json derive from."""
+    return tuple(f.name for f in dataclasses.fields(StyleAlignedConfig) if f.type == kind)
+
+
+def knob_help(name: str) -> str:
+    """One line saying what a knob does."""
+    return next(f.metadata["help"] for f in dataclasses.fields(StyleAlignedConfig) if f.name == name)

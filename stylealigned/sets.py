@@ -104,7 +104,7 @@ def _check_reference(pipe, reference: Trajectory, offset: int, kwargs: dict) -> 
     reference.check_compatible(pipe, steps, kwargs["width"], kwargs["height"])
     if not 0 <= offset < steps:
         raise UserError(f"offset must lie in 0..{steps - 1}, got {offset}")
-    if float(pipe.scheduler.init_noise_sigma) != 1.0:
+    if float(getattr(pipe.scheduler, "init_noise_sigma", 1.0)) != 1.0:  # flow schedulers have none: sigma space
         raise UserError(f"{type(pipe.scheduler).__name__} keeps latents in another scale than the inverted "
                         "trajectory; use --scheduler ddim (or another variance-preserving scheduler)")
     if "callback_on_step_end" in kwargs:

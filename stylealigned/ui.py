@@ -12,19 +12,21 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs
 
 from .cli.common import build_config
+from .config import KNOBS, StyleAlignedConfig, knob_help, knobs_of_type
 from .errors import UserError
 from .sets import generate_set
 
+DEFAULTS = StyleAlignedConfig()
+SWITCHES = knobs_of_type("bool")
+DEFAULT_ON = tuple(name for name in SWITCHES if getattr(DEFAULTS, name))
+TEXT_KNOBS = tuple(name for name in KNOBS if name not in SWITCHES)
 FIELDS = {  # name: (label, default)
     "prompts": ("Prompts, one per line (the first is the reference)", "a cat\na dog\na house\na tree"),
     "style": ("Style, appended to every prompt", ""),
     "seed": ("Seed", "0"), "steps": ("Steps", "30"), "guidance": ("Guidance", "7.0"),
-    "shared_layers": ("Shared layers (fraction or name filter)", "1.0"),
-    "shared_score_scale": ("Shared score scale", "1.0"), "shared_score_shift": ("Shared score shift", "0.0"),
+    **{name: (f"{name}: {knob_help(name)}", "" if getattr(DEFAULTS, name) is None else str(getattr(DEFAULTS, name)))
+       for name in TEXT_KNOBS},
 }
-SWITCHES = ("share_attention", "adain_queries", "adain_keys", "adain_values", "full_attention_share",
-            "share_group_norm")
-DEFAULT_ON = ("share_attention", "adain_queries", "adain_keys")
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>stylealigned</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}label{{display:block;margin:.4em 0}}
@@ -62,14 +64,13 @@ def run_form(pipe, values: dict[str, str], checked: set[str]) -> list[tuple[str,
     prompts = [f"{p}, {style}" if style else p for p in prompts]
     try:
         seed, steps, guidance = int(values["seed"]), int(values["steps"]), float(values["guidance"])
-        scale, shift = float(values["shared_score_scale"]), float(values["shared_score_shift"])
+        knobs = {name: float(values[name]) if name in knobs_of_type("float") else values[name].strip()
+                 for name in TEXT_KNOBS if values[name].strip()}
     except ValueError as error:
         raise UserError(f"a number field holds something else: {error}") from None
     if steps < 1:
         raise UserError("steps must be at least 1")
-    layers = values["shared_layers"].strip() or "1.0"
-    config = build_config("text-to-image", False, **{name: name in checked for name in SWITCHES},
-                          shared_score_scale=scale, shared_score_shift=shift, shared_layers=layers)
+    config = build_config("text-to-image", False, **{name: name in checked for name in SWITCHES}, **knobs)
     images = generate_set(pipe, prompts, config, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
     return list(zip(prompts, images))
 

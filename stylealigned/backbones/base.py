@@ -155,8 +155,11 @@ class Backbone:
         if num_inference_steps < 1:
             raise UserError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
         scheduler = copy.deepcopy(self.pipe.scheduler)
-        scheduler.set_timesteps(num_inference_steps)
+        self.set_timesteps(scheduler, num_inference_steps, height, width)
         return scheduler
+
+    def set_timesteps(self, scheduler, num_inference_steps: int, height: int, width: int) -> None:
+        scheduler.set_timesteps(num_inference_steps)
 
     def conditioning(self, prompt: str, guidance_scale: float, height: int, width: int) -> Conditioning:
         raise NotImplementedError

@@ -61,11 +61,10 @@ class FluxBackbone(Backbone):
     def unpack(self, latents, height, width):
         return self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
 
-    def scheduled(self, num_inference_steps, height, width):
-        """The schedule as FluxPipeline sets it: sigmas 1 .. 1/n, shifted by mu for the image's token count."""
+    def set_timesteps(self, scheduler, num_inference_steps, height, width):
+        """As FluxPipeline sets them: sigmas 1 .. 1/n, shifted by mu for the image's token count."""
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        scheduler = super().scheduled(num_inference_steps, height, width)
         config = scheduler.config
         _, rows, columns = self.latent_shape(height, width)
         mu = calculate_shift((rows // 2) * (columns // 2), config.get("base_image_seq_len", 256),
@@ -74,7 +73,6 @@ class FluxBackbone(Backbone):
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps,
                                                                           num_inference_steps)
         scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas, mu=mu)
-        return scheduler
 
     def conditioning(self, prompt, guidance_scale, height, width):
         """T5 + CLIP embeddings and position ids; FLUX.1-dev's guidance is embedded, so one batch row."""

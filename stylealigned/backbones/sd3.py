@@ -36,20 +36,20 @@ class SD3Backbone(Backbone):
     def processor(self, name, config, state):
         return JointAttentionProcessor(name, config, state, text_first=False)
 
-    def scheduled(self, num_inference_steps, height, width):
-        """The schedule as StableDiffusion3Pipeline sets it (shifted by mu only with dynamic shifting)."""
+    def set_timesteps(self, scheduler, num_inference_steps, height, width):
+        """As StableDiffusion3Pipeline sets them (shifted by mu only with dynamic shifting)."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-        scheduler = super().scheduled(num_inference_steps, height, width)
         config = scheduler.config
-        if config.get("use_dynamic_shifting"):
+        if not config.get("use_dynamic_shifting"):
+            scheduler.set_timesteps(num_inference_steps)
+        else:
             _, rows, columns = self.latent_shape(height, width)
             patch = self.denoiser.config.patch_size
             mu = calculate_shift((rows // patch) * (columns // patch), config.get("base_image_seq_len", 256),
                                  config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                                  config.get("max_shift", 1.16))
             scheduler.set_timesteps(num_inference_steps, mu=mu)
-        return scheduler
 
     def conditioning(self, prompt, guidance_scale, height, width):
         """CLIP x2 + T5 embeddings and pooled projections, batched [uncond, cond] when guided."""

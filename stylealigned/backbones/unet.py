@@ -44,6 +44,7 @@ class UNetBackbone(Backbone):
         return self.denoiser.config.in_channels, height // factor, width // factor
 
     def scheduled(self, num_inference_steps, height, width):
+        """The sampler's schedule; UNet inversion needs its discrete noise schedule (alphas_cumprod)."""
         scheduler = super().scheduled(num_inference_steps, height, width)
         if not hasattr(scheduler, "alphas_cumprod") or not torch.equal(scheduler.timesteps,
                                                                        scheduler.timesteps.round()):

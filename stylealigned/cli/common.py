@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import json
 import platform
 from dataclasses import dataclass, field
@@ -10,7 +13,7 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from ..config import StyleAlignedConfig
+from ..config import StyleAlignedConfig, knob_help
 from ..errors import UserError
 from ..io import image_filename, make_grid, prepare_output_dir, read_png_metadata, save_png, write_json_atomic
 
@@ -33,26 +36,48 @@ Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidanc
 Size = Annotated[Optional[int], typer.Option(help="Pixels (default: the model's native size).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: fp16 on GPUs, fp32 on CPU).")]
-Scheduler = Annotated[str, typer.Option(help="ddim (the paper's), euler, euler-a, dpm++, unipc, pndm, or model.")]
+Scheduler = Annotated[str, typer.Option(
+    help="auto (DDIM, the paper's, on UNets; the model's own on flow models), ddim, euler, euler-a, dpm++, unipc, "
+         "pndm, or model.")]
 Negative = Annotated[Optional[str], typer.Option(help="Negative prompt for every image.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Targets per UNet call; bounds memory for large sets.")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Targets per denoiser call; bounds memory for large sets.")]
 Resume = Annotated[bool, typer.Option(help="Complete an interrupted run in --out with the same parameters.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace earlier results in --out.")]
 NoShare = Annotated[bool, typer.Option("--no-share", help="Baseline: the plain model, nothing shared.")]
 Preset = Annotated[str, typer.Option(help="Starting knobs: text-to-image (paper default) or transfer.")]
-Flag = Annotated[Optional[bool], typer.Option(show_default=False)]
-Number = Annotated[Optional[float], typer.Option(show_default=False)]
-Layers = Annotated[Optional[str], typer.Option(
-    show_default=False, help="Fraction of self-attention layers that share (0..1), or a layer-name filter.")]
+OPTION_TYPES = {"bool": bool, "float": float}  # every other knob is given as text
 
 
-KNOBS = ("share_attention", "adain_queries", "adain_keys", "adain_values", "full_attention_share",
-         "share_group_norm", "share_layer_norm", "shared_score_scale", "shared_score_shift", "shared_layers")
+def with_knob_options(command: Callable) -> Callable:
+    """Give a typer command one option per StyleAlignedConfig knob (unset: the preset's value); the command
+    receives them as `knobs`, a dict of the values given."""
+    signature = inspect.signature(command, eval_str=True)
+    options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[OPTION_TYPES.get(field.type, str)], typer.Option(show_default=False, help=knob_help(name))])
+        for name, field in ((f.name, f) for f in dataclasses.fields(StyleAlignedConfig))]
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        return command(**{name: kwargs[name] for name in signature.parameters if name != "knobs"},
+                       knobs={option.name: kwargs[option.name] for option in options})
+
+    run.__signature__ = signature.replace(
+        parameters=[p for p in signature.parameters.values() if p.name != "knobs"] + options)
+    run.__annotations__ = {p.name: p.annotation for p in run.__signature__.parameters.values()}
+    return run
 
 
-def config_from_options(options: dict) -> StyleAlignedConfig:
-    """The config a command's options ask for (its `locals()`: preset, no_share and one option per knob)."""
-    return build_config(options["preset"], options["no_share"], **{name: options[name] for name in KNOBS})
+def fit_to_family(config: StyleAlignedConfig, knobs: dict, pipe) -> StyleAlignedConfig:
+    """The config for this pipeline's family: a preset's norm sharing is dropped where the family has no such
+    norms (FLUX, SD3), unless the user asked for it (then `apply` refuses it with the reason)."""
+    from ..backbones import backbone_for
+
+    backbone = backbone_for(pipe)
+    if not backbone.shares_norms:
+        config = config.replace(**{name: False for name in ("share_group_norm", "share_layer_norm")
+                                   if knobs.get(name) is None})
+    backbone.check_config(config)
+    return config
 
 
 def build_config(preset: str, no_share: bool, **knobs) -> StyleAlignedConfig:
@@ -185,6 +210,7 @@ def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int,
     """The pipeline on this process's device, and the pipeline settings every image of the set shares."""
     from accelerate import PartialState
 
+    from ..backbones import backbone_for
     from ..models import load_pipeline
 
     if steps < 1:
@@ -195,8 +221,8 @@ def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int,
     if device == "auto" and state.num_processes > 1:
         device = str(state.device)
     pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler)
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width, height = width or native, height or native
+    native_height, native_width = backbone_for(pipe).native_size()
+    width, height = width or native_width, height or native_height
     settings = {"num_inference_steps": steps, "width": width, "height": height}
     if guidance is not None:
         settings["guidance_scale"] = guidance

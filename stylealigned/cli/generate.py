@@ -7,28 +7,28 @@ from pathlib import Path
 import typer
 
 from . import app
-from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Flag, Guidance, Layers, Model, Negative, NoShare,
-                     Number, Out, Overwrite, Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size,
-                     Steps, Style, config_from_options, generate_into, load, read_prompts)
+from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Model, Negative, NoShare, Out, Overwrite,
+                     Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size, Steps, Style,
+                     build_config, fit_to_family, generate_into, load, read_prompts, with_knob_options)
 
 
 @app.command()
+@with_knob_options
 def generate(
     prompts: Prompts = None, prompts_file: PromptsFile = None, style: Style = None, model: Model = DEFAULT_MODEL,
     out: Out = Path("stylealigned-out"), seed: Seed = 0, steps: Steps = 50, guidance: Guidance = None,
     width: Size = None, height: Size = None, device: Device = "auto", dtype: Dtype = None,
-    scheduler: Scheduler = "ddim", negative_prompt: Negative = None, batch_size: BatchSize = None,
+    scheduler: Scheduler = "auto", negative_prompt: Negative = None, batch_size: BatchSize = None,
     resume: Resume = False, overwrite: Overwrite = False, no_share: NoShare = False, preset: Preset = "text-to-image",
-    share_attention: Flag = None, adain_queries: Flag = None, adain_keys: Flag = None, adain_values: Flag = None,
-    full_attention_share: Flag = None, share_group_norm: Flag = None, share_layer_norm: Flag = None,
-    shared_score_scale: Number = None, shared_score_shift: Number = None, shared_layers: Layers = None,
+    knobs: dict = None,
 ) -> None:
     """Generate a set of images in one style: one PNG per prompt (00 is the reference), grid.png, run.json."""
-    config = config_from_options(locals())
+    config = build_config(preset, no_share, **knobs)
     set_prompts = read_prompts(prompts, prompts_file, style)
     pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt)
+    config = fit_to_family(config, knobs, pipe)
     folder = RunFolder(out, set_prompts, {"command": "generate", "model": model, "style": style, "seed": seed,
-                                          "scheduler": scheduler, "dtype": str(pipe.unet.dtype), **settings,
+                                          "scheduler": scheduler, "dtype": str(pipe.dtype), **settings,
                                           "batch_size": batch_size, "config": config.to_dict()})
     todo = folder.open(resume, overwrite)
     if len(set_prompts) == 1:

@@ -9,12 +9,13 @@ import typer
 
 from ..errors import UserError
 from . import app
-from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Flag, Guidance, Layers, Model, Negative, NoShare,
-                     Number, Out, Overwrite, Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size,
-                     Steps, Style, config_from_options, generate_into, load, read_prompts)
+from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Model, Negative, NoShare, Out, Overwrite,
+                     Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size, Steps, Style,
+                     build_config, fit_to_family, generate_into, load, read_prompts, with_knob_options)
 
 
 @app.command()
+@with_knob_options
 def transfer(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Target prompts.")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="The style image (PNG, JPEG or WebP).")] = None,
@@ -27,17 +28,15 @@ def transfer(
     prompts_file: PromptsFile = None, style: Style = None, model: Model = DEFAULT_MODEL,
     out: Out = Path("stylealigned-out"), seed: Seed = 0, steps: Steps = 50, guidance: Guidance = None,
     width: Size = None, height: Size = None, device: Device = "auto", dtype: Dtype = None,
-    scheduler: Scheduler = "ddim", negative_prompt: Negative = None, batch_size: BatchSize = None,
+    scheduler: Scheduler = "auto", negative_prompt: Negative = None, batch_size: BatchSize = None,
     resume: Resume = False, overwrite: Overwrite = False, no_share: NoShare = False, preset: Preset = "transfer",
-    share_attention: Flag = None, adain_queries: Flag = None, adain_keys: Flag = None, adain_values: Flag = None,
-    full_attention_share: Flag = None, share_group_norm: Flag = None, share_layer_norm: Flag = None,
-    shared_score_scale: Number = None, shared_score_shift: Number = None, shared_layers: Layers = None,
+    knobs: dict = None,
 ) -> None:
     """Generate targets in the style of a real image; 00 is the reference's reconstruction."""
     from ..inversion import MODES, Trajectory, invert
     from ..io import load_image
 
-    config = config_from_options(locals())
+    config = build_config(preset, no_share, **knobs)
     targets = read_prompts(prompts, prompts_file, style)
     if inversion not in MODES:
         raise UserError(f"unknown --inversion {inversion!r}; choose one of: {', '.join(MODES)}")
@@ -49,6 +48,7 @@ def transfer(
         load_image(reference, 64, 64)  # fail on a bad image before the model loads
     saved = Trajectory.load(trajectory) if trajectory is not None else None
     pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt)
+    config = fit_to_family(config, knobs, pipe)
     image = load_image(reference, settings["width"], settings["height"]) if reference is not None else None
     if saved is None:
         saved = invert(pipe, image, reference_prompt, steps, guidance_scale=inversion_guidance, mode=inversion,
@@ -56,7 +56,7 @@ def transfer(
     saved.check_compatible(pipe, steps, settings["width"], settings["height"])
     folder = RunFolder(out, [saved.prompt] + targets, {
         "command": "transfer", "model": model, "style": style, "seed": seed, "scheduler": scheduler,
-        "dtype": str(pipe.unet.dtype), **settings, "batch_size": batch_size, "config": config.to_dict(),
+        "dtype": str(pipe.dtype), **settings, "batch_size": batch_size, "config": config.to_dict(),
         "reference": str(reference or trajectory), "inversion": saved.mode, "inversion_guidance": saved.guidance_scale,
         "offset": offset})
     todo = folder.open(resume, overwrite)

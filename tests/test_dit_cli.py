@@ -1,0 +1,71 @@
+"""`generate` and `transfer` on the tiny FLUX.1 and SD3.5 pipelines, and knobs a transformer refuses."""
+
+import json
+
+import pytest
+
+from stylealigned.inversion import Trajectory
+from tests.test_cli import FAST, cli, pixels
+from tests.test_transfer_cli import painting  # noqa: F401  (fixture)
+
+
+def one_error_line(err: str) -> str:
+    """The single `error:` line of a refused command (loading progress bars may precede it), no traceback."""
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.fixture(params=["flux", "sd3"])
+def model(request):
+    return request.param, request.getfixturevalue(f"tiny_{request.param}_path")
+
+
+def test_generate_on_a_transformer(model, tmp_path, capsys):
+    family, path = model
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "generate", "a cat", "a dog", "--style", "watercolor", "--model", path,
+                       "--out", out, "--batch-size", "1", *FAST)
+    assert code == 0, err
+    assert sorted(pixels(out)) == ["00-a-cat-watercolor.png", "01-a-dog-watercolor.png"]
+    record = json.loads((out / "run.json").read_text())["parameters"]
+    assert record["scheduler"] == "auto" and record["config"]["reference_positions"] == "shifted"
+    assert record["config"]["shared_layers"] is None  # the family's default, recorded as asked
+
+
+def test_transfer_on_a_transformer(model, tmp_path, capsys, painting):  # noqa: F811
+    family, path = model
+    out, saved = tmp_path / "run", tmp_path / "ref.safetensors"
+    code, _, err = cli(capsys, "transfer", "a dog", "--reference", painting, "--reference-prompt", "a red tree",
+                       "--save-trajectory", saved, "--model", path, "--out", out, *FAST)
+    assert code == 0, err
+    assert sorted(pixels(out)) == ["00-a-red-tree.png", "01-a-dog.png"]
+    config = json.loads((out / "run.json").read_text())["parameters"]["config"]
+    assert not config["share_group_norm"] and config["shared_score_shift"] > 0  # the transfer preset, fitted
+    trajectory = Trajectory.load(saved)
+    assert len(trajectory.timesteps) == 3 and not all(float(t).is_integer() for t in trajectory.timesteps)
+
+
+@pytest.mark.parametrize("flag", ["--share-group-norm", "--full-attention-share"])
+def test_a_knob_without_meaning_is_one_line_and_writes_nothing(model, tmp_path, capsys, flag):
+    family, path = model
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "generate", "a cat", "a dog", "--model", path, "--out", out, flag, *FAST)
+    assert code == 2 and flag.strip("-").replace("-", "_") in one_error_line(err)
+    assert not out.exists()
+
+
+def test_a_noise_scheduler_on_a_flow_model_is_refused(tiny_flux_path, tmp_path, capsys):
+    code, _, err = cli(capsys, "generate", "a cat", "--model", tiny_flux_path, "--out", tmp_path / "run",
+                       "--scheduler", "ddim", *FAST)
+    assert code == 2 and "flow-matching" in one_error_line(err)
+
+
+def test_a_trajectory_from_another_model_is_refused(tiny_flux_path, tiny_sd3_path, tmp_path, capsys, painting):  # noqa: F811
+    saved = tmp_path / "ref.safetensors"
+    assert cli(capsys, "transfer", "a dog", "--reference", painting, "--reference-prompt", "a tree",
+               "--save-trajectory", saved, "--model", tiny_flux_path, "--out", tmp_path / "a", *FAST)[0] == 0
+    code, _, err = cli(capsys, "transfer", "a dog", "--trajectory", saved, "--model", tiny_sd3_path,
+                       "--out", tmp_path / "b", *FAST)
+    assert code == 2 and "inverted with model" in one_error_line(err)
+    assert not (tmp_path / "b").exists()
