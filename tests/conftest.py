@@ -13,7 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from stylealigned.models import load_pipeline
 from stylealigned.toy.vocab import word_level_tokenizer
-from tests.dit_pipelines import WORDS, build_flux, build_sd3
+from tests.dit_pipelines import WORDS, build_chroma, build_flux, build_sd3
 
 # One thread per test process: tiny models gain nothing from more, and `pytest -n` runs processes side by side.
 torch.set_num_threads(1)
@@ -156,3 +156,13 @@ def flux_pipe(tiny_flux_path):
 @pytest.fixture
 def sd3_pipe(tiny_sd3_path):
     return loaded(tiny_sd3_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma_path(tmp_path_factory) -> str:
+    return saved(tmp_path_factory, "tiny-chroma", build_chroma)
+
+
+@pytest.fixture
+def chroma_pipe(tiny_chroma_path):
+    return loaded(tiny_chroma_path)

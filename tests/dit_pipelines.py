@@ -1,4 +1,4 @@
-"""Tiny random-weight FLUX.1- and SD3.5-style pipelines (transformer denoisers, CLIP + T5 text encoders).
+"""Tiny random-weight FLUX.1-, Chroma- and SD3.5-style pipelines (transformer denoisers, CLIP + T5 text encoders).
 
 Everything is built locally, with no download: CLIP tokenizers from `word_level_tokenizer`, the T5 tokenizer from an
 in-memory Unigram vocabulary. The builders save to a folder, for tests to load back as a user's model would be.
@@ -7,6 +7,8 @@ in-memory Unigram vocabulary. The builders save to a folder, for tests to load b
 import torch
 from diffusers import (
     AutoencoderKL,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -128,3 +130,21 @@ def build_sd3(folder) -> None:
         text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     ).save_pretrained(folder)
+
+
+def build_chroma(folder) -> None:
+    """Chroma-style: FLUX.1's blocks without CLIP or guidance embedding; T5 only, padded text masked out."""
+    tokenizer = t5_tokenizer(WORDS)
+    text_encoder = tiny_t5(len(tokenizer), width=32, seed=1)
+    torch.manual_seed(2)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=text_encoder.config.d_model, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1,
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=16,
+        max_image_seq_len=256,
+    )
+    ChromaPipeline(scheduler=scheduler, vae=tiny_vae(FLUX_SIZE), text_encoder=text_encoder, tokenizer=tokenizer,
+                   transformer=transformer).save_pretrained(folder)

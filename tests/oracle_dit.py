@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
@@ -26,9 +26,16 @@ def adain(x, ref):
     return (x - mean) / std * ref_std + ref_mean
 
 
-def softmax_attention(q, k, v, shift_from=None, shift=0.0):
-    """softmax(q k^T / sqrt(d) + shift on keys from `shift_from` on) v, logits built explicitly."""
+def softmax_attention(q, k, v, shift_from=None, shift=0.0, mask=None):
+    """softmax(q k^T / sqrt(d) + shift on keys from `shift_from` on) v, logits built explicitly.
+
+    `mask` (queries, own keys) covers the first keys: boolean (False: masked out) or added to the logits, as SDPA
+    takes a float mask.
+    """
     logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        own = logits[..., : mask.shape[-1]]
+        logits[..., : mask.shape[-1]] = own + mask if mask.is_floating_point() else own.masked_fill(~mask, -math.inf)
     if shift_from is not None:
         logits[..., shift_from:] += shift
     return logits.softmax(-1) @ v
@@ -46,32 +53,35 @@ def adain_image(x, ref, image):
     return x
 
 
-def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None):
+def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None, masks=None):
     """Attention of one guidance group: q, k, v (images, heads, tokens, dim) before RoPE, image 0 the reference.
 
     `image` slices the image tokens; `rotary` is (cos, sin) for all tokens (None: no RoPE); `reference_rotary`
-    is (cos, sin) for the shared reference keys (None: the image rows of `rotary`).
+    is (cos, sin) for the shared reference keys (None: the image rows of `rotary`); `masks` (images, 1, tokens,
+    tokens), the model's own attention mask (Chroma's), covers each image's own keys only.
     """
+    masks = [None] * q.shape[0] if masks is None else masks
     if rotary is not None and reference_rotary is None:
         reference_rotary = tuple(t[image] for t in rotary)
-    out = [softmax_attention(rope(q[0], rotary), rope(k[0], rotary), v[0])]
+    out = [softmax_attention(rope(q[0], rotary), rope(k[0], rotary), v[0], mask=masks[0])]
     for i in range(1, q.shape[0]):
         qi = adain_image(q[i], q[0], image) if config.adain_queries else q[i]
         ki = adain_image(k[i], k[0], image) if config.adain_keys else k[i]
         vi = adain_image(v[i], v[0], image) if config.adain_values else v[i]
         qi, ki = rope(qi, rotary), rope(ki, rotary)
         if not config.share_attention:
-            out.append(softmax_attention(qi, ki, vi))
+            out.append(softmax_attention(qi, ki, vi, mask=masks[i]))
             continue
         shared_keys = config.shared_score_scale * rope(k[0][:, image], reference_rotary)
         keys, values = torch.cat([ki, shared_keys], dim=-2), torch.cat([vi, v[0][:, image]], dim=-2)
-        out.append(softmax_attention(qi, keys, values, shift_from=q.shape[-2], shift=config.shared_score_shift))
+        out.append(softmax_attention(qi, keys, values, shift_from=q.shape[-2], shift=config.shared_score_shift,
+                                     mask=masks[i]))
     return torch.stack(out)
 
 
-def flux_attention(q, k, v, text_tokens, config, rotary, reference_rotary=None):
+def flux_attention(q, k, v, text_tokens, config, rotary, reference_rotary=None, masks=None):
     """FLUX double- and single-stream blocks: tokens [text, image], RoPE on all of them."""
-    return attend_group(q, k, v, slice(text_tokens, None), config, rotary, reference_rotary)
+    return attend_group(q, k, v, slice(text_tokens, None), config, rotary, reference_rotary, masks)
 
 
 def sd3_joint_attention(q, k, v, image_tokens, config):
@@ -107,8 +117,6 @@ class FluxOracleProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  **kwargs):
-        assert attention_mask is None, "the oracle does not support attention masks"
-
         def heads(t):
             return t.unflatten(-1, (-1, attn.head_dim))
 
@@ -123,8 +131,9 @@ class FluxOracleProcessor:
         else:
             text_tokens = self.context.text_tokens
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = by_group(flux_attention, q, k, v, self.context.groups, text_tokens, self.config, image_rotary_emb,
-                       self.context.reference_rotary)
+        assert self.context.groups == 1, "a FLUX transformer call is one guidance group"
+        out = flux_attention(q, k, v, text_tokens, self.config, image_rotary_emb, self.context.reference_rotary,
+                             attention_mask)
         out = out.transpose(1, 2).flatten(2)
         if encoder_hidden_states is None:
             return out
@@ -186,7 +195,7 @@ def install(pipe, config, layer_names):
     for module in modules.values():
         kind = FluxOracleProcessor if isinstance(module, FluxAttention) else SD3OracleProcessor
         module.set_processor(kind(config, context))
-    flux = isinstance(transformer, FluxTransformer2DModel)
+    flux = isinstance(transformer, (FluxTransformer2DModel, ChromaTransformer2DModel))
     signature = inspect.signature(transformer.forward)
 
     def pre_hook(module, args, kwargs):

@@ -62,6 +62,20 @@ def test_chunked_equals_oracle(pipe, knobs):
     torch.testing.assert_close(chunked, expected, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("knobs", [{}, EXTRA[0], dict(adain_values=True, shared_layers=1.0, reference_positions="same")])
+def test_chroma_with_its_text_mask_equals_oracle(chroma_pipe, knobs):
+    """Chroma masks padded text tokens (prompts of different lengths); the shared reference tokens stay unmasked."""
+    chroma_pipe.to(dtype=torch.float64)
+    prompts = ["a cat", "a red dog in the house with a tree", "a tree"]
+    fast, expected = fast_and_oracle(chroma_pipe, sa.StyleAlignedConfig(**knobs), prompts=prompts, guidance_scale=4.0)
+    torch.testing.assert_close(fast, expected, atol=1e-9, rtol=1e-9)
+    with sa.apply(chroma_pipe, sa.StyleAlignedConfig(**knobs)) as handle, handle.chunked(1):
+        chunked = latents(chroma_pipe, prompts, guidance_scale=4.0)
+    torch.testing.assert_close(chunked, expected, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(fast[0], latents(chroma_pipe, prompts[:1], guidance_scale=4.0)[0], atol=1e-12,
+                               rtol=0)
+
+
 def test_sd3_without_guidance_is_one_group(sd3_pipe):
     fast, expected = fast_and_oracle(sd3_pipe.to(dtype=torch.float64), sa.StyleAlignedConfig(), guidance_scale=1.0)
     torch.testing.assert_close(fast, expected, atol=1e-9, rtol=1e-9)

@@ -41,6 +41,9 @@ class FluxBackbone(Backbone):
     def processor(self, name, config, state):
         return JointAttentionProcessor(name, config, state, text_first=True)
 
+    def guidance_groups(self):
+        return 1  # the negative prompt (true CFG, Chroma) runs in a transformer call of its own
+
     def begin_call(self, state, config, kwargs):
         """Text length and the rotary embedding of the shared reference keys, from this call's position ids."""
         txt_ids, img_ids = (kwargs[name][0] if kwargs[name].ndim == 3 else kwargs[name]
