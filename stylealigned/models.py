@@ -1,6 +1,6 @@
 """Load a diffusers pipeline from a hub id, a local folder, a single checkpoint file or the built-in toy model.
 
-Single `.safetensors`/`.ckpt` files need their diffusers config: diffusers fetches it from the hub (or its cache);
+Single `.safetensors`/`.ckpt` files (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) need their diffusers config: diffusers fetches it from the hub (or its cache);
 offline, pass `config=` a local diffusers folder or a cached hub id of the same architecture.
 """
 
@@ -17,7 +17,9 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FluxPipeline,
     PNDMScheduler,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
@@ -43,6 +45,8 @@ SCHEDULERS = {
     "pndm": PNDMScheduler,
     "model": None,
 }
+CHECKPOINT_PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
+                        "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
 DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -76,7 +80,9 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def checkpoint_kind(path) -> str:
-    """Tell "sdxl", "sd2" or "sd1" from the tensor names of an original-format checkpoint (no weights are read)."""
+    """Tell "flux", "sd3", "sdxl", "sd2" or "sd1" from the tensor names of an original-format checkpoint (no weights
+    are read). FLUX.1 and SD3 files may hold the transformer alone, with or without the "model.diffusion_model."
+    prefix."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -87,6 +93,11 @@ def checkpoint_kind(path) -> str:
             keys = list(state.get("state_dict", state))
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise UserError(f"cannot read checkpoint {path}: {error}".splitlines()[0]) from None
+    denoiser_keys = [key.removeprefix("model.diffusion_model.") for key in keys]
+    if any(key.startswith("double_blocks.") for key in denoiser_keys):
+        return "flux"
+    if any(key.startswith("joint_blocks.") for key in denoiser_keys):
+        return "sd3"
     if not any(key.startswith("model.diffusion_model.") for key in keys):
         raise UserError(f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model weights)")
     if any(key.startswith("conditioner.embedders.") for key in keys):
@@ -110,7 +121,7 @@ def _from_pretrained(model: str, dtype: torch.dtype, config) -> DiffusionPipelin
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise UserError(f"{path} is not a .safetensors or .ckpt checkpoint nor a diffusers folder")
-        pipeline_class = StableDiffusionXLPipeline if checkpoint_kind(path) == "sdxl" else StableDiffusionPipeline
+        pipeline_class = CHECKPOINT_PIPELINES[checkpoint_kind(path)]
         fix = "connect once, or pass config= a local diffusers folder of the same architecture"
         load = partial(pipeline_class.from_single_file, path, config=config, dtype=dtype)
         return hub_call(f"the config of {path.name}", fix, load)

@@ -86,3 +86,25 @@ def test_fp32_follows_the_oracle(flux_pipe, sd3_pipe):
         fast, expected = fast_and_oracle(pipe, sa.StyleAlignedConfig.transfer(share_group_norm=False,
                                                                               share_layer_norm=False))
         torch.testing.assert_close(fast, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_img2img_variants_are_supported(request, family):
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+
+    text_to_image = request.getfixturevalue(f"{family}_pipe")
+    pipe = {"flux": FluxImg2ImgPipeline, "sd3": StableDiffusion3Img2ImgPipeline}[family](**text_to_image.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 32, 32)
+
+    def run(prompts):
+        return pipe(prompts, image=image.expand(len(prompts), -1, -1, -1), strength=0.7, num_inference_steps=4,
+                    height=32, width=32, output_type="latent", **PROMPT_KWARGS,
+                    generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+
+    stock = run(PROMPTS)
+    with sa.apply(pipe):
+        shared = run(PROMPTS)
+    alone = run(PROMPTS[:1])
+    torch.testing.assert_close(shared[:1], alone, atol=1e-5, rtol=1e-5)
+    assert (shared[1:] - stock[1:]).abs().amax() > 1e-3

@@ -121,6 +121,14 @@ def test_checkpoint_kind(tmp_path, text_key, kind, suffix):
     assert checkpoint_kind(path) == kind
 
 
+@pytest.mark.parametrize("key, kind", [("double_blocks.0.img_attn.norm.key_norm.scale", "flux"),
+                                       ("joint_blocks.0.context_block.adaLN_modulation.1.bias", "sd3")])
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_transformer_checkpoint_kind(tmp_path, key, kind, prefix):
+    save_file({prefix + key: torch.zeros(1)}, tmp_path / "model.safetensors")
+    assert checkpoint_kind(tmp_path / "model.safetensors") == kind
+
+
 def test_checkpoint_without_unet_is_refused(tmp_path):
     save_file({"encoder.weight": torch.zeros(1)}, tmp_path / "vae.safetensors")
     with pytest.raises(UserError, match="not a Stable Diffusion checkpoint"):
