@@ -1,10 +1,15 @@
 """`generate` and `transfer` on the tiny FLUX.1 and SD3.5 pipelines, and knobs a transformer refuses."""
 
+import csv
 import json
 
 import pytest
 
 from stylealigned.inversion import Trajectory
+from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
+from tests.test_eval_cli import eval_args
+from tests.test_eval_metrics import noise_image
+from tests.test_eval_score import run_cli
 from tests.test_cli import FAST, cli, pixels
 from tests.test_transfer_cli import painting  # noqa: F401  (fixture)
 
@@ -69,3 +74,25 @@ def test_a_trajectory_from_another_model_is_refused(tiny_flux_path, tiny_sd3_pat
                        "--out", tmp_path / "b", *FAST)
     assert code == 2 and "inverted with model" in one_error_line(err)
     assert not (tmp_path / "b").exists()
+
+
+def test_eval_on_a_transformer_runs_the_configurations_that_apply(tmp_path, monkeypatch, capsys, tiny_sd3_path,
+                                                                  tiny_clip_path, tiny_dino_path):  # noqa: F811
+    noise_image(3, size=(32, 32)).save(tmp_path / "reference.png")
+    out = tmp_path / "out"
+    args = eval_args(tiny_sd3_path, out, tiny_clip_path, tiny_dino_path, "--width", "32", "--height", "32",
+                     "--reference-image", str(tmp_path / "reference.png"), "--reference-prompt", "a cat",
+                     "--reference-style", "watercolor")
+    assert run_cli(monkeypatch, *args) in (0, None)
+    with open(out / "results.csv", newline="") as file:
+        configs = sorted({row["config"] for row in csv.DictReader(file)})
+    assert configs == ["full", "no-adain", "no-share", "shared-layers-0.25", "shared-layers-0.5", "transfer"]
+
+
+def test_eval_asked_for_a_configuration_a_transformer_cannot_run(tmp_path, monkeypatch, capsys, tiny_flux_path,
+                                                                  tiny_clip_path, tiny_dino_path):  # noqa: F811
+    out = tmp_path / "out"
+    args = eval_args(tiny_flux_path, out, tiny_clip_path, tiny_dino_path, "--configs", "full,full-attention-share")
+    assert run_cli(monkeypatch, *args) == 2
+    assert "full-attention-share cannot run on a FLUX.1" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()

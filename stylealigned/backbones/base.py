@@ -67,6 +67,12 @@ class Backbone:
                 raise UserError(f"{knob} has no meaning on a {self.label} (it has no such layers or ablation "
                                 f"here); turn it off for {self.family} models")
 
+    def fit_preset(self, config):
+        """A preset made for UNets, without the norm sharing this family has no norms for."""
+        if self.shares_norms:
+            return config
+        return config.replace(share_group_norm=False, share_layer_norm=False)
+
     # one denoiser call
     def guidance_groups(self) -> int:
         """2 when the pipeline batches [uncond..., cond...] in this call (classifier-free guidance), else 1."""

@@ -73,9 +73,9 @@ def fit_to_family(config: StyleAlignedConfig, knobs: dict, pipe) -> StyleAligned
     from ..backbones import backbone_for
 
     backbone = backbone_for(pipe)
-    if not backbone.shares_norms:
-        config = config.replace(**{name: False for name in ("share_group_norm", "share_layer_norm")
-                                   if knobs.get(name) is None})
+    fitted = backbone.fit_preset(config)
+    config = config.replace(**{name: getattr(fitted, name) for name in ("share_group_norm", "share_layer_norm")
+                               if knobs.get(name) is None})
     backbone.check_config(config)
     return config
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from accelerate import PartialState
 
+from ..backbones import backbone_for
 from ..errors import UserError
 from ..eval.ablations import CONFIGS, parse_configs
 from ..eval.encoders import DEFAULT_CLIP, DEFAULT_DINO
@@ -33,15 +34,16 @@ def evaluate_command(
     reference_style: Annotated[Text, typer.Option(help="Style text of the transfer prompts.")] = None,
     clip_model: Annotated[str, typer.Option(help="CLIP for text alignment: hub id or folder.")] = DEFAULT_CLIP,
     dino_model: Annotated[str, typer.Option(help="DINO ViT for set consistency: hub id or folder.")] = DEFAULT_DINO,
-    device: Device = "auto", dtype: Dtype = None, scheduler: Scheduler = "ddim",
+    device: Device = "auto", dtype: Dtype = None, scheduler: Scheduler = "auto",
 ) -> None:
     """Generate every benchmark set under each configuration; write results.csv, summary.md and tradeoff.png."""
-    names = parse_configs(configs, has_reference=reference_image is not None)
+    parse_configs(configs, has_reference=reference_image is not None)  # fail before the model loads
     if reference_image is not None and not (reference_prompt and reference_style):
         raise UserError("--reference-image needs --reference-prompt (what it shows) and --reference-style")
     state = PartialState(cpu=device == "cpu")  # created first, so every later PartialState() shares it
     pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, None)
     pipe.set_progress_bar_config(disable=True)
+    names = parse_configs(configs, has_reference=reference_image is not None, backbone=backbone_for(pipe))
     reference = None
     if "transfer" in names:
         reference = reference_trajectory(pipe, out, reference_image, reference_prompt, settings["num_inference_steps"],

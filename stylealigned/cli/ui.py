@@ -12,7 +12,7 @@ from .common import Device, Dtype, Model, Scheduler
 
 @app.command()
 def ui(
-    model: Model = "builtin", device: Device = "auto", dtype: Dtype = None, scheduler: Scheduler = "ddim",
+    model: Model = "builtin", device: Device = "auto", dtype: Dtype = None, scheduler: Scheduler = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1 = this computer only).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
 ) -> None:

@@ -20,10 +20,12 @@ NEEDS_REFERENCE = ("transfer",)
 DEFAULT_CONFIGS = [name for name in CONFIGS if name not in NEEDS_REFERENCE]
 
 
-def parse_configs(text: str | None, has_reference: bool) -> list[str]:
-    """Names from a comma-separated list (None: every configuration that applies); unknown names are a UserError."""
+def parse_configs(text: str | None, has_reference: bool, backbone=None) -> list[str]:
+    """Names from a comma-separated list (None: every configuration that applies to the backbone's family);
+    unknown names, or one the family cannot run, are a UserError."""
     if text is None:
-        return DEFAULT_CONFIGS + (list(NEEDS_REFERENCE) if has_reference else [])
+        names = DEFAULT_CONFIGS + (list(NEEDS_REFERENCE) if has_reference else [])
+        return [name for name in names if backbone is None or runs_on(backbone, name)]
     names = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     unknown = [name for name in names if name not in CONFIGS]
     if unknown or not names:
@@ -31,4 +33,15 @@ def parse_configs(text: str | None, has_reference: bool) -> list[str]:
         raise UserError(f"unknown configuration(s) {given}; choose from {', '.join(CONFIGS)}")
     if not has_reference and (needing := [name for name in names if name in NEEDS_REFERENCE]):
         raise UserError(f"{', '.join(needing)} needs a real reference; pass --reference-image and --reference-prompt")
+    if backbone is not None and (refused := [name for name in names if not runs_on(backbone, name)]):
+        raise UserError(f"{', '.join(refused)} cannot run on a {backbone.label}; leave it out of --configs")
     return names
+
+
+def runs_on(backbone, name: str) -> bool:
+    """Whether the named configuration means something on this backbone's family."""
+    try:
+        backbone.check_config(backbone.fit_preset(CONFIGS[name]()))
+    except UserError:
+        return False
+    return True

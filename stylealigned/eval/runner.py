@@ -21,6 +21,7 @@ from pathlib import Path
 from accelerate import PartialState
 from tqdm.auto import tqdm
 
+from ..backbones import backbone_for
 from ..errors import UserError
 from ..inversion import Trajectory, invert
 from ..io import image_filename, load_image, save_png, write_json_atomic
@@ -72,7 +73,7 @@ class Evaluation:
 
     def run_set(self, pipe, task: SetTask, style: BenchmarkStyle) -> dict:
         """Generate one set, save its images, score it on the pipeline's device and write its row."""
-        config = CONFIGS[task.config]()
+        config = backbone_for(pipe).fit_preset(CONFIGS[task.config]())
         transfer = task.config == "transfer"
         set_style = self.reference_style if transfer else style.style
         prompts = [PROMPT_TEMPLATE.format(object=name, style=set_style) for name in style.objects]
