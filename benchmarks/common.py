@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -64,6 +65,36 @@ SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linea
                  set_alpha_to_one=False, steps_offset=1)
 
 
+# black-forest-labs/FLUX.1-dev transformer/config.json: 19 double-stream + 38 single-stream blocks of 24 x 128
+FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json: 24 joint blocks of 24 x 64, blocks 0-12 with the
+# extra image self-attention (dual attention), qk RMS norm
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+# FLUX.1's and SD3's schedulers (flow matching; FLUX shifts by the image's token count)
+FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
+SD3_SCHEDULER = dict(shift=3.0)
+# stand-in VAEs with the real ones' 16 latent channels, 8x downsampling, no quant convs and latent scaling, at a
+# fraction of their cost (the benchmarks time the transformer, not the VAE)
+SMALL_FLUX_VAE = SMALL_VAE | dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                                  scaling_factor=0.3611, shift_factor=0.1159)
+SMALL_SD3_VAE = SMALL_FLUX_VAE | dict(scaling_factor=1.5305, shift_factor=0.0609)
+# small text encoders of the real output widths: CLIP-L (768, FLUX's pooled projection and SD3's first), OpenCLIP
+# bigG (1280, SD3's second), T5-XXL (4096); one layer, narrow insides: their cost is not what is measured
+SMALL_CLIP_L = CLIP_L_TEXT | dict(num_hidden_layers=1, intermediate_size=256)
+SMALL_CLIP_BIGG = CLIP_BIGG_TEXT | dict(num_hidden_layers=1, intermediate_size=256)
+SMALL_T5 = dict(d_model=4096, d_kv=16, d_ff=256, num_layers=1, num_heads=4, relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
 def text_encoder(cls, config: dict, vocab_size: int):
     """A random CLIP text encoder; the vocabulary is the word-level tokenizer's (its size does not affect cost)."""
     return cls(CLIPTextConfig(vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
@@ -93,6 +124,48 @@ def random_sdxl(words: list[str], device: torch.device) -> StableDiffusionXLPipe
                       text_encoder_2=text_encoder(CLIPTextModelWithProjection, CLIP_BIGG_TEXT, len(tokenizer)))
     return StableDiffusionXLPipeline(**models, tokenizer=tokenizer, tokenizer_2=tokenizer,
                                      scheduler=DDIMScheduler(**SCHEDULER), add_watermarker=False)
+
+
+def _dit_tokenizers(words: list[str]):
+    """A word-level CLIP tokenizer and a T5-style Unigram one (tests/dit_pipelines.py's, built offline)."""
+    from tests.dit_pipelines import t5_tokenizer
+
+    return word_level_tokenizer(words, tempfile.mkdtemp(prefix="benchmark-tokenizer-")), t5_tokenizer(words)
+
+
+def random_flux(words: list[str], device: torch.device, double_blocks: int = 19,
+                single_blocks: int = 38) -> FluxPipeline:
+    """FLUX.1-dev's transformer (at the given depth), a small 16-channel VAE and small CLIP-L / T5 encoders."""
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = _dit_tokenizers(words)
+    with torch.device(device):
+        models = dict(
+            transformer=FluxTransformer2DModel(**FLUX_TRANSFORMER | dict(num_layers=double_blocks,
+                                                                        num_single_layers=single_blocks)),
+            vae=AutoencoderKL(**SMALL_FLUX_VAE),
+            text_encoder=text_encoder(CLIPTextModel, SMALL_CLIP_L, len(tokenizer)),
+            text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **SMALL_T5)))
+    return FluxPipeline(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER))
+
+
+def random_sd3(words: list[str], device: torch.device, blocks: int = 24) -> StableDiffusion3Pipeline:
+    """SD3.5-medium's transformer (at the given depth; the first 13/24 of its blocks with dual attention, as in
+    the real one), a small 16-channel VAE and small CLIP-L, OpenCLIP-bigG and T5 encoders."""
+    torch.manual_seed(0)
+    tokenizer, tokenizer_3 = _dit_tokenizers(words)
+    dual = tuple(range(round(blocks * len(SD35_MEDIUM_TRANSFORMER["dual_attention_layers"])
+                             / SD35_MEDIUM_TRANSFORMER["num_layers"])))
+    with torch.device(device):
+        models = dict(
+            transformer=SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER | dict(num_layers=blocks,
+                                                                              dual_attention_layers=dual)),
+            vae=AutoencoderKL(**SMALL_SD3_VAE),
+            text_encoder=text_encoder(CLIPTextModelWithProjection, SMALL_CLIP_L, len(tokenizer)),
+            text_encoder_2=text_encoder(CLIPTextModelWithProjection, SMALL_CLIP_BIGG, len(tokenizer)),
+            text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), **SMALL_T5)))
+    return StableDiffusion3Pipeline(**models, tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=tokenizer_3,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER))
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,24 +1,39 @@
-"""Per-step time and peak memory of style-aligned sets against vanilla diffusers generating the same images.
+"""Per-step denoiser time and peak memory of style-aligned sets against vanilla diffusers and against the floor.
 
-    python benchmarks/speed.py --device cpu  [--sizes 4,16] [--batch-size 4] [--steps 2] [--model sd15-lite]
-    python benchmarks/speed.py --device cuda [--sizes 4,16,64] [--batch-size 4] [--steps 10]   # SDXL, 1024², fp16
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux --device cpu --repeats 3    # ~3 min on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --model sd3 --device cpu --repeats 3     # ~3 min
+    python benchmarks/speed.py --device cpu  [--model sd15-lite|sd15] [--sizes 4,16] [--batch-size 4] [--steps 2]
+    python benchmarks/speed.py --device cuda --model flux   # FLUX.1-dev at full depth (19+38), 1024², bf16
+    python benchmarks/speed.py --device cuda --model sd3    # SD3.5-medium at full depth (24), 1024², bf16
+    python benchmarks/speed.py --device cuda [--model sdxl] [--sizes 4,16,64] [--steps 10]   # SDXL, 1024², fp16
 
 A set of N images is 1 reference + N-1 targets; every method gets the same prompts and starting noise:
-  vanilla       the plain pipeline, `batch_size` prompts per call (the memory budget of generate_set);
-  apply         `stylealigned.apply`, all N images in one pipeline call;
-  generate_set  `stylealigned.generate_set(..., batch_size=...)`: the reference once per step, targets in chunks.
-All three produce latents decoded `batch_size` at a time by `stylealigned.sets.decode` (as generate_set does), so
-the VAE costs the same everywhere and `apply` can reach 64 images at 1024² on one GPU.
+  vanilla        the plain pipeline, `batch_size` prompts per call (the memory budget of generate_set);
+  floor          the plain model plus only the work sharing cannot avoid: in the layers StyleAligned shares by
+                 default, targets also attend to the reference's image tokens (benchmarks/floor.py); no AdaIN,
+                 no bookkeeping. In one batch (apply's layout) and in chunks (generate_set's: the reference once
+                 per step, its keys and values kept, targets `batch_size` at a time);
+  apply          `stylealigned.apply`, all N images in one pipeline call;
+  generate_set   `stylealigned.generate_set(..., batch_size=...)`: the reference once per step, targets in chunks.
+Latents are decoded `batch_size` at a time by the model's backbone (`backbone_for(pipe).decode`, as generate_set
+does), so the VAE costs the same everywhere. StyleAligned is judged against its floor in the same layout: the target
+is ours within 5 % of the floor.
 
-Time: the UNet's forward calls per denoising step (GPU-synchronised), and the whole run (text encoding and decoding
-included). Memory: the peak above what was allocated before the run: CUDA's allocator statistics on a GPU, live
-tensor storages on CPU (benchmarks/common.py), so one process measures every run without them polluting each other.
+Time: the denoiser's (UNet's or transformer's) forward calls per denoising step, GPU-synchronised, medians of
+`--repeats` runs with the methods taking turns; also the whole run (text encoding and decoding included). Memory: the
+peak above what was allocated before the run, in one extra untimed 1-step run per method and size that also warms
+up (every step peaks alike): CUDA's allocator statistics on a GPU, live tensor storages on CPU (benchmarks/common.py),
+so one process measures every run without them polluting each other or the timings.
 
-Models have random weights, which cost the same as trained ones. `sdxl` (the GPU default): SDXL-base's UNet, VAE
-and both text encoders at full size. `sd15-lite` (the CPU default): SD1.5's UNet with half the channels and one
-layer per block; `sd15`: SD1.5's UNet at full size. Both SD1.5 variants use a small VAE and a one-layer text
-encoder: the loop timed is the UNet's. On CPU, size 64 is left out by default: with sd15-lite it adds about
-7 minutes per repeat on 2 cores (`--sizes 4,16,64 --repeats 1`).
+Models have random weights, which cost the same as trained ones. `sdxl` (the GPU default): SDXL-base's UNet, VAE and
+both text encoders at full size. `sd15-lite` (the CPU default): SD1.5's UNet with half the channels and one layer per
+block; `sd15`: SD1.5's UNet at full size; both with a small VAE and a one-layer text encoder. `flux`: FLUX.1-dev's
+transformer blocks (24 heads of 128, 4096-wide T5 and 768-wide pooled CLIP inputs, RoPE axes 16/56/56, guidance
+embedding) at `--depth` double,single blocks (default 1,2 on CPU, 19,38 on a GPU). `sd3`: SD3.5-medium's joint
+blocks (24 heads of 64, caption projection 1536, pooled 2048, qk RMS norm, the first 13/24 with dual attention,
+384² position embeddings) at `--depth` blocks (3 on CPU, 24 on a GPU). FLUX and SD3 get small random CLIP/T5
+encoders of the real output widths and a small VAE with the real 16 latent channels: the loop timed is the
+transformer's. On CPU, T5 prompts are `--max-sequence-length` 32 tokens (512 FLUX, 256 SD3 on a GPU).
 """
 
 from __future__ import annotations
@@ -32,23 +47,44 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks.common
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks.* and tests.*
 
 import stylealigned as sa  # noqa: E402
-from benchmarks.common import (MIB, SD15_LITE, peak_memory, peak_memory_method, random_sd15, random_sdxl,  # noqa: E402
-                               synchronize)
+from benchmarks.common import (MIB, SD15_LITE, peak_memory, peak_memory_method, random_flux, random_sd3,  # noqa: E402
+                               random_sd15, random_sdxl, synchronize)
+from benchmarks.floor import check, floor  # noqa: E402
+from stylealigned.apply import layers_to_share  # noqa: E402
+from stylealigned.backbones import backbone_for  # noqa: E402
+from stylealigned.config import StyleAlignedConfig  # noqa: E402
 from stylealigned.models import resolve_device, resolve_dtype  # noqa: E402
-from stylealigned.sets import decode, generate_set, initial_noise  # noqa: E402
 
 STYLE = "in watercolor style"
 SUBJECTS = "house cat dog tree car bird boat chair lamp flower mountain castle apple horse clock bridge".split()
-MODELS = {  # name: (description, resolution)
-    "sdxl": ("SDXL-base architecture: UNet, VAE, CLIP-L and bigG text encoders at full size", 1024),
-    "sd15": ("SD1.5 UNet at full size; small VAE, one-layer text encoder", 256),
-    "sd15-lite": ("SD1.5 UNet with half the channels (160-320-640-640) and one layer per block; small VAE, "
-                  "one-layer text encoder", 256),
+
+
+@dataclass(frozen=True)
+class Model:
+    description: str
+    resolution: tuple[int, int]             # default image side: (CPU, GPU)
+    guidance: float
+    depth: tuple[str, str] | None = None    # default --depth (CPU, GPU); None: not adjustable
+    text_tokens: tuple[int, int] | None = None  # default --max-sequence-length (CPU, GPU); None: CLIP only
+    gpu_dtype: str = "fp16"
+
+
+MODELS = {
+    "sdxl": Model("SDXL-base architecture: UNet, VAE, CLIP-L and bigG text encoders at full size", (1024, 1024), 7.5),
+    "sd15": Model("SD1.5 UNet at full size; small VAE, one-layer text encoder", (256, 256), 7.5),
+    "sd15-lite": Model("SD1.5 UNet with half the channels (160-320-640-640) and one layer per block; small VAE, "
+                       "one-layer text encoder", (256, 256), 7.5),
+    "flux": Model("FLUX.1-dev transformer blocks (24 heads x 128); small VAE (16 latent channels), small CLIP-L/T5 "
+                  "encoders", (256, 1024), 3.5, depth=("1,2", "19,38"), text_tokens=(32, 512), gpu_dtype="bf16"),
+    "sd3": Model("SD3.5-medium transformer blocks (24 heads x 64, dual attention in the first 13/24); small VAE "
+                 "(16 latent channels), small CLIP-L/bigG/T5 encoders", (256, 1024), 4.5, depth=("3", "24"),
+                 text_tokens=(32, 256), gpu_dtype="bf16"),
 }
-METHODS = ("vanilla", "apply", "generate_set")
+METHODS = ("vanilla", "floor", "apply", "floor_chunked", "generate_set")
+FLOOR_OF = {"apply": "floor", "generate_set": "floor_chunked"}
 
 
 def set_prompts(size: int) -> list[str]:
@@ -56,55 +92,85 @@ def set_prompts(size: int) -> list[str]:
     return [f"a {SUBJECTS[i % len(SUBJECTS)]} {STYLE}" for i in range(size)]
 
 
-def build(model: str, device: torch.device, dtype: torch.dtype):
+def build(args, device: torch.device, dtype: torch.dtype):
     words = SUBJECTS + f"a {STYLE}".split()
-    if model == "sdxl":
+    if args.model == "sdxl":
         pipe = random_sdxl(words, device)
+    elif args.model == "flux":
+        double, single = (int(d) for d in args.depth.split(","))
+        pipe = random_flux(words, device, double, single)
+    elif args.model == "sd3":
+        pipe = random_sd3(words, device, int(args.depth))
     else:
-        lite = SD15_LITE if model == "sd15-lite" else {}
-        pipe = random_sd15(words, lite, device)
+        pipe = random_sd15(words, SD15_LITE if args.model == "sd15-lite" else {}, device)
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def decode_in_batches(pipe, latents: torch.Tensor, batch_size: int) -> list:
-    return [image for part in latents.split(batch_size) for image in decode(pipe, part)]
+def pipeline_kwargs(args) -> dict:
+    kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
+                  width=args.resolution)
+    if args.max_sequence_length:
+        kwargs["max_sequence_length"] = args.max_sequence_length
+    return kwargs
 
 
 def run_method(method: str, pipe, prompts: list[str], args) -> None:
     """Generate the set's images with one method (images are discarded)."""
-    kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.resolution,
-                  width=args.resolution)
+    kwargs = pipeline_kwargs(args)
     if method == "generate_set":
-        generate_set(pipe, prompts, seed=0, batch_size=args.batch_size, **kwargs)
+        sa.generate_set(pipe, prompts, seed=0, batch_size=args.batch_size, **kwargs)
         return
-    noise = initial_noise(pipe, range(len(prompts)), 0, args.resolution, args.resolution)
-    if method == "apply":
-        with sa.apply(pipe):
-            latents = pipe(prompts, latents=noise, output_type="latent", **kwargs).images
-    else:
+    backbone = backbone_for(pipe)
+    noise = backbone.initial_noise(range(len(prompts)), 0, args.resolution, args.resolution)
+    if method == "vanilla":
         latents = torch.cat([pipe(prompts[s:s + args.batch_size], latents=noise[s:s + args.batch_size],
                                   output_type="latent", **kwargs).images
                              for s in range(0, len(prompts), args.batch_size)])
-    decode_in_batches(pipe, latents, args.batch_size)
+    else:
+        layout = sa.apply(pipe) if method == "apply" else floor(pipe, args.batch_size if method == "floor_chunked"
+                                                                else None)
+        with layout:
+            latents = pipe(prompts, latents=noise, output_type="latent", **kwargs).images
+    for part in latents.split(args.batch_size):
+        backbone.decode(part, args.resolution, args.resolution)
 
 
 class ForwardClock:
-    """Seconds a module spends in its forward calls (synchronised on a GPU), through forward hooks."""
+    """Seconds some modules spend in their forward calls, through forward hooks.
 
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.seconds, self.device = 0.0, device
-        self._hooks = [module.register_forward_pre_hook(self._start), module.register_forward_hook(self._stop)]
+    On a GPU either synchronised at each call's ends (`events=False`: for the denoiser, once per step) or timed by
+    CUDA events (for the attention layers, so the GPU's queue is not drained inside a step); perf_counter on CPU.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], device: torch.device, events: bool = False):
+        self.device, self.events = device, events and device.type == "cuda"
+        self._spans: list[tuple] = []
+        self._hooks = [hook for module in modules for hook in (module.register_forward_pre_hook(self._start),
+                                                              module.register_forward_hook(self._stop))]
+
+    def _now(self):
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        synchronize(self.device)
+        return time.perf_counter()
 
     def _start(self, module, args) -> None:
-        synchronize(self.device)
-        self._started = time.perf_counter()
+        self._started = self._now()
 
     def _stop(self, module, args, output) -> None:
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - self._started
+        self._spans.append((self._started, self._now()))
+
+    @property
+    def seconds(self) -> float:
+        if self.events:
+            synchronize(self.device)
+            return sum(start.elapsed_time(end) for start, end in self._spans) / 1000
+        return sum(end - start for start, end in self._spans)
 
     def remove(self) -> None:
         for hook in self._hooks:
@@ -113,100 +179,177 @@ class ForwardClock:
 
 @dataclass
 class Measurement:
-    unet_seconds: float
+    denoiser_seconds: float  # median over repeats, all steps of the run
+    attention_seconds: float  # the same for the shared attention layers' forward calls
     total_seconds: float
+    spread: float            # (max - min) / median of the denoiser seconds over repeats
     peak_bytes: int
 
 
-def measure(method: str, pipe, prompts: list[str], args, device: torch.device) -> Measurement:
-    clock = ForwardClock(pipe.unet, device)
+@torch.no_grad()
+def timed(method: str, pipe, prompts: list[str], args, device: torch.device) -> tuple[float, float, float]:
+    """(denoiser seconds, shared attention layers' seconds, whole-run seconds) of one run."""
+    backbone = backbone_for(pipe)
+    modules = dict(backbone.denoiser.named_modules())
+    clock = ForwardClock([backbone.denoiser], device)
+    layers = ForwardClock([modules[name] for name in layers_to_share(backbone, StyleAlignedConfig())], device,
+                          events=True)
     try:
-        with peak_memory(device) as peak:
-            start = time.perf_counter()
-            run_method(method, pipe, prompts, args)
-            synchronize(device)
-            total = time.perf_counter() - start
+        synchronize(device)
+        start = time.perf_counter()
+        run_method(method, pipe, prompts, args)
+        synchronize(device)
+        return clock.seconds, layers.seconds, time.perf_counter() - start
     finally:
         clock.remove()
-    return Measurement(clock.seconds, total, peak.bytes)
+        layers.remove()
+
+
+@torch.no_grad()
+def peak_bytes(method: str, pipe, prompts: list[str], args, device: torch.device) -> int:
+    """Peak memory of a 1-step run (every step peaks alike), which also warms this method up at this size."""
+    with peak_memory(device) as peak:
+        run_method(method, pipe, prompts, argparse.Namespace(**vars(args) | dict(steps=1)))
+    return peak.bytes
 
 
 def benchmark(pipe, args, device: torch.device) -> dict[tuple[int, str], Measurement]:
     """Medians over repeats for every (size, method), methods taking turns so load drifts hit all alike."""
-    warmup = argparse.Namespace(**vars(args) | dict(steps=1))
-    for method in METHODS:
-        measure(method, pipe, set_prompts(args.batch_size + 2), warmup, device)
     results = {}
     for size in args.sizes:
+        prompts = set_prompts(size)
+        peaks = {method: peak_bytes(method, pipe, prompts, args, device) for method in METHODS}
         runs = {method: [] for method in METHODS}
         for _ in range(args.repeats):
             for method in METHODS:
-                runs[method].append(measure(method, pipe, set_prompts(size), args, device))
-        for method, measurements in runs.items():
-            results[size, method] = Measurement(
-                statistics.median(m.unet_seconds for m in measurements),
-                statistics.median(m.total_seconds for m in measurements),
-                max(m.peak_bytes for m in measurements),
-            )
+                runs[method].append(timed(method, pipe, prompts, args, device))
+        for method, times in runs.items():
+            denoiser, attention, total = (list(column) for column in zip(*times))
+            median = statistics.median(denoiser)
+            results[size, method] = Measurement(median, statistics.median(attention), statistics.median(total),
+                                                (max(denoiser) - min(denoiser)) / median, peaks[method])
     return results
 
 
+def labels(args) -> dict[str, str]:
+    bs = args.batch_size
+    return dict(vanilla=f"vanilla (bs {bs})", floor="floor, one batch", apply="apply, one batch",
+                floor_chunked=f"floor (ref + chunks of {bs})", generate_set=f"generate_set (bs {bs})")
+
+
+def ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.3f}" if base else ""
+
+
 def report(results: dict[tuple[int, str], Measurement], args) -> None:
-    labels = dict(vanilla=f"vanilla (bs {args.batch_size})", apply="apply, one batch",
-                  generate_set=f"generate_set (bs {args.batch_size})")
-    print(f"\n{'set':>4}  {'method':<20} {'UNet s/step':>11} {'ms/image/step':>13} {'x vanilla':>9} "
-          f"{'total s':>8} {'x vanilla':>9} {'peak MiB':>9} {'x vanilla':>9}")
+    names = labels(args)
+    print("\n| set | method | denoiser s/step | ms/image/step | spread | x vanilla | x floor | shared attn ms/step "
+          "| x vanilla | x floor | total s | peak MiB | x vanilla | x floor |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in args.sizes:
         base = results[size, "vanilla"]
         for method in METHODS:
             m = results[size, method]
-            step = m.unet_seconds / args.steps
-            print(f"{size:>4}  {labels[method]:<20} {step:11.3f} {1000 * step / size:13.1f} "
-                  f"{m.unet_seconds / base.unet_seconds:9.2f} {m.total_seconds:8.2f} "
-                  f"{m.total_seconds / base.total_seconds:9.2f} {m.peak_bytes / MIB:9.1f} "
-                  f"{m.peak_bytes / base.peak_bytes:9.2f}")
-    smallest = args.sizes[0]
-    print(f"\npeak memory (MiB) vs set size, and x the {smallest}-image set")
-    print(f"  {'method':<20} " + " ".join(f"{size:>16}" for size in args.sizes))
-    for method in METHODS:
-        peaks = [results[size, method].peak_bytes for size in args.sizes]
-        cells = [f"{peak / MIB:8.1f} ({peak / peaks[0]:4.2f}x)" for peak in peaks]
-        print(f"  {labels[method]:<20} " + " ".join(f"{cell:>16}" for cell in cells))
+            bound = results[size, FLOOR_OF[method]] if method in FLOOR_OF else None
+            step = m.denoiser_seconds / args.steps
+            print(f"| {size} | {names[method]} | {step:.3f} | {1000 * step / size:.1f} | {100 * m.spread:.1f} % "
+                  f"| {ratio(m.denoiser_seconds, base.denoiser_seconds)} "
+                  f"| {ratio(m.denoiser_seconds, bound and bound.denoiser_seconds)} "
+                  f"| {1000 * m.attention_seconds / args.steps:.1f} "
+                  f"| {ratio(m.attention_seconds, base.attention_seconds)} "
+                  f"| {ratio(m.attention_seconds, bound and bound.attention_seconds)} | {m.total_seconds:.2f} "
+                  f"| {m.peak_bytes / MIB:.1f} | {ratio(m.peak_bytes, base.peak_bytes)} "
+                  f"| {ratio(m.peak_bytes, bound and bound.peak_bytes)} |")
+    print("\nours against the floor in the same layout (target: within 5 %)")
+    for size in args.sizes:
+        for method, bound in FLOOR_OF.items():
+            ours, lowest = results[size, method], results[size, bound]
+            time_over = ours.denoiser_seconds / lowest.denoiser_seconds - 1
+            attention_over = ours.attention_seconds / lowest.attention_seconds - 1
+            memory_over = ours.peak_bytes / lowest.peak_bytes - 1
+            verdict = "within 5 %" if time_over <= 0.05 else "MORE than 5 % over"
+            print(f"  set {size:>3}, {names[method]:<22} denoiser time {100 * time_over:+6.1f} % ({verdict}; "
+                  f"shared attention layers {100 * attention_over:+.1f} %), peak memory {100 * memory_over:+.1f} %")
+    if len(args.sizes) > 1:
+        smallest = args.sizes[0]
+        print(f"\npeak memory (MiB) vs set size, and x the {smallest}-image set\n")
+        print("| method | " + " | ".join(str(size) for size in args.sizes) + " |")
+        print("|---|" + "---:|" * len(args.sizes))
+        for method in METHODS:
+            peaks = [results[size, method].peak_bytes for size in args.sizes]
+            print(f"| {names[method]} | " + " | ".join(f"{peak / MIB:.1f} ({peak / peaks[0]:.2f}x)" for peak in peaks)
+                  + " |")
+
+
+def describe(pipe, args, device: torch.device, dtype: torch.dtype) -> None:
+    backbone = backbone_for(pipe)
+    params = sum(p.numel() for p in backbone.denoiser.parameters()) / 1e6
+    layers = backbone.attention_layers()
+    shared = layers_to_share(backbone, StyleAlignedConfig())
+    depth = f" at depth {args.depth}" if args.depth else ""
+    threads = "" if device.type != "cpu" else f", {torch.get_num_threads()} threads"
+    text = f", T5 max_sequence_length {args.max_sequence_length}" if args.max_sequence_length else ""
+    print(f"model: {args.model}{depth}, random weights: {MODELS[args.model].description}; "
+          f"{type(backbone.denoiser).__name__} {params:.0f}M parameters; StyleAligned shares {len(shared)} of its "
+          f"{len(layers)} attention layers (its default), the floor the same ones")
+    print(f"{args.resolution}x{args.resolution}, {args.steps} {type(pipe.scheduler).__name__} steps, guidance "
+          f"{args.guidance}{text}, batch_size {args.batch_size}, {device} {dtype}{threads}, torch {torch.__version__}; "
+          f"medians of {args.repeats} after a 1-step warm-up that measures peak memory")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    parser.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on a GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", default=None,
+                        help="fp32, fp16 or bf16 (default: fp32 on CPU; on a GPU bf16 for flux and sd3, else fp16)")
     parser.add_argument("--model", choices=MODELS, default=None, help="default: sdxl on a GPU, sd15-lite on CPU")
-    parser.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
-    parser.add_argument("--sizes", default=None, help="comma-separated set sizes (default: 4,16,64 GPU; 4,16 CPU)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per call for vanilla and generate_set")
-    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 10 GPU, 2 CPU)")
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--depth", default=None,
+                        help="flux: double,single blocks (default 1,2 CPU, 19,38 GPU); sd3: blocks (3 CPU, 24 GPU)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image side in pixels (default: 256 on CPU; 1024 for sdxl, and for flux/sd3 on a GPU)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated set sizes (default: 4,16,64 GPU, 4,16 CPU; flux/sd3: 4,16 GPU, 4 CPU)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per call for vanilla, targets per chunk for generate_set (default 4; flux/sd3 "
+                             "on CPU: 2, so a 4-image set runs in chunks)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="denoising steps (default: 10 GPU; 2 CPU, 1 for flux/sd3 on CPU)")
+    parser.add_argument("--guidance", type=float, default=None, help="default: 7.5 UNets, 3.5 flux, 4.5 sd3")
+    parser.add_argument("--max-sequence-length", type=int, default=None,
+                        help="T5 prompt tokens, flux/sd3 (default: 32 CPU; 512 flux, 256 sd3 on a GPU)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="runs of each (size, method), medians printed (default: 1 GPU, 3 CPU, being noisy)")
+                        help="timed runs of each (size, method), medians printed (default: 1 GPU, 3 CPU, being noisy)")
+    parser.add_argument("--check", action="store_true",
+                        help="first check that the floor computes StyleAligned's attention with AdaIN off")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     gpu = device.type != "cpu"
     args.model = args.model or ("sdxl" if gpu else "sd15-lite")
-    description, default_resolution = MODELS[args.model]
-    args.resolution = args.resolution or default_resolution
-    args.sizes = [int(s) for s in (args.sizes or ("4,16,64" if gpu else "4,16")).split(",")]
-    args.steps = args.steps or (10 if gpu else 2)
+    model = MODELS[args.model]
+    dit = model.depth is not None
+    if args.depth and not dit:
+        parser.error(f"--depth applies to flux and sd3, not {args.model}")
+    dtype = resolve_dtype(args.dtype or (model.gpu_dtype if gpu else None), device)
+    args.depth = args.depth or (model.depth[gpu] if dit else None)
+    args.max_sequence_length = args.max_sequence_length or (model.text_tokens[gpu] if dit else None)
+    args.resolution = args.resolution or model.resolution[gpu]
+    default_sizes = ("4,16" if dit else "4,16,64") if gpu else ("4" if dit else "4,16")
+    args.sizes = [int(s) for s in (args.sizes or default_sizes).split(",")]
+    args.batch_size = args.batch_size or (2 if dit and not gpu else 4)
+    args.steps = args.steps or (10 if gpu else 1 if dit else 2)
+    args.guidance = model.guidance if args.guidance is None else args.guidance
     args.repeats = args.repeats or (1 if gpu else 3)
 
-    pipe = build(args.model, device, dtype)
-    unet_params = sum(p.numel() for p in pipe.unet.parameters()) / 1e6
-    threads = "" if gpu else f", {torch.get_num_threads()} threads"
-    print(f"model: {args.model}, random weights: {description}; UNet {unet_params:.0f}M parameters")
-    print(f"{args.resolution}x{args.resolution}, DDIM {args.steps} steps, guidance {args.guidance}, batch_size "
-          f"{args.batch_size}, {device} {dtype}{threads}, torch {torch.__version__}; medians of {args.repeats} "
-          f"after a 1-step warm-up")
+    pipe = build(args, device, dtype)
+    describe(pipe, args, device, dtype)
+    if args.check:
+        differences = check(pipe, set_prompts(args.sizes[0]), args.batch_size, **pipeline_kwargs(args))
+        print("floor vs StyleAligned without AdaIN, max |latent difference|: "
+              + ", ".join(f"{layout} {value:.2e}" for layout, value in differences.items()))
     results = benchmark(pipe, args, device)
-    print(f"peak memory: {peak_memory_method(device)}, above the loaded model; UNet s/step: its forward calls "
-          "only; total: the whole run")
+    print(f"peak memory: {peak_memory_method(device)}, above the loaded model; denoiser s/step: its forward calls "
+          "only; spread: (max - min) / median of those over repeats; shared attn: the forward calls of the attention "
+          "layers StyleAligned shares; total: the whole run")
     report(results, args)
 
 

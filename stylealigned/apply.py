@@ -10,6 +10,7 @@ Processors, LoRA layers or adapters loaded meanwhile are left alone; `remove()` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -47,13 +48,20 @@ def layers_to_share(backbone: Backbone, config: StyleAlignedConfig) -> list[str]
 
 
 class AttentionHook(ModelHook):
-    """Runs a shared-attention processor in place of the attention module's own."""
+    """Runs a shared-attention processor in place of the attention module's own.
+
+    Extra keyword inputs reach it only where the module's own processor takes them, as diffusers' attention
+    modules filter them (blocks pass every block's kwargs, e.g. an IP-Adapter's, to every attention layer).
+    """
 
     def __init__(self, processor):
         super().__init__()
         self.processor = processor
 
     def new_forward(self, module, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        if kwargs:
+            accepted = inspect.signature(module.processor.__call__).parameters
+            kwargs = {name: value for name, value in kwargs.items() if name in accepted}
         return self.processor(module, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
 
 
