@@ -196,3 +196,16 @@ def test_half_precision_pipelines_follow_fp32(sd_pipe, dtype):
     assert half.dtype == dtype and torch.isfinite(half).all()
     error = (half.float() - full).norm() / full.norm()
     assert error < 0.05, error
+
+
+def test_processors_set_while_applied_survive_removal(sd_pipe):
+    """Removal takes off only our hooks: a processor loaded meanwhile (as a LoRA or IP-Adapter loader does) stays."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    handle = sa.apply(sd_pipe)
+    name = handle.layers[0]
+    sd_pipe.unet.get_submodule(name).set_processor(AttnProcessor())
+    assert hooked_layers(sd_pipe.unet) == handle.layers  # still ours while applied
+    handle.remove()
+    assert isinstance(sd_pipe.unet.get_submodule(name).processor, AttnProcessor)
+    assert hooked_layers(sd_pipe.unet) == []
