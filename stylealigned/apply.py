@@ -48,21 +48,24 @@ def layers_to_share(backbone: Backbone, config: StyleAlignedConfig) -> list[str]
 
 
 class AttentionHook(ModelHook):
-    """Runs a shared-attention processor in place of the attention module's own.
-
-    Extra keyword inputs reach it only where the module's own processor takes them, as diffusers' attention
-    modules filter them (blocks pass every block's kwargs, e.g. an IP-Adapter's, to every attention layer).
-    """
+    """Runs the attention module's own forward, and any hook registered on it before ours, with a shared-attention
+    processor in place of the module's processor for the duration of the call."""
 
     def __init__(self, processor):
         super().__init__()
         self.processor = processor
 
-    def new_forward(self, module, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        if kwargs:
-            accepted = inspect.signature(module.processor.__call__).parameters
-            kwargs = {name: value for name, value in kwargs.items() if name in accepted}
-        return self.processor(module, hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+    def new_forward(self, module, *args, **kwargs):
+        own = module.processor
+        ip_adapter = "ip_hidden_states" in inspect.signature(own.__call__).parameters
+        if ip_adapter and kwargs.get("ip_hidden_states") is not None:
+            raise ValueError(f"{self.processor.name} runs an IP-Adapter, which StyleAligned cannot share yet; "
+                             "leave the layer out of shared_layers")
+        module.processor = self.processor
+        try:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            module.processor = own
 
 
 class GroupNormHook(ModelHook):

@@ -1,7 +1,8 @@
 """Load a diffusers pipeline from a hub id, a local folder, a single checkpoint file or the built-in toy model.
 
-Single `.safetensors`/`.ckpt` files (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) need their diffusers config: diffusers fetches it from the hub (or its cache);
-offline, pass `config=` a local diffusers folder or a cached hub id of the same architecture.
+Single `.safetensors`/`.ckpt` files (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) need their diffusers config: diffusers
+fetches it from the hub (or its cache); offline, pass `config=` a local diffusers folder or a cached hub id of the
+same architecture.
 """
 
 import pickle

@@ -111,8 +111,6 @@ class JointAttentionProcessor(SharedAttention):
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, image_rotary_emb=None, **kwargs) -> Tensor | tuple:
-        if kwargs.get("ip_hidden_states") is not None:
-            raise ValueError(f"{self.name}: StyleAligned does not share attention layers that run an IP-Adapter")
         q, k, v = self._project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         text_tokens = 0
         if encoder_hidden_states is not None:

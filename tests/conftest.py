@@ -1,4 +1,4 @@
-"""Tiny random-weight SD1-, SDXL-, FLUX.1- and SD3.5-style pipelines, saved once and loaded back through load_pipeline."""
+"""Tiny random-weight SD1-, SDXL-, FLUX.1-, Chroma- and SD3.5-style pipelines, saved once, loaded by load_pipeline."""
 
 import pytest
 import torch

@@ -67,9 +67,10 @@ def test_chroma_with_its_text_mask_equals_oracle(chroma_pipe, knobs):
     """Chroma masks padded text tokens (prompts of different lengths); the shared reference tokens stay unmasked."""
     chroma_pipe.to(dtype=torch.float64)
     prompts = ["a cat", "a red dog in the house with a tree", "a tree"]
-    fast, expected = fast_and_oracle(chroma_pipe, sa.StyleAlignedConfig(**knobs), prompts=prompts, guidance_scale=4.0)
+    config = sa.StyleAlignedConfig(**knobs)
+    fast, expected = fast_and_oracle(chroma_pipe, config, prompts=prompts, guidance_scale=4.0)
     torch.testing.assert_close(fast, expected, atol=1e-9, rtol=1e-9)
-    with sa.apply(chroma_pipe, sa.StyleAlignedConfig(**knobs)) as handle, handle.chunked(1):
+    with sa.apply(chroma_pipe, config) as handle, handle.chunked(1):
         chunked = latents(chroma_pipe, prompts, guidance_scale=4.0)
     torch.testing.assert_close(chunked, expected, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(fast[0], latents(chroma_pipe, prompts[:1], guidance_scale=4.0)[0], atol=1e-12,

@@ -66,7 +66,8 @@ def test_a_noise_scheduler_on_a_flow_model_is_refused(tiny_flux_path, tmp_path, 
     assert code == 2 and "flow-matching" in one_error_line(err)
 
 
-def test_a_trajectory_from_another_model_is_refused(tiny_flux_path, tiny_sd3_path, tmp_path, capsys, painting):  # noqa: F811
+def test_a_trajectory_from_another_model_is_refused(tiny_flux_path, tiny_sd3_path, tmp_path, capsys,
+                                                    painting):  # noqa: F811
     saved = tmp_path / "ref.safetensors"
     assert cli(capsys, "transfer", "a dog", "--reference", painting, "--reference-prompt", "a tree",
                "--save-trajectory", saved, "--model", tiny_flux_path, "--out", tmp_path / "a", *FAST)[0] == 0
