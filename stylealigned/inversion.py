@@ -153,6 +153,7 @@ def invert(
     guidance_scale: float = 1.0,
     mode: str = "ddim",
     seed: int = 0,
+    max_sequence_length: int | None = None,
 ) -> Trajectory:
     """Invert a real image into the reference trajectory that StyleAligned shares attention with.
 
@@ -160,17 +161,18 @@ def invert(
     Euler flow step on FLUX/SD3; classifier-free guidance when `guidance_scale > 1` on models that batch it,
     FLUX.1-dev's embedded guidance otherwise); `mode="noise"` forward-noises z_0 with one noise sample seeded by
     `seed`, with no denoiser calls. The trajectory holds the latents at the pipeline's timesteps for
-    `num_inference_steps`.
+    `num_inference_steps`. `max_sequence_length` (T5 families: FLUX, Chroma, SD3) must match the generation's.
     """
     backbone = backbone_for(pipe)
     if mode not in MODES:
         raise UserError(f"unknown inversion mode '{mode}'; choose one of: {', '.join(MODES)}")
     handle = getattr(pipe, "_stylealigned_handle", None)  # an applied StyleAligned must not touch the inversion
     with handle.suspended() if handle is not None else contextlib.nullcontext():
-        return _invert(backbone, image, prompt, num_inference_steps, guidance_scale, mode, seed)
+        return _invert(backbone, image, prompt, num_inference_steps, guidance_scale, mode, seed, max_sequence_length)
 
 
-def _invert(backbone: Backbone, image, prompt, num_inference_steps, guidance_scale, mode, seed) -> Trajectory:
+def _invert(backbone: Backbone, image, prompt, num_inference_steps, guidance_scale, mode, seed,
+            max_sequence_length) -> Trajectory:
     z_0, height, width = backbone.encode(image)
     scheduler = backbone.scheduled(num_inference_steps, height, width)
     timesteps = [_number(t) for t in scheduler.timesteps]
@@ -182,7 +184,7 @@ def _invert(backbone: Backbone, image, prompt, num_inference_steps, guidance_sca
             alphas_cumprod = scheduler.alphas_cumprod.to(z_0.device)
             noisy = [forward_noise(z_0, noise, alphas_cumprod[t]) for t in timesteps]
     else:
-        conditioning = backbone.conditioning(prompt, guidance_scale, height, width)
+        conditioning = backbone.conditioning(prompt, guidance_scale, height, width, max_sequence_length)
         run = _flow_inversion if backbone.flow else _ddim_inversion
         noisy = run(backbone, scheduler, z_0, conditioning, guidance_scale)
     return Trajectory(

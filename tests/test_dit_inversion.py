@@ -16,7 +16,7 @@ from stylealigned.inversion import Trajectory, invert
 from tests.dit_pipelines import FLUX_SIZE, PROMPT_KWARGS, SD3_SIZE
 
 PROMPT = "a photo of a cat"
-SIZES = {"flux": FLUX_SIZE, "sd3": SD3_SIZE}
+SIZES = {"flux": FLUX_SIZE, "chroma": FLUX_SIZE, "sd3": SD3_SIZE}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def sd3_dynamic_pipe(sd3_pipe):
     return rescheduled(sd3_pipe, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
 
 
-@pytest.fixture(params=["flux", "flux_schnell", "sd3"], ids=lambda name: name.replace("_", "-"))
+@pytest.fixture(params=["flux", "flux_schnell", "chroma", "sd3"], ids=lambda name: name.replace("_", "-"))
 def pipe(request):
     return request.getfixturevalue(f"{request.param}_pipe")
 
@@ -61,8 +61,9 @@ def size(pipe) -> int:
 
 
 def no_guidance(pipe) -> dict:
-    """Sampling settings that match an unguided inversion: SD3 without CFG; FLUX keeps its embedded default."""
-    return {"guidance_scale": 1.0} if family(pipe) == "sd3" else {}
+    """Sampling settings that match an unguided inversion: SD3 and Chroma without CFG; FLUX keeps its embedded
+    default."""
+    return {"guidance_scale": 1.0} if family(pipe) in ("sd3", "chroma") else {}
 
 
 def sample_from(pipe, z_T: torch.Tensor, steps: int, **kwargs) -> torch.Tensor:
@@ -111,7 +112,7 @@ def test_round_trip_is_exact_when_the_velocity_depends_on_t_only(pipe, image, mo
     and which timestep each step evaluates the velocity at."""
     steps = 10
     fixed = torch.randn(z_0_of(pipe, image).shape, generator=torch.Generator().manual_seed(1))
-    per_unit = 1.0 if family(pipe) == "flux" else 1000.0  # FLUX's transformer takes t / 1000, SD3's t
+    per_unit = 1000.0 if family(pipe) == "sd3" else 1.0  # FLUX and Chroma take t / 1000, SD3 t
 
     def velocity(t):
         return fixed * (0.5 + 2 * t)
@@ -132,7 +133,7 @@ def test_round_trip_is_exact_when_the_velocity_depends_on_t_only(pipe, image, mo
 
 def round_trip_ratio(pipe, image, steps=10) -> tuple[float, float]:
     """Relative misses of z_0 from the inverted z_T and from a random z_T of the same norm."""
-    trajectory = invert(pipe, image, PROMPT, num_inference_steps=steps)
+    trajectory = invert(pipe, image, PROMPT, num_inference_steps=steps, **PROMPT_KWARGS)  # T5 length as sampled
     z_T, z_0 = trajectory.latents[0], trajectory.latents[-1]
     random = torch.randn(z_T.shape, generator=torch.Generator().manual_seed(1))
     round_trip = relative_error(sample_from(pipe, z_T, steps), z_0)
@@ -141,9 +142,10 @@ def round_trip_ratio(pipe, image, steps=10) -> tuple[float, float]:
 
 
 def test_round_trip_is_far_closer_than_from_random_noise(pipe, image):
-    """Inverted with invert's defaults (no guidance), sampled with the pipeline's own sampler: SD3 unguided, FLUX at
-    its default embedded guidance (3.5). Measured ratios at 10 steps: FLUX.1-dev schedule 0.13, FLUX.1-schnell 0.12,
-    SD3 0.04 (0.11, 0.11, 0.03 at 20 steps); a flipped update or plain forward noising gives 0.98-1.02."""
+    """Inverted with invert's defaults (no guidance), sampled with the pipeline's own sampler: SD3 and Chroma
+    unguided, FLUX at its default embedded guidance (3.5). Measured ratios at 10 steps: FLUX.1-dev schedule 0.065,
+    FLUX.1-schnell 0.058, Chroma 0.048, SD3 0.025; a flipped update or plain forward noising gives 0.98-1.02. (With
+    the T5 length of the inversion unlike the sampling's, FLUX gave 0.13 and Chroma 0.26.)"""
     round_trip, from_random = round_trip_ratio(pipe, image)
     print(f"{family(pipe)}: round trip {round_trip:.4f}, random start {from_random:.4f}, "
           f"ratio {round_trip / from_random:.4f}")
@@ -175,7 +177,7 @@ def test_trajectory_layout_and_timesteps(pipe, image, mode, monkeypatch):
     steps = 4
     trajectory = invert(pipe, image, PROMPT, num_inference_steps=steps, guidance_scale=3.0, mode=mode)
     side = size(pipe)
-    if family(pipe) == "flux":  # packed 2x2: (side / 4)^2 tokens of 16 channels
+    if family(pipe) in ("flux", "chroma"):  # packed 2x2: (side / 4)^2 tokens of 16 channels
         assert trajectory.latents.shape == (steps + 1, (side // 4) ** 2, 16)
     else:
         assert trajectory.latents.shape == (steps + 1, 4, side // 2, side // 2)
@@ -287,8 +289,10 @@ def test_transfer_keeps_the_reference_pinned_on_the_trajectory(pipe, image, offs
     monkeypatch.setattr(sets, "pin_reference", pin_and_record)
     monkeypatch.setattr(Backbone, "decode", decode_and_record)
     inputs = record_reference_slot(pipe)
+    one_call_per_step = {"guidance_scale": 1.0} if family(pipe) == "chroma" else {}  # Chroma's CFG: a second call
     images = sa.generate_set(pipe, ["a dog", "a house"], reference=trajectory, offset=offset,
-                             num_inference_steps=steps, height=size(pipe), width=size(pipe), **PROMPT_KWARGS)
+                             num_inference_steps=steps, height=size(pipe), width=size(pipe), **PROMPT_KWARGS,
+                             **one_call_per_step)
     assert len(images) == 3 and all(im.size == (size(pipe), size(pipe)) for im in images)
     assert len(pinned) == steps and len(inputs) == steps
     for step, latent in enumerate(pinned):  # after every step

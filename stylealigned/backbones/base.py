@@ -24,6 +24,12 @@ class Conditioning:
 
     inputs: dict[str, Any]
     guided: bool
+    negative: dict[str, Any] | None = None  # the unconditional inputs, on families that run them in a call apart
+
+
+def t5_length(max_sequence_length: int | None) -> dict:
+    """The T5 length argument of a pipeline's encode_prompt, where given (else the pipeline's default)."""
+    return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
 class Backbone:
@@ -37,6 +43,7 @@ class Backbone:
     default_shared_layers: float | str = 1.0
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
+    embedded_guidance = False   # the guidance scale is an input of the denoiser (FLUX.1-dev), not CFG
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -152,6 +159,12 @@ class Backbone:
         return torch.tensor(config.scaling_factor), torch.tensor(shift)
 
     # sampling and one step, for inversion
+    def default_guidance(self) -> float:
+        """The guidance scale the pipeline samples with when none is given."""
+        import inspect
+
+        return float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default)
+
     def prediction_type(self) -> str:
         """What the denoiser predicts: "epsilon", "v_prediction" or "flow" (velocity)."""
         return "flow" if self.flow else self.pipe.scheduler.config.get("prediction_type", "epsilon")
@@ -167,7 +180,9 @@ class Backbone:
     def set_timesteps(self, scheduler, num_inference_steps: int, height: int, width: int) -> None:
         scheduler.set_timesteps(num_inference_steps)
 
-    def conditioning(self, prompt: str, guidance_scale: float, height: int, width: int) -> Conditioning:
+    def conditioning(self, prompt: str, guidance_scale: float, height: int, width: int,
+                     max_sequence_length: int | None = None) -> Conditioning:
+        """Denoiser inputs for `prompt`; `max_sequence_length` (T5 families) as the generation call passes it."""
         raise NotImplementedError
 
     def predict(self, latents: torch.Tensor, timestep, conditioning: Conditioning,

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from ..processors import JointAttentionProcessor
-from .base import Backbone, Conditioning
+from .base import Backbone, Conditioning, t5_length
 
 
 class FluxBackbone(Backbone):
     family = "flux"
-    label = "FLUX.1 / Chroma transformer"
+    label = "FLUX.1 transformer"
     denoiser_name = "transformer"
     unbatched_inputs = ("img_ids", "txt_ids")
     # AlignedGen (Zhang et al., NeurIPS 2025) shares only the single-stream blocks: sharing the double-stream
@@ -40,6 +40,10 @@ class FluxBackbone(Backbone):
 
     def processor(self, name, config, state):
         return JointAttentionProcessor(name, config, state, text_first=True)
+
+    @property
+    def embedded_guidance(self):
+        return bool(self.denoiser.config.get("guidance_embeds", False))
 
     def guidance_groups(self):
         return 1  # the negative prompt (true CFG, Chroma) runs in a transformer call of its own
@@ -77,11 +81,11 @@ class FluxBackbone(Backbone):
                                                                           num_inference_steps)
         scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas, mu=mu)
 
-    def conditioning(self, prompt, guidance_scale, height, width):
+    def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
         """T5 + CLIP embeddings and position ids; FLUX.1-dev's guidance is embedded, so one batch row."""
         pipe = self.pipe
-        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None,
-                                                      device=pipe._execution_device, num_images_per_prompt=1)
+        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=pipe._execution_device,
+                                                      num_images_per_prompt=1, **t5_length(max_sequence_length))
         _, rows, columns = self.latent_shape(height, width)
         image_ids = pipe._prepare_latent_image_ids(1, rows // 2, columns // 2, pipe._execution_device, embeds.dtype)
         return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids,
@@ -89,9 +93,47 @@ class FluxBackbone(Backbone):
 
     def predict(self, latents, timestep, conditioning, guidance_scale):
         transformer = self.denoiser
-        guidance = None
-        if transformer.config.guidance_embeds:
-            guidance = torch.full([latents.shape[0]], guidance_scale, device=latents.device, dtype=torch.float32)
+        extra = {}
+        if self.embedded_guidance:
+            extra["guidance"] = torch.full([latents.shape[0]], guidance_scale, device=latents.device,
+                                           dtype=torch.float32)
         timestep = torch.as_tensor(timestep, device=latents.device).expand(latents.shape[0]).to(transformer.dtype)
-        return transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep / 1000, guidance=guidance,
-                           **conditioning.inputs, return_dict=False)[0].float()
+
+        def velocity(inputs: dict) -> torch.Tensor:
+            return transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep / 1000, **extra,
+                               **inputs, return_dict=False)[0].float()
+
+        out = velocity(conditioning.inputs)
+        if conditioning.negative is not None:
+            negative = velocity(conditioning.negative)
+            out = negative + guidance_scale * (out - negative)
+        return out
+
+
+class ChromaBackbone(FluxBackbone):
+    """Chroma: FLUX.1's blocks with T5 only, its padded text masked out, and CFG in calls of their own."""
+
+    family = "chroma"
+    label = "Chroma transformer"
+
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        from diffusers import ChromaTransformer2DModel
+
+        return isinstance(getattr(pipe, "transformer", None), ChromaTransformer2DModel)
+
+    def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
+        pipe, guided = self.pipe, guidance_scale > 1
+        device = pipe._execution_device
+        embeds, text_ids, mask, negative, negative_ids, negative_mask = pipe.encode_prompt(
+            prompt=prompt, negative_prompt="" if guided else None, device=device, do_classifier_free_guidance=guided,
+            **t5_length(max_sequence_length))
+        _, rows, columns = self.latent_shape(height, width)
+        image_ids = pipe._prepare_latent_image_ids(1, rows // 2, columns // 2, device, embeds.dtype)
+
+        def inputs(embeds, text_ids, mask) -> dict:
+            mask = pipe._prepare_attention_mask(1, image_ids.shape[0], embeds.dtype, mask)
+            return {"encoder_hidden_states": embeds, "txt_ids": text_ids, "img_ids": image_ids, "attention_mask": mask}
+
+        return Conditioning(inputs(embeds, text_ids, mask), guided,
+                            inputs(negative, negative_ids, negative_mask) if guided else None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..processors import JointAttentionProcessor
-from .base import Backbone, Conditioning
+from .base import Backbone, Conditioning, t5_length
 
 
 class SD3Backbone(Backbone):
@@ -51,12 +51,12 @@ class SD3Backbone(Backbone):
                                  config.get("max_shift", 1.16))
             scheduler.set_timesteps(num_inference_steps, mu=mu)
 
-    def conditioning(self, prompt, guidance_scale, height, width):
+    def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
         """CLIP x2 + T5 embeddings and pooled projections, batched [uncond, cond] when guided."""
         guided = guidance_scale > 1
         embeds, negative, pooled, negative_pooled = self.pipe.encode_prompt(
             prompt=prompt, prompt_2=None, prompt_3=None, device=self.pipe._execution_device,
-            num_images_per_prompt=1, do_classifier_free_guidance=guided)
+            num_images_per_prompt=1, do_classifier_free_guidance=guided, **t5_length(max_sequence_length))
         if guided:
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, guided)

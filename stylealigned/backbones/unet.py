@@ -52,7 +52,7 @@ class UNetBackbone(Backbone):
                             "use a DDIM, PNDM, Euler or DPM-Solver scheduler without Karras sigmas")
         return scheduler
 
-    def conditioning(self, prompt, guidance_scale, height, width):
+    def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
         """Text embeddings (batch [uncond, cond] when guided) and, on SDXL, its added conditioning."""
         from diffusers import StableDiffusionXLImg2ImgPipeline
 

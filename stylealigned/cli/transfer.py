@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..backbones import backbone_for
 from ..errors import UserError
 from . import app
 from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Model, Negative, NoShare, Out, Overwrite,
@@ -21,7 +22,9 @@ def transfer(
     reference: Annotated[Optional[Path], typer.Option(help="The style image (PNG, JPEG or WebP).")] = None,
     reference_prompt: Annotated[Optional[str], typer.Option(help="Text describing the style image.")] = None,
     inversion: Annotated[str, typer.Option(help="ddim (faithful) or noise (no UNet calls, cheaper).")] = "ddim",
-    inversion_guidance: Annotated[float, typer.Option(help="Guidance scale of the DDIM inversion.")] = 2.0,
+    inversion_guidance: Annotated[Optional[float], typer.Option(
+        help="Guidance of the inversion (default: 2; on FLUX, whose guidance is embedded, the sampling guidance).",
+        show_default=False)] = None,
     offset: Annotated[int, typer.Option(help="Steps during which the reference stays at its (offset+1)th latent.")] = 0,
     trajectory: Annotated[Optional[Path], typer.Option(help="Reuse a trajectory saved by --save-trajectory.")] = None,
     save_trajectory: Annotated[Optional[Path], typer.Option(help="Save the inverted trajectory to this file.")] = None,
@@ -51,6 +54,10 @@ def transfer(
     config = fit_to_family(config, knobs, pipe)
     image = load_image(reference, settings["width"], settings["height"]) if reference is not None else None
     if saved is None:
+        if inversion_guidance is None:
+            backbone = backbone_for(pipe)
+            embedded = backbone.embedded_guidance
+            inversion_guidance = settings.get("guidance_scale", backbone.default_guidance()) if embedded else 2.0
         saved = invert(pipe, image, reference_prompt, steps, guidance_scale=inversion_guidance, mode=inversion,
                        seed=seed)
     saved.check_compatible(pipe, steps, settings["width"], settings["height"])
