@@ -104,24 +104,25 @@ def loaded(path: str):
     return pipe
 
 
-@pytest.fixture(scope="session")
-def tiny_sd_path(tmp_path_factory) -> str:
-    return saved(tmp_path_factory, "tiny-sd", build_sd)
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "chroma": build_chroma}
 
 
-@pytest.fixture(scope="session")
-def tiny_sdxl_path(tmp_path_factory) -> str:
-    return saved(tmp_path_factory, "tiny-sdxl", build_sdxl)
+def pipeline_fixtures(name: str, build):
+    """Fixtures `tiny_<name>_path` (built and saved once per session) and `<name>_pipe` (loaded anew per test)."""
+
+    @pytest.fixture(scope="session", name=f"tiny_{name}_path")
+    def path(tmp_path_factory) -> str:
+        return saved(tmp_path_factory, f"tiny-{name}", build)
+
+    @pytest.fixture(name=f"{name}_pipe")
+    def pipe(request):
+        return loaded(request.getfixturevalue(f"tiny_{name}_path"))
+
+    return path, pipe
 
 
-@pytest.fixture
-def sd_pipe(tiny_sd_path):
-    return loaded(tiny_sd_path)
-
-
-@pytest.fixture
-def sdxl_pipe(tiny_sdxl_path):
-    return loaded(tiny_sdxl_path)
+for _name, _build in BUILDERS.items():
+    globals()[f"tiny_{_name}_path"], globals()[f"{_name}_pipe"] = pipeline_fixtures(_name, _build)
 
 
 @pytest.fixture(scope="session")
@@ -137,32 +138,3 @@ def run():
 
     return run_pipe
 
-
-@pytest.fixture(scope="session")
-def tiny_flux_path(tmp_path_factory) -> str:
-    return saved(tmp_path_factory, "tiny-flux", build_flux)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd3_path(tmp_path_factory) -> str:
-    return saved(tmp_path_factory, "tiny-sd3", build_sd3)
-
-
-@pytest.fixture
-def flux_pipe(tiny_flux_path):
-    return loaded(tiny_flux_path)
-
-
-@pytest.fixture
-def sd3_pipe(tiny_sd3_path):
-    return loaded(tiny_sd3_path)
-
-
-@pytest.fixture(scope="session")
-def tiny_chroma_path(tmp_path_factory) -> str:
-    return saved(tmp_path_factory, "tiny-chroma", build_chroma)
-
-
-@pytest.fixture
-def chroma_pipe(tiny_chroma_path):
-    return loaded(tiny_chroma_path)

@@ -3,30 +3,19 @@ pipelines, and transfer from a trajectory through generate_set."""
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from PIL import Image
 
 import stylealigned as sa
-from stylealigned import sets
 from stylealigned.backbones import Backbone, backbone_for
 from stylealigned.inversion import Trajectory, invert
 from tests.dit_pipelines import FLUX_SIZE, PROMPT_KWARGS, SD3_SIZE
+from tests.test_sets import record_pins
+from tests.test_inversion import image  # noqa: F401 (fixture: FLUX_SIZE = SD3_SIZE = the UNets' SIZE)
 
 PROMPT = "a photo of a cat"
 SIZES = {"flux": FLUX_SIZE, "chroma": FLUX_SIZE, "sd3": SD3_SIZE}
-
-
-@pytest.fixture(scope="module")
-def image() -> Image.Image:
-    """A smooth picture with some structure: two colour ramps and a darker square."""
-    ramp = np.linspace(0, 255, FLUX_SIZE)
-    red, green = np.meshgrid(ramp, ramp[::-1])
-    pixels = np.stack([red, green, np.full((FLUX_SIZE, FLUX_SIZE), 128.0)], -1)
-    pixels[FLUX_SIZE // 4: FLUX_SIZE // 2, FLUX_SIZE // 4: FLUX_SIZE // 2] *= 0.3
-    return Image.fromarray(pixels.astype(np.uint8))
 
 
 def rescheduled(pipe, **changes):
@@ -269,24 +258,12 @@ def record_reference_slot(pipe) -> list[torch.Tensor]:
 def test_transfer_keeps_the_reference_pinned_on_the_trajectory(pipe, image, offset, monkeypatch):
     steps = 10
     trajectory = invert(pipe, image, PROMPT, num_inference_steps=steps)
-    pinned, decoded = [], []
-    original_pin, original_decode = sets.pin_reference, Backbone.decode
-
-    def pin_and_record(trajectory, offset):
-        pin = original_pin(trajectory, offset)
-
-        def callback(pipe, step, timestep, tensors):
-            result = pin(pipe, step, timestep, tensors)
-            pinned.append(result["latents"][0].clone())
-            return result
-
-        return callback
+    pinned, decoded, original_decode = record_pins(monkeypatch), [], Backbone.decode
 
     def decode_and_record(backbone, latents, height, width):
         decoded.append(latents.clone())
         return original_decode(backbone, latents, height, width)
 
-    monkeypatch.setattr(sets, "pin_reference", pin_and_record)
     monkeypatch.setattr(Backbone, "decode", decode_and_record)
     inputs = record_reference_slot(pipe)
     one_call_per_step = {"guidance_scale": 1.0} if family(pipe) == "chroma" else {}  # Chroma's CFG: a second call

@@ -88,13 +88,9 @@ def test_full_attention_share_cannot_be_chunked(sd_pipe):
                           **SETTINGS)
 
 
-@pytest.mark.parametrize("offset", [0, 1])
-def test_reference_slot_follows_the_trajectory(sd_pipe, offset, decoded, monkeypatch):
-    from PIL import Image
-
-    trajectory = invert(sd_pipe, Image.new("RGB", (32, 32), (200, 40, 40)), "a cat", num_inference_steps=4)
-    pinned = []
-    original = sets.pin_reference
+def record_pins(monkeypatch) -> list:
+    """The reference slot's latent after each step, as generate_set's step-end callback pins it."""
+    pinned, original = [], sets.pin_reference
 
     def pin_and_record(trajectory, offset):
         pin = original(trajectory, offset)
@@ -107,6 +103,15 @@ def test_reference_slot_follows_the_trajectory(sd_pipe, offset, decoded, monkeyp
         return callback
 
     monkeypatch.setattr(sets, "pin_reference", pin_and_record)
+    return pinned
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_reference_slot_follows_the_trajectory(sd_pipe, offset, decoded, monkeypatch):
+    from PIL import Image
+
+    trajectory = invert(sd_pipe, Image.new("RGB", (32, 32), (200, 40, 40)), "a cat", num_inference_steps=4)
+    pinned = record_pins(monkeypatch)
     decoded.clear()
     images = sets.generate_set(sd_pipe, ["a dog", "a house"], sa.StyleAlignedConfig.transfer(), reference=trajectory,
                                offset=offset, num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
