@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux --device cpu --repeats 3    # ~3 min on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model sd3 --device cpu --repeats 3     # ~3 min
     python benchmarks/speed.py --device cpu  [--model sd15-lite|sd15] [--sizes 4,16] [--batch-size 4] [--steps 2]
-    python benchmarks/speed.py --device cuda --model flux   # FLUX.1-dev at full depth (19+38), 1024², bf16
-    python benchmarks/speed.py --device cuda --model sd3    # SD3.5-medium at full depth (24), 1024², bf16
+    python benchmarks/speed.py --device cuda --model flux   # FLUX.1-dev at full depth (19+38), 1024², bf16, 4 steps
+    python benchmarks/speed.py --device cuda --model sd3    # SD3.5-medium at full depth (24), 1024², bf16, 4 steps
     python benchmarks/speed.py --device cuda [--model sdxl] [--sizes 4,16,64] [--steps 10]   # SDXL, 1024², fp16
 
 A set of N images is 1 reference + N-1 targets; every method gets the same prompts and starting noise:
@@ -39,6 +39,7 @@ transformer's. On CPU, T5 prompts are `--max-sequence-length` 32 tokens (512 FLU
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -234,7 +235,7 @@ def benchmark(pipe, args, device: torch.device) -> dict[tuple[int, str], Measure
 def labels(args) -> dict[str, str]:
     bs = args.batch_size
     return dict(vanilla=f"vanilla (bs {bs})", floor="floor, one batch", apply="apply, one batch",
-                floor_chunked=f"floor (ref + chunks of {bs})", generate_set=f"generate_set (bs {bs})")
+                floor_chunked=f"floor, chunked (bs {bs})", generate_set=f"generate_set (bs {bs})")
 
 
 def ratio(value: float, base: float | None) -> str:
@@ -313,7 +314,7 @@ def main() -> None:
                         help="images per call for vanilla, targets per chunk for generate_set (default 4; flux/sd3 "
                              "on CPU: 2, so a 4-image set runs in chunks)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps (default: 10 GPU; 2 CPU, 1 for flux/sd3 on CPU)")
+                        help="denoising steps (default: 10 GPU, 4 for flux/sd3; 2 CPU, 1 for flux/sd3)")
     parser.add_argument("--guidance", type=float, default=None, help="default: 7.5 UNets, 3.5 flux, 4.5 sd3")
     parser.add_argument("--max-sequence-length", type=int, default=None,
                         help="T5 prompt tokens, flux/sd3 (default: 32 CPU; 512 flux, 256 sd3 on a GPU)")
@@ -329,6 +330,8 @@ def main() -> None:
     dit = model.depth is not None
     if args.depth and not dit:
         parser.error(f"--depth applies to flux and sd3, not {args.model}")
+    if args.depth and not re.fullmatch(r"\d+,\d+" if args.model == "flux" else r"\d+", args.depth):
+        parser.error("--depth is double,single blocks for flux (e.g. 1,2) and a block count for sd3 (e.g. 3)")
     dtype = resolve_dtype(args.dtype or (model.gpu_dtype if gpu else None), device)
     args.depth = args.depth or (model.depth[gpu] if dit else None)
     args.max_sequence_length = args.max_sequence_length or (model.text_tokens[gpu] if dit else None)
@@ -336,7 +339,7 @@ def main() -> None:
     default_sizes = ("4,16" if dit else "4,16,64") if gpu else ("4" if dit else "4,16")
     args.sizes = [int(s) for s in (args.sizes or default_sizes).split(",")]
     args.batch_size = args.batch_size or (2 if dit and not gpu else 4)
-    args.steps = args.steps or (10 if gpu else 1 if dit else 2)
+    args.steps = args.steps or ((4 if dit else 10) if gpu else (1 if dit else 2))
     args.guidance = model.guidance if args.guidance is None else args.guidance
     args.repeats = args.repeats or (1 if gpu else 3)
 
