@@ -57,8 +57,8 @@ class AttentionHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         own = module.processor
-        ip_adapter = "ip_hidden_states" in inspect.signature(own.__call__).parameters
-        if ip_adapter and kwargs.get("ip_hidden_states") is not None:
+        if kwargs.get("ip_hidden_states") is not None and "ip_hidden_states" in inspect.signature(
+                own.__call__).parameters:
             raise ValueError(f"{self.processor.name} runs an IP-Adapter, which StyleAligned cannot share yet; "
                              "leave the layer out of shared_layers")
         module.processor = self.processor

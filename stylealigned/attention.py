@@ -29,10 +29,14 @@ Rotation = Callable[[Tensor], Tensor] | None
 def token_stats(x: Tensor) -> Stats:
     """Mean and std over tokens (dim -2) per head and channel; unbiased variance + EPS under the root.
 
-    A layer with a single token (a 1x1 bottleneck at tiny sizes) has no unbiased variance; it gets 0, not NaN.
+    Two passes in fp32 or wider (torch's var_mean over a middle axis is several times slower on CPUs). A layer with
+    a single token (a 1x1 bottleneck at tiny sizes) has no unbiased variance; it gets 0, not NaN.
     """
-    var, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=min(1, x.shape[-2] - 1))
-    return mean, (var + EPS).sqrt()
+    tokens = x.shape[-2]
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = wide.mean(-2, keepdim=True)
+    var = (wide - mean).square_().mean(-2, keepdim=True) * (tokens / max(tokens - 1, 1))
+    return mean.to(x.dtype), (var + EPS).sqrt_().to(x.dtype)
 
 
 def adain(x: Tensor, stats: Stats, ref_stats: Stats) -> Tensor:
@@ -60,11 +64,11 @@ def rotated(x: Tensor, rotate: Rotation) -> Tensor:
     return x if rotate is None else rotate(x)
 
 
-def on_tokens(x: Tensor, tokens: slice, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """x with `fn` applied to the given slice of its token axis (dim -2) only."""
-    if tokens == ALL:
+def on_tokens(x: Tensor, tokens: slice, fn: Callable[[Tensor], Tensor], overwrite: bool = False) -> Tensor:
+    """x with `fn` applied to the given slice of its token axis (dim -2) only; into x itself if `overwrite`."""
+    if tokens == ALL and not overwrite:
         return fn(x)
-    out = x.clone()
+    out = x if overwrite else x.clone()
     out[..., tokens, :] = fn(x[..., tokens, :])
     return out
 
@@ -128,18 +132,25 @@ def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, 
 
 
 def align_targets(q: Tensor, k: Tensor, v: Tensor, ref: Reference, config: StyleAlignedConfig, image: slice = ALL,
-                  rotate: Rotation = None, mask: Tensor | None = None) -> Tensor:
+                  rotate: Rotation = None, mask: Tensor | None = None, overwrite: bool = False) -> Tensor:
     """Targets (G, T, H, N, D), before RoPE: AdaIN of their image tokens to the reference's, RoPE, then attention
-    to their own tokens and, per the config, to the reference's shared tokens."""
+    to their own tokens and, per the config, to the reference's shared tokens.
+
+    `overwrite`: normalise and rotate q, k, v in place (a processor's own projections), so that no second copy of
+    them is alive while the targets attend.
+    """
 
     def normalised(x: Tensor, ref_stats: Stats | None) -> Tensor:
         if ref_stats is None:
             return x
         ref_stats = (ref_stats[0][:, None], ref_stats[1][:, None])
-        return on_tokens(x, image, lambda tokens: adain(tokens, token_stats(tokens), ref_stats))
+        return on_tokens(x, image, lambda tokens: adain(tokens, token_stats(tokens), ref_stats), overwrite)
+
+    def rotated_(x: Tensor) -> Tensor:
+        return x.copy_(rotate(x)) if overwrite and rotate is not None else rotated(x, rotate)
 
     q, k, v = normalised(q, ref.query_stats), normalised(k, ref.key_stats), normalised(v, ref.value_stats)
-    q, k = rotated(q, rotate), rotated(k, rotate)
+    q, k = rotated_(q), rotated_(k)
     if not config.share_attention:
         return attention(q, k, v, mask)
     return attend_with_reference(q, k, v, ref.key, ref.value, config.shared_score_scale, config.shared_score_shift,
@@ -153,12 +164,13 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, rotate: Rotation = None
 
 
 def shared_attention(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, image: slice = ALL,
-                     rotate: Rotation = None, rotate_shared: Rotation = None, mask: Tensor | None = None) -> Tensor:
+                     rotate: Rotation = None, rotate_shared: Rotation = None, mask: Tensor | None = None,
+                     overwrite: bool = False) -> Tensor:
     """Attention of (G, M, H, N, D) images (before RoPE) where image 0 of each group is the reference.
 
     The reference attends to itself only, exactly as if generated alone (in the paper's formulation it also
-    sees a copy of itself, which leaves its softmax unchanged); targets follow `align_targets`. `mask`
-    (G, M, 1, N, N), boolean, is the model's own attention mask, if any.
+    sees a copy of itself, which leaves its softmax unchanged); targets follow `align_targets` (`overwrite`: their
+    rows of q, k, v are overwritten). `mask` (G, M, 1, N, N) is the model's own attention mask, if any.
     """
     if config.full_attention_share:
         return full_attention_share(q, k, v)
@@ -168,5 +180,5 @@ def shared_attention(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig
         return ref_out
     ref = make_reference(ref_q, ref_k, ref_v, config, image, rotate_shared)
     targets = align_targets(q[:, 1:], k[:, 1:], v[:, 1:], ref, config, image, rotate,
-                            None if mask is None else mask[:, 1:])
+                            None if mask is None else mask[:, 1:], overwrite)
     return torch.cat([ref_out, targets], dim=1)

@@ -52,12 +52,12 @@ class SharedAttention:
     def attend(self, q: Tensor, k: Tensor, v: Tensor, image: slice = ALL, rotate=None, rotate_shared=None,
                mask: Tensor | None = None) -> Tensor:
         mode = self.state.mode
-        if mode == BATCH:
-            return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask)
+        if mode == BATCH:  # q, k, v are this layer's own projections: the targets' are overwritten, not copied
+            return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask, overwrite=True)
         if mode == RECORD:
             self.state.cache[self.name] = make_reference(q[:, 0], k[:, 0], v[:, 0], self.config, image, rotate_shared)
             return reference_attention(q, k, v, rotate, mask)
-        return align_targets(q, k, v, self.state.cache[self.name], self.config, image, rotate, mask)
+        return align_targets(q, k, v, self.state.cache[self.name], self.config, image, rotate, mask, overwrite=True)
 
     def grouped(self, x: Tensor) -> Tensor:
         """(batch, tokens, heads, dim) -> (groups, per group, heads, tokens, dim)."""
