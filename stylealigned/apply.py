@@ -28,7 +28,11 @@ HOOK = "stylealigned"
 def select_layers(names: Sequence[str], shared_layers: float | str | tuple[str, ...]) -> list[str]:
     """The layers that share: an evenly spread fraction, a name substring, or explicit names."""
     if isinstance(shared_layers, str):
-        return [name for name in names if shared_layers in name]
+        picked = [name for name in names if shared_layers in name]
+        if not picked:
+            raise ValueError(f"shared_layers {shared_layers!r} matches no attention layer; the layers are "
+                             f"{', '.join(names)}")
+        return picked
     if isinstance(shared_layers, tuple):
         unknown = sorted(set(shared_layers) - set(names))
         if unknown:

@@ -55,6 +55,8 @@ class Trajectory:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trajectory:
         """Read a file written by `save`; a missing, corrupt or foreign file is a UserError."""
+        if Path(path).is_dir():
+            raise UserError(f"trajectory {path} is a folder; pass the .safetensors file that --save-trajectory wrote")
         if not Path(path).is_file():
             raise UserError(f"trajectory file {path} not found; check the path or invert the reference again")
         try:
@@ -88,6 +90,10 @@ class Trajectory:
                 f"the trajectory has {len(self.timesteps)} steps but {num_inference_steps} were requested; "
                 f"use {len(self.timesteps)} steps or invert the reference again with {num_inference_steps}"
             )
+        shape = backbone_for(pipe).packed_shape(height, width)
+        if tuple(self.latents.shape[1:]) != shape:
+            raise UserError(f"the trajectory's latents are {tuple(self.latents.shape[1:])} but a {width}x{height} "
+                            f"latent of this model is {shape}; invert the reference again")
         expected = sampling_timesteps(pipe, num_inference_steps, width, height)
         if not all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(expected, self.timesteps)):
             raise UserError(

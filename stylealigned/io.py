@@ -6,6 +6,7 @@ import re
 import tempfile
 import unicodedata
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,6 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin, Unidentif
 from .errors import UserError
 
 MAX_PIXELS = 100_000_000  # larger images are refused as possible decompression bombs
-OUR_OUTPUTS = re.compile(r"^(\d+-[a-z0-9-]*\.png|grid\.png|run\.json)$")  # what overwrite may delete
 WHITE = (255, 255, 255)
 
 
@@ -65,10 +65,19 @@ def write_atomic(path, write) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             write(file)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; honour the umask like any other tool
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         os.unlink(temporary)
+        if isinstance(error, OSError):  # name the file we meant to write, not the temporary one
+            raise OSError(error.errno, error.strerror, str(path)) from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_png(image: Image.Image, path, metadata: dict) -> None:
@@ -114,10 +123,14 @@ def make_grid(images: list, columns: int, labels: list | None = None, row_labels
 
 
 def _fit(text: str, font, width: int) -> str:
-    """`text` shortened with an ellipsis until it is at most `width` pixels wide."""
-    while text and font.getlength(text) > width:
-        text = text[:-2] + "…" if len(text) > 1 else ""
-    return text
+    """`text` shortened with an ellipsis to at most `width` pixels wide (a binary search: long prompts stay fast)."""
+    if font.getlength(text) <= width:
+        return text
+    low, high = 0, len(text)  # the longest prefix that fits with the ellipsis lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if font.getlength(text[:middle] + "…") <= width else (low, middle)
+    return text[:low] + "…" if font.getlength(text[:low] + "…") <= width else ""
 
 
 def slugify(text: str, max_len: int = 40) -> str:
@@ -134,8 +147,13 @@ def image_filename(position: int, prompt: str) -> str:
     return f"{position:02d}-{slugify(prompt)}.png"
 
 
-def prepare_output_dir(path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create the output folder; earlier results there need `resume` (keep them) or `overwrite` (delete ours)."""
+def prepare_output_dir(path, overwrite: bool = False, resume: bool = False, outputs: Sequence[str] = (),
+                       record: str = "run.json", listed: Callable[[dict], list] = lambda data: data.get("files", [])):
+    """Create the output folder; earlier results there need `resume` (keep them) or `overwrite`.
+
+    Overwriting deletes only the files the earlier `record` lists (`listed(its JSON)`), and refuses when one of the
+    `outputs` this run will write is there without being listed: a file someone else made is never replaced.
+    """
     path = Path(path)
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other; pass one of them")
@@ -146,11 +164,26 @@ def prepare_output_dir(path, overwrite: bool = False, resume: bool = False) -> P
         tempfile.TemporaryFile(dir=path).close()
     except OSError as error:
         raise UserError(f"cannot write to output folder {path}: {error.strerror}; choose another --out") from None
-    earlier = (path / "run.json").exists() or any(path.glob("*.png"))
-    if earlier and overwrite:
-        for file in path.iterdir():
-            if file.is_file() and OUR_OUTPUTS.match(file.name):
-                file.unlink()
-    elif earlier and not resume:
+    earlier = (path / record).exists() or any(path.glob("*.png"))
+    if earlier and not (overwrite or resume):
         raise UserError(f"{path} holds earlier results; pass --overwrite to replace them or --resume to complete them")
+    ours = _listed(path / record, listed) if overwrite else []
+    fresh = overwrite or not (path / record).exists()  # else a resume, whose record run.json's checks compare
+    foreign = [name for name in [*outputs, record] if fresh and (path / name).exists() and name not in ours]
+    if foreign:
+        raise UserError(f"{path / foreign[0]} was not written by stylealigned (no earlier {record} there lists it); "
+                        "move it away or choose another --out")
+    for name in ours:
+        (path / name).unlink(missing_ok=True)
     return path
+
+
+def _listed(record: Path, listed: Callable[[dict], list]) -> list[str]:
+    """The plain file names an earlier record lists as ours, the record itself last; none for a foreign record."""
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        names = [name for name in listed(data) if isinstance(name, str) and name not in ("", ".", "..")
+                 and Path(name).name == name]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    return names + [record.name]

@@ -1,8 +1,9 @@
 """Generate a style-aligned set of any size: one reference, targets in waves and chunks, images as they finish.
 
-Set positions: 0 is the reference, 1..n the targets. Image i starts from noise seeded by `seed + i`, and a target
-depends only on itself and the reference, so any subset of positions (a resumed run, one process of several)
-reproduces exactly the images of the full set.
+Set positions: 0 is the reference, 1..n the targets. Image i starts from noise seeded by `seed + i`. Waves are
+fixed ranges of positions (`waves_of`) and a wave is always denoised and decoded whole, so an image depends only on
+its position: any subset of positions (a resumed run, one process of several) reproduces the full set's images
+bit for bit.
 
 Each wave denoises up to `wave_size` targets together with the reference through the pipeline's own call; the
 denoiser (UNet or transformer) runs the reference once per step and the targets `batch_size` at a time against its
@@ -76,25 +77,32 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
         _check_reference(pipe, reference, offset, kwargs)
         kwargs["callback_on_step_end"] = pin_reference(reference, offset)
 
-    targets = [i for i in wanted if i > 0] or [None]
-    wave_size = wave_size or (WAVE_CHUNKS * batch_size if batch_size else len(targets))
-    waves = [targets[s:s + wave_size] for s in range(0, len(targets), wave_size)]
+    waves = [wave for wave in waves_of(len(set_prompts), batch_size, wave_size) if set(wave) & set(wanted)]
     images: dict[int, Image.Image] = {}
     with apply(pipe, config) as handle, handle.chunked(batch_size):
-        for number, wave in enumerate(tqdm(waves, desc="waves", disable=len(waves) == 1)):
-            positions = [0] + [i for i in wave if i is not None]
+        for wave in tqdm(waves, desc="waves", disable=len(waves) == 1):
+            positions = [0] + [i for i in wave if i > 0]
             noise = backbone.initial_noise(positions, seed, height, width)
             if reference is not None:
                 noise[0] = reference.latents[offset].to(noise.device, noise.dtype)
             latents = pipe([set_prompts[i] for i in positions], latents=noise, **kwargs).images
-            keep = [(k, i) for k, i in enumerate(positions) if i in wanted and (i > 0 or number == 0)]
-            for start in range(0, len(keep), batch_size or len(keep)):
-                part = keep[start:start + (batch_size or len(keep))]
-                for (_, position), image in zip(part, backbone.decode(latents[[k for k, _ in part]], height, width)):
-                    images[position] = image
-                    if on_image is not None:
-                        on_image(position, image)
+            rows = list(range(len(positions)) if wave.start == 0 else range(1, len(positions)))  # 0 from wave 0 only
+            for start in range(0, len(rows), batch_size or len(rows)):
+                part = rows[start:start + (batch_size or len(rows))]  # fixed chunks, so decoding matches too
+                if not any(positions[k] in wanted for k in part):
+                    continue
+                for k, image in zip(part, backbone.decode(latents[part], height, width)):
+                    if positions[k] in wanted:
+                        images[positions[k]] = image
+                        if on_image is not None:
+                            on_image(positions[k], image)
     return [images[i] for i in wanted]
+
+
+def waves_of(count: int, batch_size: int | None = None, wave_size: int | None = None) -> list[range]:
+    """The fixed waves of a set of `count` images: ranges of set positions, the first one holding the reference."""
+    size = wave_size or (WAVE_CHUNKS * batch_size if batch_size else max(count - 1, 1))
+    return [range(0 if start == 1 else start, min(start + size, count)) for start in range(1, max(count, 2), size)]
 
 
 def _check_reference(pipe, reference: Trajectory, offset: int, kwargs: dict) -> None:

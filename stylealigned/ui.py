@@ -11,7 +11,7 @@ import io
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs
 
-from .cli.common import build_config
+from .cli.common import build_config, check_numbers
 from .config import KNOBS, StyleAlignedConfig, knob_help, knobs_of_type
 from .errors import UserError
 from .sets import generate_set
@@ -68,10 +68,12 @@ def run_form(pipe, values: dict[str, str], checked: set[str]) -> list[tuple[str,
                  for name in TEXT_KNOBS if values[name].strip()}
     except ValueError as error:
         raise UserError(f"a number field holds something else: {error}") from None
-    if steps < 1:
-        raise UserError("steps must be at least 1")
+    check_numbers(seed=seed, steps=steps, guidance=guidance)
     config = build_config("text-to-image", False, **{name: name in checked for name in SWITCHES}, **knobs)
-    images = generate_set(pipe, prompts, config, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
+    try:
+        images = generate_set(pipe, prompts, config, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
+    except ValueError as error:  # a knob this model refuses, such as shared_layers naming none of its layers
+        raise UserError(str(error)) from None
     return list(zip(prompts, images))
 
 

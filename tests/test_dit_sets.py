@@ -117,7 +117,10 @@ def decoded(monkeypatch):
 
     def spy(backbone, latents, height, width):
         seen.append(latents.clone())
-        return original(backbone, latents, height, width)
+        images = original(backbone, latents, height, width)
+        for latent, image in zip(latents, images):  # whole chunks are decoded: tag each image with its latent
+            image.info["latent"] = latent.clone()
+        return images
 
     monkeypatch.setattr(Backbone, "decode", spy)
     return seen
@@ -126,12 +129,12 @@ def decoded(monkeypatch):
 def set_latents(pipe, prompts, decoded, seed=7, **kwargs) -> dict[int, torch.Tensor]:
     """generate_set's decoded latents by set position."""
     decoded.clear()
-    positions = []
-    images = sets.generate_set(pipe, prompts, seed=seed, on_image=lambda i, _: positions.append(i),
-                               **settings(pipe), **kwargs)
+    found = {}
+    images = sets.generate_set(pipe, prompts, seed=seed, **settings(pipe), **kwargs,
+                               on_image=lambda i, image: found.setdefault(i, image.info["latent"]))
     size = SIZES[family(pipe)]
-    assert len(images) == len(positions) and all(image.size == (size, size) for image in images)
-    return dict(zip(positions, torch.cat(decoded)))
+    assert len(images) == len(found) and all(image.size == (size, size) for image in images)
+    return found
 
 
 def test_chunks_and_waves_equal_one_batch_and_the_apply_path(pipe, decoded):

@@ -1,5 +1,6 @@
 """Image input and output: every kind of file users pass in, atomic PNG/JSON writing, grids, output folders."""
 
+import json
 import struct
 import zlib
 from io import BytesIO
@@ -202,13 +203,24 @@ def test_output_dir_created_and_refused_when_holding_results(tmp_path):
         prepare_output_dir(only_png)
 
 
-def test_overwrite_removes_only_our_outputs(tmp_path):
-    ours = ["00-a-cat.png", "01-a-dog.png", "grid.png", "run.json"]
-    theirs = ["notes.txt", "holiday.png", "00-draft.jpg"]
+def test_overwrite_removes_only_the_files_run_json_lists(tmp_path):
+    ours = ["00-a-cat.png", "01-a-dog.png", "grid.png"]
+    theirs = ["notes.txt", "holiday.png", "00-draft.jpg", "02-mum.png"]
     for name in ours + theirs:
         (tmp_path / name).write_text("x")
-    prepare_output_dir(tmp_path, overwrite=True)
+    (tmp_path / "run.json").write_text(json.dumps({"files": ours + ["../escape.png"]}))
+    prepare_output_dir(tmp_path, overwrite=True, outputs=["00-a-tree.png", "grid.png"])
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(theirs)
+
+
+def test_overwrite_refuses_to_replace_a_file_it_did_not_write(tmp_path):
+    (tmp_path / "00-a-cat.png").write_text("mine")
+    with pytest.raises(UserError, match="00-a-cat.png was not written by stylealigned"):
+        prepare_output_dir(tmp_path, overwrite=True, outputs=["00-a-cat.png"])
+    (tmp_path / "run.json").write_text("not ours")
+    with pytest.raises(UserError, match="run.json was not written by stylealigned"):
+        prepare_output_dir(tmp_path, overwrite=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["00-a-cat.png", "run.json"]
 
 
 def test_unwritable_output_dir(tmp_path):

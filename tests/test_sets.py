@@ -23,6 +23,8 @@ def decoded(monkeypatch):
     def spy(backbone, latents, height, width):
         images = original(backbone, latents, height, width)
         seen.setdefault("latents", []).append(latents.clone())
+        for latent, image in zip(latents, images):  # whole chunks are decoded: tag each image with its latent
+            image.info["latent"] = latent.clone()
         return images
 
     monkeypatch.setattr(Backbone, "decode", spy)
@@ -31,11 +33,11 @@ def decoded(monkeypatch):
 
 def set_latents(pipe, prompts, decoded, **kwargs):
     decoded.clear()
-    positions = []
-    sa_images = sets.generate_set(pipe, prompts, seed=7, on_image=lambda i, _: positions.append(i),
-                                  **SETTINGS, **kwargs)
-    assert len(sa_images) == len(positions)
-    return dict(zip(positions, torch.cat(decoded["latents"])))
+    found = {}
+    sa_images = sets.generate_set(pipe, prompts, seed=7, **SETTINGS, **kwargs,
+                                  on_image=lambda i, image: found.setdefault(i, image.info["latent"]))
+    assert len(sa_images) == len(found)
+    return found
 
 
 def test_one_chunk_equals_the_apply_path(sd_pipe, decoded):

@@ -107,6 +107,10 @@ class Backbone:
         factor = self.pipe.vae_scale_factor
         return self.pipe.vae.config.latent_channels, height // factor, width // factor
 
+    def packed_shape(self, height: int, width: int) -> tuple[int, ...]:
+        """The shape of one image's latent in the pipeline's layout (what `latents=` takes per image)."""
+        return tuple(self.pack(torch.empty(1, *self.latent_shape(height, width)), height, width).shape[1:])
+
     def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Unpacked [B, C, h, w] latents -> the layout the pipeline's `latents=` takes."""
         return latents

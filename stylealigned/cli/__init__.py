@@ -4,6 +4,11 @@ import sys
 
 import typer
 
+try:  # typer >= 0.29 ships its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+except ImportError:
+    from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
+
 from ..errors import UserError
 
 app = typer.Typer(
@@ -24,9 +29,21 @@ from .common import Interrupted  # noqa: E402
 
 
 def main() -> None:
-    """Run the CLI; a UserError becomes one line on stderr and exit status 2, with no traceback."""
+    """Run the CLI; a UserError or a bad option becomes one line on stderr and exit status 2, with no traceback."""
     try:
-        app()
+        sys.exit(app(standalone_mode=False) or 0)
+    except NoArgsIsHelpError as error:
+        print(error.ctx.get_help())
+        sys.exit(2)
+    except UsageError as error:
+        command = error.ctx.command_path if error.ctx else "stylealigned"
+        print(f"error: {error.format_message()}; see {command} --help".replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+    except ClickException as error:
+        print(f"error: {error.format_message()}".replace("\n", " "), file=sys.stderr)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        sys.exit(1)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 import json
+import math
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,11 +16,27 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from ..config import StyleAlignedConfig, knob_help
+from ..config import KNOBS, StyleAlignedConfig, knob_help, knobs_of_type
 from ..errors import UserError
 from ..io import image_filename, make_grid, prepare_output_dir, read_png_metadata, save_png, write_json_atomic
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+MAX_SIZE = int(os.environ.get("STYLEALIGNED_MAX_SIZE", "4096"))  # pixels per side; the variable raises the bound
+MAX_PROMPTS_FILE = 10_000_000  # bytes
+LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and infinities lie in no range
+    "seed": (0, 2**63 - 1), "steps": (1, 1000), "guidance": (0, 100), "width": (8, MAX_SIZE), "height": (8, MAX_SIZE),
+    "batch_size": (1, 4096), "offset": (0, 999), "inversion_guidance": (0, 100), "shared_score_scale": (0, 100),
+    "shared_score_shift": (-100, 100), "port": (0, 65535), "sets": (1, 100), "threads": (1, 1024), "styles": (1, 100),
+}
+
+
+def check_numbers(**values) -> None:
+    """Refuse a numeric option (None: not given) outside its LIMITS range, naming the option (or knob) and range."""
+    for name, value in values.items():
+        low, high = LIMITS[name]
+        if value is not None and not low <= value <= high:
+            label = name if name in KNOBS else "--" + name.replace("_", "-")
+            raise UserError(f"{label} must lie in {low}..{high}, got {value}; pass a value in that range")
 
 
 class Interrupted(Exception):
@@ -33,7 +52,9 @@ Out = Annotated[Path, typer.Option(help="Output folder (one PNG per image, grid.
 Seed = Annotated[int, typer.Option(help="Image i starts from noise seeded by SEED + i.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
 Guidance = Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the pipeline's).")]
-Size = Annotated[Optional[int], typer.Option(help="Pixels (default: the model's native size).")]
+Size = Annotated[Optional[int], typer.Option(
+    help=f"Pixels, a multiple of 8 up to {MAX_SIZE} (the variable STYLEALIGNED_MAX_SIZE raises it); "
+         "default: the model's native size.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 Dtype = Annotated[Optional[str], typer.Option(help="fp16, bf16 or fp32 (default: fp16 on GPUs, fp32 on CPU).")]
 Scheduler = Annotated[str, typer.Option(
@@ -67,9 +88,11 @@ def with_knob_options(command: Callable) -> Callable:
     return run
 
 
-def fit_to_family(config: StyleAlignedConfig, knobs: dict, pipe) -> StyleAlignedConfig:
+def fit_to_family(config: StyleAlignedConfig, knobs: dict, pipe, batch_size: int | None) -> StyleAlignedConfig:
     """The config for this pipeline's family: a preset's norm sharing is dropped where the family has no such
-    norms (FLUX, SD3), unless the user asked for it (then `apply` refuses it with the reason)."""
+    norms (FLUX, SD3), unless the user asked for it (then it is refused with the reason), and every knob checked
+    against the model (layer names) and the batch size, before anything is written."""
+    from ..apply import layers_to_share
     from ..backbones import backbone_for
 
     backbone = backbone_for(pipe)
@@ -77,6 +100,13 @@ def fit_to_family(config: StyleAlignedConfig, knobs: dict, pipe) -> StyleAligned
     config = config.replace(**{name: getattr(fitted, name) for name in ("share_group_norm", "share_layer_norm")
                                if knobs.get(name) is None})
     backbone.check_config(config)
+    if batch_size and config.full_attention_share:
+        raise UserError("full_attention_share shares among all images at once, so it cannot run in batches; "
+                        "drop --batch-size or --full-attention-share")
+    try:
+        layers_to_share(backbone, config)
+    except ValueError as error:
+        raise UserError(f"{error}; pass a fraction or a part of one of these names") from None
     return config
 
 
@@ -86,6 +116,7 @@ def build_config(preset: str, no_share: bool, **knobs) -> StyleAlignedConfig:
         raise UserError(f"unknown --preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if no_share:
         return StyleAlignedConfig.disabled()
+    check_numbers(**{name: knobs.get(name) for name in knobs_of_type("float")})
     changes = {name: value for name, value in knobs.items() if value is not None}
     if "shared_layers" in changes:
         text = changes["shared_layers"]
@@ -102,9 +133,16 @@ def build_config(preset: str, no_share: bool, **knobs) -> StyleAlignedConfig:
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None, style: str | None) -> list[str]:
     """Prompts from the arguments and the file, with the style appended; none at all is a UserError."""
     prompts = list(prompts or [])
+    if not all(p.strip() for p in prompts):
+        raise UserError("a prompt argument is empty; write some text in every prompt, or leave it out")
     if prompts_file is not None:
         try:
-            prompts += [line.strip() for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+            with open(prompts_file, "rb") as file:
+                data = file.read(MAX_PROMPTS_FILE + 1)
+            if len(data) > MAX_PROMPTS_FILE:
+                raise UserError(f"--prompts-file {prompts_file} is over {MAX_PROMPTS_FILE // 1_000_000} MB; "
+                                "pass a text file with one prompt per line")
+            prompts += [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"cannot read --prompts-file {prompts_file}: {error}") from None
     if not prompts:
@@ -135,25 +173,35 @@ class RunFolder:
     def __post_init__(self) -> None:
         self.files = {i: self.path / image_filename(i, p) for i, p in enumerate(self.prompts)}
 
+    @property
+    def outputs(self) -> list[str]:
+        """The files this set writes besides run.json, which lists them: overwriting deletes these and no others."""
+        return [file.name for file in self.files.values()] + ["grid.png"]
+
     def open(self, resume: bool, overwrite: bool) -> list[int]:
         """Create or reopen the folder; returns the positions still to generate."""
         earlier = self.path / "run.json"
         resuming = resume and earlier.exists()
-        prepare_output_dir(self.path, overwrite=overwrite, resume=resume)
-        if resuming:
-            try:
-                recorded = json.loads(earlier.read_text(encoding="utf-8")).get("parameters")
-            except ValueError:
-                recorded = None
-            if recorded != json.loads(json.dumps(self.parameters)):
-                raise UserError(f"{self.path} holds a run with other parameters; rerun the same command to resume, "
-                                "or pass --overwrite")
+        prepare_output_dir(self.path, overwrite=overwrite, resume=resume, outputs=self.outputs)
+        if resuming and (differ := self._differences(earlier)):
+            raise UserError(f"{self.path} holds a run with other parameters ({', '.join(differ)}); rerun the same "
+                            "command to resume, or pass --overwrite")
         return [i for i, file in self.files.items() if not (resuming and _is_complete(file))]
+
+    def _differences(self, earlier: Path) -> list[str]:
+        """What differs between this set and the one recorded in `earlier`: prompts, style, model, reference, ..."""
+        now = json.loads(json.dumps({"prompts": self.prompts, **self.parameters}))
+        try:
+            record = json.loads(earlier.read_text(encoding="utf-8"))
+            before = {"prompts": record.get("prompts"), **record.get("parameters", {})}
+        except (ValueError, AttributeError, TypeError):
+            return ["an unreadable run.json"]
+        return sorted(name for name in now.keys() | before.keys() if now.get(name) != before.get(name))
 
     def write_record(self, complete: bool) -> None:
         write_json_atomic(self.path / "run.json", {"parameters": self.parameters, "prompts": self.prompts,
                                                    "style": self.parameters.get("style"), "complete": complete,
-                                                   "versions": versions()})
+                                                   "files": self.outputs, "versions": versions()})
 
     def save(self, position: int, image) -> None:
         save_png(image, self.files[position], {**self.parameters, "position": position,
@@ -180,28 +228,36 @@ def _is_complete(file: Path) -> bool:
 
 
 def generate_into(folder: RunFolder, todo: list[int], produce: Callable[[list[int], Callable], None],
-                  grid_extra: list[tuple[str, object]] = ()) -> bool:
+                  batch_size: int | None, grid_extra: list[tuple[str, object]] = ()) -> bool:
     """Run `produce(positions, on_image)` for this process's share of `todo`, then write grid.png and run.json.
 
-    Under `accelerate launch` each process takes its share of the positions (all compute the same reference).
-    Returns whether this is the main process (the one that reports).
+    Under `accelerate launch` each process takes its share of the set's waves (all compute the same reference).
+    Returns whether this is the main process (the one that reports). A failed write (a full disk) is a UserError.
     """
     from accelerate import PartialState
 
+    from ..sets import waves_of
+
     state = PartialState()
-    if state.is_main_process:
-        folder.write_record(complete=False)
-    with state.split_between_processes(todo) as mine:
-        try:
-            if mine:
-                produce(list(mine), folder.save)
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted: finished images are kept in {folder.path}; "
-                              "rerun the same command with --resume to complete the set") from None
-    state.wait_for_everyone()
-    if state.is_main_process:
-        folder.write_grid(grid_extra)
-        folder.write_record(complete=True)
+    waves = [[i for i in todo if i in wave] for wave in waves_of(len(folder.prompts), batch_size)]
+    try:
+        if state.is_main_process:
+            folder.write_record(complete=False)
+        with state.split_between_processes([wave for wave in waves if wave]) as mine:
+            try:
+                if mine:
+                    produce([i for wave in mine for i in wave], folder.save)
+            except KeyboardInterrupt:
+                raise Interrupted(f"interrupted: finished images are kept in {folder.path}; "
+                                  "rerun the same command with --resume to complete the set") from None
+        state.wait_for_everyone()
+        if state.is_main_process:
+            folder.write_grid(grid_extra)
+            folder.write_record(complete=True)
+    except OSError as error:
+        raise UserError(f"cannot write {error.filename or folder.path} ({error.strerror or error}); finished images "
+                        f"are kept in {folder.path}: free some space and rerun the same command with --resume"
+                        ) from None
     return state.is_main_process
 
 
@@ -213,19 +269,44 @@ def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int,
     from ..backbones import backbone_for
     from ..models import load_pipeline
 
-    if steps < 1:
-        raise UserError(f"--steps must be at least 1, got {steps}")
-    if any(size is not None and (size < 8 or size % 8) for size in (width, height)):
+    check_numbers(steps=steps, guidance=guidance, width=width, height=height)
+    if any(size is not None and size % 8 for size in (width, height)):
         raise UserError(f"--width and --height must be positive multiples of 8, got {width}x{height}")
     state = PartialState()
     if device == "auto" and state.num_processes > 1:
         device = str(state.device)
     pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler)
-    native_height, native_width = backbone_for(pipe).native_size()
+    backbone = backbone_for(pipe)
+    native_height, native_width = backbone.native_size()
     width, height = width or native_width, height or native_height
+    _check_steps(pipe, backbone, steps, width, height)
     settings = {"num_inference_steps": steps, "width": width, "height": height}
     if guidance is not None:
         settings["guidance_scale"] = guidance
     if negative_prompt:
         settings["negative_prompt"] = negative_prompt
     return pipe, settings
+
+
+def _check_steps(pipe, backbone, steps: int, width: int, height: int) -> None:
+    """The scheduler must be able to sample `steps` steps: on UNets, each timestep lies below its training's."""
+    from ..inversion import sampling_timesteps
+
+    trained = None if backbone.flow else pipe.scheduler.config.get("num_train_timesteps")
+    try:
+        last = max(sampling_timesteps(pipe, steps, width, height))
+    except (IndexError, ValueError, RuntimeError):
+        last = math.inf
+    if last == math.inf or (trained and last >= trained):
+        trained_on = f", trained on {trained} timesteps" if trained else ""
+        raise UserError(f"--steps {steps} is too many for {type(pipe.scheduler).__name__}{trained_on}; "
+                        "pass fewer --steps")
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: what a resume compares, so another file at the same path is noticed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ..errors import UserError
 from . import app
-from .common import Device, Overwrite
+from .common import Device, Overwrite, check_numbers
 
 
 @app.command()
@@ -32,9 +31,9 @@ def demo(
     from ..io import prepare_output_dir, save_png, write_json_atomic
     from ..models import load_pipeline
 
-    if min(sets, steps, threads) < 1:
-        raise UserError(f"--sets, --steps and --threads must be at least 1, got {sets}, {steps} and {threads}")
-    prepare_output_dir(out, overwrite=overwrite)
+    check_numbers(sets=sets, steps=steps, threads=threads, seed=seed)
+    ours = ["grid.png", "demo.json"]
+    prepare_output_dir(out, overwrite=overwrite, outputs=ours, record="demo.json", listed=lambda _: ours)
     classifier = load_judge()
     diffusers_logging.disable_progress_bar()  # one progress bar, over the images, is enough
     transformers_logging.disable_progress_bar()

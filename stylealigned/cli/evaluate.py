@@ -14,7 +14,7 @@ from ..eval.ablations import CONFIGS, parse_configs
 from ..eval.encoders import DEFAULT_CLIP, DEFAULT_DINO
 from ..eval.runner import SET_SEED_STRIDE, evaluate, reference_trajectory
 from . import app
-from .common import DEFAULT_MODEL, Device, Dtype, Guidance, Model, Scheduler, Size, Steps, load
+from .common import DEFAULT_MODEL, Device, Dtype, Guidance, Model, Scheduler, Size, Steps, check_numbers, load
 
 Text = Optional[str]
 
@@ -37,6 +37,7 @@ def evaluate_command(
     device: Device = "auto", dtype: Dtype = None, scheduler: Scheduler = "auto",
 ) -> None:
     """Generate every benchmark set under each configuration; write results.csv, summary.md and tradeoff.png."""
+    check_numbers(styles=styles, seed=seed)
     parse_configs(configs, has_reference=reference_image is not None)  # fail before the model loads
     if reference_image is not None and not (reference_prompt and reference_style):
         raise UserError("--reference-image needs --reference-prompt (what it shows) and --reference-style")

@@ -9,7 +9,7 @@ import typer
 from . import app
 from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Model, Negative, NoShare, Out, Overwrite,
                      Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size, Steps, Style,
-                     build_config, fit_to_family, generate_into, load, read_prompts, with_knob_options)
+                     build_config, check_numbers, fit_to_family, generate_into, load, read_prompts, with_knob_options)
 
 
 @app.command()
@@ -23,10 +23,11 @@ def generate(
     knobs: dict = None,
 ) -> None:
     """Generate a set of images in one style: one PNG per prompt (00 is the reference), grid.png, run.json."""
+    check_numbers(seed=seed, batch_size=batch_size)
     config = build_config(preset, no_share, **knobs)
     set_prompts = read_prompts(prompts, prompts_file, style)
     pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt)
-    config = fit_to_family(config, knobs, pipe)
+    config = fit_to_family(config, knobs, pipe, batch_size)
     folder = RunFolder(out, set_prompts, {"command": "generate", "model": model, "style": style, "seed": seed,
                                           "scheduler": scheduler, "dtype": str(pipe.dtype), **settings,
                                           "batch_size": batch_size, "config": config.to_dict()})
@@ -40,5 +41,5 @@ def generate(
         generate_set(pipe, set_prompts, config, seed=seed, batch_size=batch_size, indices=positions,
                      on_image=on_image, **settings)
 
-    if generate_into(folder, todo, produce):
+    if generate_into(folder, todo, produce, batch_size):
         typer.echo(f"wrote {len(set_prompts)} images, grid.png and run.json to {out}")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from ..errors import UserError
 from ..eval.encoders import DEFAULT_CLIP, DEFAULT_DINO
 from ..eval.metrics import score_set
 from ..eval.run_folder import read_run_folder
@@ -24,7 +25,12 @@ def score(
     """Print text alignment (CLIP) and set consistency (DINO) and write them to DIR/scores.json."""
     run = read_run_folder(folder)
     texts = run.texts(full_prompt)
-    scores = score_set(run.load_images(), texts, clip_model, dino_model, device)
+    try:
+        images = run.load_images()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise UserError(f"an image in {folder} cannot be read ({error}); "
+                        "generate the set again or complete it with --resume".replace("\n", " ")) from None
+    scores = score_set(images, texts, clip_model, dino_model, device)
     per_image = scores.pop("text_alignment_per_image")
     record = {
         **scores,
@@ -34,7 +40,10 @@ def score(
         "images": [{"file": path.name, "text": text, "text_alignment": value}
                    for path, text, value in zip(run.images, texts, per_image)],
     }
-    write_json_atomic(folder / "scores.json", record)
+    try:
+        write_json_atomic(folder / "scores.json", record)
+    except OSError as error:
+        raise UserError(f"cannot write {error.filename} ({error.strerror}); free some space and score again") from None
     typer.echo(f"text alignment  {scores['text_alignment']:.4f}  (CLIP, mean of {len(per_image)} images)")
     typer.echo(f"set consistency {scores['set_consistency']:.4f}  (DINO, mean over pairs, reference included)")
     typer.echo(f"wrote {folder / 'scores.json'}")

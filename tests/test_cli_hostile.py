@@ -1,0 +1,281 @@
+"""The CLI's promises under hostile input (issue 13): bad input stops before anything is written, `--overwrite`
+deletes only our own files, `--resume` completes the identical set, and every failure is one line with exit 2."""
+
+import errno
+import inspect
+import json
+import os
+import shutil
+import time
+import typing
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFont
+
+from stylealigned.backbones.base import Backbone
+from stylealigned.cli import common, demo, evaluate, generate, transfer, ui
+from stylealigned.inversion import Trajectory
+from stylealigned.io import make_grid
+from tests.test_cli import FAST, cli
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes: what "untouched" compares."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, *args, expected=""):
+    """Run the CLI, which must refuse with exit 2 and one last line, "error: ...", and no traceback."""
+    code, stdout, err = cli(capsys, *args)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and err.rstrip().endswith(errors[0]), (code, err)  # after progress bars
+    assert "Traceback" not in stdout + err and expected in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture
+def painting(tmp_path):
+    path = tmp_path / "painting.png"
+    gradient = np.linspace(0, 255, 48 * 64, dtype=np.uint8).reshape(48, 64)
+    Image.fromarray(np.stack([gradient, gradient[::-1], np.full_like(gradient, 90)], -1)).save(path)
+    return path
+
+
+@pytest.fixture
+def earlier(tiny_sd_path, tmp_path, capsys):
+    """A folder holding an earlier set beside files the user made."""
+    out = tmp_path / "out"
+    assert cli(capsys, "generate", "a cat", "a dog", "--model", tiny_sd_path, "--out", out, *FAST)[0] == 0
+    for name in ("01-mum.png", "2023-06-01-beach.png", "notes.txt"):
+        (out / name).write_bytes(b"the user's " + name.encode())
+    return out
+
+
+# 1. --overwrite deletes only what our run.json lists
+
+def test_overwrite_deletes_only_the_files_our_run_json_lists(tiny_sd_path, earlier, capsys):
+    theirs = {name: data for name, data in snapshot(earlier).items() if data.startswith(b"the user's")}
+    assert cli(capsys, "generate", "a circle", "--model", tiny_sd_path, "--out", earlier, "--overwrite", *FAST)[0] == 0
+    after = snapshot(earlier)
+    assert sorted(after) == sorted([*theirs, "00-a-circle.png", "grid.png", "run.json"])
+    assert all(after[name] == data for name, data in theirs.items())
+    assert json.loads(after["run.json"])["files"] == ["00-a-circle.png", "grid.png"]
+
+
+def test_overwrite_never_replaces_a_file_it_did_not_write(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00-a-circle.png").write_bytes(b"mine")
+    (out / "01-mum.png").write_bytes(b"mine too")
+    before = snapshot(out)
+    refused(capsys, "generate", "a circle", "--model", tiny_sd_path, "--out", out, "--overwrite", *FAST,
+            expected="00-a-circle.png was not written by stylealigned")
+    assert snapshot(out) == before
+
+
+# 2. and the late checks: everything is validated before the folder is touched
+
+LATE = {
+    "batch size 0": (["--batch-size", "0"], "--batch-size"),
+    "steps 1000": (["--steps", "1000"], "--steps 1000 is too many"),
+    "steps 1001": (["--steps", "1001"], "--steps"),
+    "seed 2**64": (["--seed", str(2**64)], "--seed"),
+    "huge shift": (["--shared-score-shift", "1e308"], "shared_score_shift"),
+    "huge width": (["--width", "100000"], "--width"),
+    "inf guidance": (["--guidance", "inf"], "--guidance"),
+    "nan guidance": (["--guidance", "nan"], "--guidance"),
+    "no such layer": (["--shared-layers", "no_such_block"], "matches no attention layer; the layers are down_blocks"),
+    "full share in batches": (["a dog", "--full-attention-share", "--batch-size", "1"], "cannot run in batches"),
+    "missing model": (["--model", "./no/such/model"], "no such model"),
+    "empty prompt": (["  "], "prompt argument is empty"),
+}
+
+
+@pytest.mark.parametrize("case", LATE, ids=list(LATE))
+def test_bad_input_leaves_the_earlier_set_untouched(tiny_sd_path, earlier, capsys, case):
+    args, expected = LATE[case]
+    before = snapshot(earlier)
+    refused(capsys, "generate", "a tree", "--model", tiny_sd_path, *FAST, *args, "--out", earlier, "--overwrite",
+            expected=expected)
+    assert snapshot(earlier) == before
+
+
+def transfer_args(tiny_sd_path, out, *extra):
+    return ["transfer", "a dog", "--model", tiny_sd_path, "--out", out, *FAST, *extra]
+
+
+def test_transfer_checks_offset_trajectory_and_save_path_before_writing(tiny_sd_path, tmp_path, capsys, painting):
+    out, saved = tmp_path / "out", tmp_path / "ref.safetensors"
+    reference = ["--reference", painting, "--reference-prompt", "a red tree"]
+    assert cli(capsys, *transfer_args(tiny_sd_path, out, *reference, "--save-trajectory", saved))[0] == 0
+    trajectory = Trajectory.load(saved)
+    trajectory.latents = trajectory.latents[..., :-2]  # a latent size its metadata (32x32) contradicts
+    trajectory.save(tmp_path / "cropped.safetensors")
+    before = snapshot(tmp_path)
+    cases = [(["--offset", "3", *reference], "--offset must be below --steps"),
+             (["--trajectory", tmp_path / "cropped.safetensors"], "latent of this model is"),
+             (["--trajectory", tmp_path], "is a folder"),
+             (["--save-trajectory", tmp_path, *reference], "is a folder"),
+             (["--save-trajectory", tmp_path / "missing" / "t.safetensors", *reference], "does not exist")]
+    for args, expected in cases:
+        refused(capsys, *transfer_args(tiny_sd_path, out, *args), "--overwrite", expected=expected)
+        assert snapshot(tmp_path) == before
+
+
+# 3. a resume that differs in prompts, style or reference is refused, naming what differs
+
+def test_resume_refuses_other_prompts_style_or_reference(tiny_sd_path, tmp_path, capsys, painting):
+    out = tmp_path / "out"
+    args = ["generate", "a cat", "a dog", "--model", tiny_sd_path, "--out", out, *FAST]
+    assert cli(capsys, *args)[0] == 0
+    before = snapshot(out)
+    refused(capsys, *args[:1], "a lion", *args[2:], "--resume", expected="(prompts)")
+    refused(capsys, *args, "--style", "ink", "--resume", expected="(prompts, style)")
+    assert snapshot(out) == before
+
+    other = tmp_path / "other"
+    reference = ["--reference", painting, "--reference-prompt", "a red tree"]
+    assert cli(capsys, *transfer_args(tiny_sd_path, other, *reference))[0] == 0
+    before = snapshot(other)
+    refused(capsys, *transfer_args(tiny_sd_path, other, "--reference", painting, "--reference-prompt", "a blue tree",
+                                   "--resume"), expected="(prompts)")
+    Image.open(painting).rotate(90).save(painting)  # another image at the same path
+    refused(capsys, *transfer_args(tiny_sd_path, other, *reference, "--resume"), expected="(reference_sha256)")
+    assert snapshot(other) == before
+
+
+# 4. resume is bit-identical, whichever images are missing
+
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_resume_reproduces_missing_images_byte_identically(tiny_sd_path, tmp_path, capsys, monkeypatch, batch):
+    prompts = [f"a thing number {i}" for i in range(20)]
+    args = ["generate", *prompts, "--model", tiny_sd_path, *FAST, "--batch-size", batch]
+    waves, real_noise = [], Backbone.initial_noise
+    monkeypatch.setattr(Backbone, "initial_noise", lambda self, positions, *a: waves.append(tuple(positions))
+                        or real_noise(self, positions, *a))
+    assert cli(capsys, *args, "--out", tmp_path / "full")[0] == 0
+    full_waves, waves[:] = list(waves), []
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for name in sorted(snapshot(tmp_path / "cut"))[:-2:6] + ["grid.png"]:  # images 0, 6, 12 and 18
+        (tmp_path / "cut" / name).unlink()
+    assert cli(capsys, *args, "--out", tmp_path / "cut", "--resume")[0] == 0
+    assert set(waves) <= set(full_waves)  # the same batches as the full run, whatever is missing
+    full, resumed = snapshot(tmp_path / "full"), snapshot(tmp_path / "cut")
+    assert sorted(full) == sorted(resumed)
+    for name in full:
+        if name != "run.json":
+            assert full[name] == resumed[name], name
+
+
+# tracebacks instead of one line
+
+def test_score_on_a_folder_whose_image_is_not_an_image(tmp_path, capsys):
+    (tmp_path / "run.json").write_text(json.dumps({"prompts": ["x", "y"], "style": None}))
+    (tmp_path / "00-x.png").write_bytes(b"not a png")
+    (tmp_path / "01-y.png").write_bytes(b"not a png")
+    before = snapshot(tmp_path)
+    refused(capsys, "score", tmp_path, "--device", "cpu", expected="00-x.png")
+    assert snapshot(tmp_path) == before
+
+
+def test_full_disk_names_the_file_and_keeps_finished_images(tiny_sd_path, tmp_path, capsys, monkeypatch):
+    out, saves, real_save = tmp_path / "out", [], Image.Image.save
+
+    def fill_up(image, file, *args, **kwargs):
+        saves.append(file)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(image, file, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", fill_up)
+    line = refused(capsys, "generate", "a cat", "a dog", "a house", "--model", tiny_sd_path, "--out", out, *FAST,
+                   "--batch-size", "1", expected="No space left on device")
+    assert "01-a-dog.png" in line and "finished images are kept" in line and "--resume" in line
+    assert sorted(snapshot(out)) == ["00-a-cat.png", "run.json"]
+
+
+def test_prompts_file_size_is_capped(tiny_sd_path, tmp_path, capsys):
+    refused(capsys, "generate", "--prompts-file", "/dev/zero", "--model", tiny_sd_path, "--out", tmp_path / "o",
+            *FAST, expected="over 10 MB")
+    assert not (tmp_path / "o").exists()
+
+
+def test_ui_refuses_a_bad_port_and_a_bad_host(tiny_sd_path, capsys):
+    refused(capsys, "ui", "--port", "99999", "--model", tiny_sd_path, expected="--port must lie in 0..65535")
+    line = refused(capsys, "ui", "--host", "bad.host.invalid", "--port", "0", "--model", tiny_sd_path,
+                   "--device", "cpu", expected="--host bad.host.invalid")
+    assert "--port" not in line
+
+
+# smaller
+
+def test_a_long_caption_is_cut_fast_with_an_ellipsis():
+    font, start = ImageFont.load_default(), time.perf_counter()
+    grid = make_grid([Image.new("RGB", (64, 64))] * 2, columns=2, labels=["x" * 10_000, "short"])
+    assert time.perf_counter() - start < 2 and grid.size == (128, 64 + font.getbbox("Ag")[3] + 6)
+    from stylealigned.io import _fit
+    fitted = _fit("a circle " * 1000, font, 58)
+    assert fitted.endswith("…") and font.getlength(fitted) <= 58 < font.getlength(fitted[:-1] + "x…")
+
+
+def test_outputs_honour_the_umask(tiny_sd_path, tmp_path, capsys):
+    previous = os.umask(0o027)
+    try:
+        assert cli(capsys, "generate", "a cat", "--model", tiny_sd_path, "--out", tmp_path / "o", *FAST)[0] == 0
+    finally:
+        os.umask(previous)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "o").iterdir()} == {oct(0o640)}
+
+
+# every numeric option of every command refuses every bad value in one line, before it writes anything
+
+ZERO_IS_VALID = {"seed", "offset", "guidance", "inversion_guidance", "shared_score_shift", "port"}
+NEGATIVE_IS_VALID = {"shared_score_shift"}
+COMMANDS = {  # command: (its function, the arguments it needs besides the bad option)
+    "generate": (generate.generate, ["a cat", "--model", "{model}", "--out", "{out}"]),
+    "transfer": (transfer.transfer, ["a dog", "--reference", "{painting}", "--reference-prompt", "a tree",
+                                     "--model", "{model}", "--out", "{out}"]),
+    "ui": (ui.ui, ["--model", "{model}"]),
+    "demo": (demo.demo, ["--out", "{out}"]),
+    "eval": (evaluate.evaluate_command, ["--model", "{model}", "--out", "{out}"]),
+}
+
+
+def numeric_options(command) -> list[str]:
+    """The options of a command that take an int or a float, from its signature."""
+    names = []
+    for name, parameter in inspect.signature(command, eval_str=True).parameters.items():
+        kind = parameter.annotation
+        if typing.get_origin(kind) is typing.Annotated:
+            kind = typing.get_args(kind)[0]
+        if {int, float} & ({kind} | set(typing.get_args(kind))):
+            names.append(name)
+    return names
+
+
+def bad_values(option: str) -> list[str]:
+    values = ["-1e-9" if option == "guidance" else "-1", "1" + "0" * 30, "nan", "inf", "-inf", "abc"]
+    return (["0"] if option not in ZERO_IS_VALID else []) + [v for v in values
+                                                              if option not in NEGATIVE_IS_VALID or v[0] != "-"]
+
+
+CASES = [(command, option, value) for command, (function, _) in COMMANDS.items()
+         for option in numeric_options(function) for value in bad_values(option)]
+
+
+def test_every_numeric_option_has_a_limit():
+    options = {option for _, option, _ in CASES}
+    assert options <= set(common.LIMITS) and {"seed", "steps", "port", "offset", "shared_score_scale"} <= options
+
+
+@pytest.mark.parametrize("command, option, value", CASES, ids=[f"{c}-{o}-{v[:6]}" for c, o, v in CASES])
+def test_bad_numbers_are_one_line_and_write_nothing(tiny_sd_path, tmp_path, capsys, painting, command, option, value):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's")
+    before = snapshot(tmp_path)
+    args = [a.format(model=tiny_sd_path, out=out, painting=painting) for a in COMMANDS[command][1]]
+    line = refused(capsys, command, *args, "--device", "cpu", f"--{option.replace('_', '-')}", value)
+    assert option in line or option.replace("_", "-") in line, line
+    assert snapshot(tmp_path) == before
