@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from stylealigned.apply import layers_to_share
+from stylealigned.apply import layers_to_share, take_rows
 from stylealigned.backbones import backbone_for
 from stylealigned.config import StyleAlignedConfig
 
@@ -167,17 +167,6 @@ class SD3JointAttention:
 PROCESSORS = {"unet": UNetSelfAttention, "flux": FluxJointAttention, "sd3": SD3JointAttention}
 
 
-def _take(value, index: Tensor, batch: int):
-    """Rows `index` of every tensor with `batch` rows inside nested args/kwargs."""
-    if isinstance(value, Tensor) and value.ndim and value.shape[0] == batch:
-        return value[index]
-    if isinstance(value, dict):
-        return {key: _take(item, index, batch) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_take(item, index, batch) for item in value)
-    return value
-
-
 @contextlib.contextmanager
 def floor(pipe, batch_size: int | None = None, config: StyleAlignedConfig | None = None) -> Iterator[FloorState]:
     """Within this block `pipe` runs the floor in the layers `config` shares (StyleAligned's default layers);
@@ -202,8 +191,8 @@ def floor(pipe, batch_size: int | None = None, config: StyleAlignedConfig | None
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode, index = mode, piece.reshape(-1)
-                out = forward(*_take(args, index, batch), **{
-                    key: value if key in backbone.unbatched_inputs else _take(value, index, batch)
+                out = forward(*take_rows(args, index, batch), **{
+                    key: value if key in backbone.unbatched_inputs else take_rows(value, index, batch)
                     for key, value in kwargs.items()})
                 out = out[0] if isinstance(out, tuple) else out.sample
                 merged = out.new_empty(batch, *out.shape[1:]) if merged is None else merged

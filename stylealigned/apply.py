@@ -106,8 +106,8 @@ class DenoiserHook(ModelHook):
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode = mode
                 index = piece.reshape(-1)
-                chunk_args = _take(args, index, batch)
-                chunk_kwargs = {key: value if key in backbone.unbatched_inputs else _take(value, index, batch)
+                chunk_args = take_rows(args, index, batch)
+                chunk_kwargs = {key: value if key in backbone.unbatched_inputs else take_rows(value, index, batch)
                                 for key, value in kwargs.items()}
                 outputs.append((index, _first(forward(*chunk_args, **chunk_kwargs))))
         finally:
@@ -119,14 +119,14 @@ class DenoiserHook(ModelHook):
         return backbone.wrap_output(merged, kwargs.get("return_dict", True))
 
 
-def _take(value, index: torch.Tensor, batch: int):
+def take_rows(value, index: torch.Tensor, batch: int):
     """Select rows `index` of every tensor with `batch` rows inside nested args/kwargs."""
     if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == batch:
         return value[index]
     if isinstance(value, dict):
-        return {key: _take(item, index, batch) for key, item in value.items()}
+        return {key: take_rows(item, index, batch) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_take(item, index, batch) for item in value)
+        return type(value)(take_rows(item, index, batch) for item in value)
     return value
 
 
