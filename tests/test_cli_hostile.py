@@ -9,7 +9,6 @@ import shutil
 import time
 import typing
 
-import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
@@ -18,6 +17,7 @@ from stylealigned.cli import common, demo, evaluate, generate, transfer, ui
 from stylealigned.inversion import Trajectory
 from stylealigned.io import make_grid
 from tests.test_cli import FAST, cli
+from tests.test_transfer_cli import painting  # noqa: F401 (fixture)
 
 
 def snapshot(folder):
@@ -32,14 +32,6 @@ def refused(capsys, *args, expected=""):
     assert code == 2 and len(errors) == 1 and err.rstrip().endswith(errors[0]), (code, err)  # after progress bars
     assert "Traceback" not in stdout + err and expected in errors[0], errors[0]
     return errors[0]
-
-
-@pytest.fixture
-def painting(tmp_path):
-    path = tmp_path / "painting.png"
-    gradient = np.linspace(0, 255, 48 * 64, dtype=np.uint8).reshape(48, 64)
-    Image.fromarray(np.stack([gradient, gradient[::-1], np.full_like(gradient, 90)], -1)).save(path)
-    return path
 
 
 @pytest.fixture
