@@ -169,3 +169,18 @@ def test_compatibility_check_names_the_mismatch(sd_pipe, image):
         sd_pipe.scheduler.config, timestep_spacing="trailing"))
     with pytest.raises(UserError, match="timesteps differ"):
         trajectory.check_compatible(sd_pipe, 3, SIZE, SIZE)
+
+
+def test_a_v_prediction_is_read_as_the_noise_it_stands_for():
+    """v = sqrt(abar) eps - sqrt(1 - abar) z_0 at z_t = sqrt(abar) z_0 + sqrt(1 - abar) eps gives eps back."""
+    from stylealigned.inversion import as_eps
+
+    generator = torch.Generator().manual_seed(0)
+    z_0, eps = torch.randn(2, 4, 8, 8, generator=generator).unbind()
+    alpha_bar = torch.tensor(0.37)
+    z_t = alpha_bar.sqrt() * z_0 + (1 - alpha_bar).sqrt() * eps
+    v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * z_0
+    torch.testing.assert_close(as_eps(v, z_t, alpha_bar, "v_prediction"), eps, atol=1e-6, rtol=1e-6)
+    assert as_eps(eps, z_t, alpha_bar, "epsilon") is eps
+    with pytest.raises(UserError, match="predicts 'sample'"):
+        as_eps(eps, z_t, alpha_bar, "sample")
