@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command setup: a virtual environment in .venv with torch first (so no other package picks a torch build
-# for you), then stylealigned with its test tools. TORCH_SPEC picks the torch build, e.g. a CUDA wheel's spec.
+# for you), then stylealigned with its test tools, the web app's among them (Gradio, gradio_client, Playwright; the
+# browser test drives Debian's chromium). TORCH_SPEC picks the torch build, e.g. a CUDA wheel's spec.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv

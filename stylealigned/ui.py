@@ -1,125 +1,308 @@
-"""A local web page for making sets: prompts and knobs in a form, the set back as images. Standard library only.
+"""The web app: a Gradio Blocks page for style-aligned sets (text to set, and from a reference image).
 
-The pipeline is loaded once; requests are served one at a time (a set at a time uses the whole device).
+One pipeline, loaded once; every job goes through `generate_set` / `invert` one at a time (one concurrency group
+on Gradio's queue) and is written to its own run folder under `out`, exactly as the CLI writes it, then zipped.
+Endpoints: `/generate_set` and `/transfer` (see the README for a `gradio_client` call).
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from urllib.parse import parse_qs
+import contextlib
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
 
-from .cli.common import build_config, check_numbers
-from .config import KNOBS, StyleAlignedConfig, knob_help, knobs_of_type
+import gradio as gr
+
+from .cli.common import (LIMITS, PRESETS, RunFolder, build_config, check_numbers, file_digest, fit_to_family,
+                         generate_into)
+from .config import KNOBS, REFERENCE_POSITIONS, StyleAlignedConfig, knob_help, knobs_of_type
 from .errors import UserError
-from .sets import generate_set
+from .io import slugify
 
-DEFAULTS = StyleAlignedConfig()
-SWITCHES = knobs_of_type("bool")
-DEFAULT_ON = tuple(name for name in SWITCHES if getattr(DEFAULTS, name))
-TEXT_KNOBS = tuple(name for name in KNOBS if name not in SWITCHES)
-FIELDS = {  # name: (label, default)
-    "prompts": ("Prompts, one per line (the first is the reference)", "a cat\na dog\na house\na tree"),
-    "style": ("Style, appended to every prompt", ""),
-    "seed": ("Seed", "0"), "steps": ("Steps", "30"), "guidance": ("Guidance", "7.0"),
-    **{name: (f"{name}: {knob_help(name)}", "" if getattr(DEFAULTS, name) is None else str(getattr(DEFAULTS, name)))
-       for name in TEXT_KNOBS},
-}
-
-PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>stylealigned</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}label{{display:block;margin:.4em 0}}
-textarea{{width:100%;height:7em}}.set img{{width:200px;margin:4px;image-rendering:pixelated}}
-.error{{color:#b00}}figure{{display:inline-block;margin:0}}figcaption{{font-size:12px;width:200px}}</style></head>
-<body><h1>stylealigned</h1><p>Model: {model}</p><form method="post" action="/generate">{fields}
-<fieldset>{switches}</fieldset><button>Generate</button></form>{result}</body></html>"""
+CUSTOM = "custom"
 
 
-def render_page(model: str, values: dict[str, str], checked: set[str], result: str = "") -> str:
-    """The form with the given values, followed by a result (images or an error)."""
-    fields = []
-    for name, (label, _) in FIELDS.items():
-        value = html.escape(values.get(name, ""))
-        widget = (f'<textarea name="{name}">{value}</textarea>' if name == "prompts"
-                  else f'<input name="{name}" value="{value}">')
-        fields.append(f"<label>{label} {widget}</label>")
-    switches = "".join(f'<label><input type="checkbox" name="{name}"{" checked" * (name in checked)}> {name}</label>'
-                       for name in SWITCHES)
-    return PAGE.format(model=html.escape(model), fields="".join(fields), switches=switches, result=result)
+@dataclass(frozen=True)
+class Limits:
+    """What the operator allows one job: prompts in a set, denoising steps, pixels per side, upload bytes."""
+
+    max_prompts: int = 16
+    max_steps: int = 100
+    max_side: int = 1024
+    max_upload: str = "20mb"
 
 
-def parse_form(body: str) -> tuple[dict[str, str], set[str]]:
-    """Field values and the set of ticked switches from an urlencoded form body."""
-    form = {name: values[0] for name, values in parse_qs(body, keep_blank_values=True).items()}
-    return {name: form.get(name, "") for name in FIELDS}, {name for name in SWITCHES if name in form}
+class Cancelled(Exception):
+    """The user pressed Cancel: the job stops at its next image."""
 
 
-def run_form(pipe, values: dict[str, str], checked: set[str]) -> list[tuple[str, object]]:
-    """Generate the set a form asks for: (prompt, image) pairs; bad values are UserErrors."""
-    prompts = [line.strip() for line in values["prompts"].splitlines() if line.strip()]
-    if not prompts:
-        raise UserError("write at least one prompt")
-    style = values["style"].strip()
-    prompts = [f"{p}, {style}" if style else p for p in prompts]
-    try:
-        seed, steps, guidance = int(values["seed"]), int(values["steps"]), float(values["guidance"])
-        knobs = {name: float(values[name]) if name in knobs_of_type("float") else values[name].strip()
-                 for name in TEXT_KNOBS if values[name].strip()}
-    except ValueError as error:
-        raise UserError(f"a number field holds something else: {error}") from None
-    check_numbers(seed=seed, steps=steps, guidance=guidance)
-    config = build_config("text-to-image", False, **{name: name in checked for name in SWITCHES}, **knobs)
-    try:
-        images = generate_set(pipe, prompts, config, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
-    except ValueError as error:  # a knob this model refuses, such as shared_layers naming none of its layers
-        raise UserError(str(error)) from None
-    return list(zip(prompts, images))
+def knob_widget(name: str, value):
+    """The widget for one knob, its help as info text, its range enforced by the widget."""
+    label, info = name.replace("_", " "), knob_help(name)
+    if name in knobs_of_type("bool"):
+        return gr.Checkbox(value=value, label=label, info=info)
+    if name in knobs_of_type("float"):
+        low, high = LIMITS[name]
+        return gr.Number(value=value, label=label, info=info, minimum=low, maximum=high)
+    if name == "reference_positions":
+        return gr.Radio(list(REFERENCE_POSITIONS), value=value, label=label, info=info)
+    return gr.Textbox(value="" if value is None else str(value), label=label, info=info)
 
 
-def figure(prompt: str, image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    data = base64.b64encode(buffer.getvalue()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(prompt)}</figcaption></figure>'
+def preset_values(preset: str) -> list:
+    """Every knob's value in a preset, in KNOBS order, as its widget shows it."""
+    config = PRESETS[preset]()
+    return [getattr(config, name) if getattr(config, name) is not None else "" for name in KNOBS]
 
 
-def make_handler(pipe, model: str):
-    """A request handler class serving the form (GET /) and sets (POST /generate) with this pipeline."""
+class App:
+    """The page and its two jobs for one pipeline; `build()` returns the gr.Blocks."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path != "/":
-                return self.send_error(404)
-            self._reply(200, render_page(model, {n: d for n, (_, d) in FIELDS.items()}, set(DEFAULT_ON)))
+    def __init__(self, pipe, model: str, out: Path, limits: Limits = Limits()):
+        from .backbones import backbone_for
 
-        def do_POST(self) -> None:
-            if self.path != "/generate":
-                return self.send_error(404)
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0))).decode("utf-8", "replace")
-            values, checked = parse_form(body)
+        self.pipe, self.model, self.out, self.limits = pipe, model, Path(out), limits
+        self.backbone = backbone_for(pipe)
+        self.native_height, self.native_width = self.backbone.native_size()
+        self.device = threading.Lock()  # a cancelled job's thread may still be finishing its image
+        self.jobs: dict[str, object] = {}  # session: its latest job's token
+        self.cancelled: set[object] = set()  # tokens of jobs to stop
+
+    # --- the jobs ---
+
+    def config(self, preset: str, knobs: dict, batch_size) -> StyleAlignedConfig:
+        """The preset's config, or with `custom` every knob as the widgets hold it, checked against the model."""
+        if preset != CUSTOM:
+            return fit_to_family(build_config(preset, False), {}, self.pipe, batch_size or None)
+        given = {name: (value.strip() or None) if isinstance(value, str) else value for name, value in knobs.items()}
+        return fit_to_family(build_config("text-to-image", False, **given), given, self.pipe, batch_size or None)
+
+    def settings(self, prompts: list[str], seed, steps, guidance, width, height, batch_size) -> dict:
+        """Check the numbers against the CLI's ranges and this server's limits; the pipeline settings."""
+        if not prompts:
+            raise UserError("write at least one prompt (one per line)")
+        if len(prompts) > self.limits.max_prompts:
+            raise UserError(f"{len(prompts)} prompts, over this server's limit of {self.limits.max_prompts}")
+        if None in (seed, steps, guidance, width, height):
+            raise UserError("fill in seed, steps, guidance, width and height")
+        check_numbers(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                      batch_size=batch_size or None)
+        if steps > self.limits.max_steps:
+            raise UserError(f"steps must be at most {self.limits.max_steps} on this server, got {steps}")
+        if max(width, height) > self.limits.max_side or width % 8 or height % 8:
+            raise UserError(f"width and height must be multiples of 8 up to {self.limits.max_side}, "
+                            f"got {width}x{height}")
+        return {"num_inference_steps": int(steps), "guidance_scale": float(guidance), "width": int(width),
+                "height": int(height)}
+
+    def folder(self, prompts: list[str], parameters: dict) -> RunFolder:
+        """A fresh run folder under `out`, named by time and the first prompt, never an existing one."""
+        stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{slugify(prompts[0], 30)}"
+        self.out.mkdir(parents=True, exist_ok=True)
+        for n in range(1000):
+            path = self.out / (stem if n == 0 else f"{stem}-{n}")
             try:
-                pairs = run_form(pipe, values, checked)
-            except UserError as error:
-                return self._reply(400, render_page(model, values, checked,
-                                                    f'<p class="error">{html.escape(str(error))}</p>'))
-            result = '<div class="set">' + "".join(figure(p, im) for p, im in pairs) + "</div>"
-            self._reply(200, render_page(model, values, checked, result))
+                path.mkdir()
+                return RunFolder(path, prompts, parameters)
+            except FileExistsError:
+                continue
+        raise UserError(f"cannot find a free run folder name under {self.out}")
 
-        def _reply(self, status: int, page: str) -> None:
-            data = page.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def run(self, request: gr.Request, folder: RunFolder, produce, batch_size, extra=()) -> tuple[list, str, str]:
+        """Generate into the folder under the device lock; the gallery, the zip and a one-line status."""
+        token = self.jobs[request.session_hash if request else None] = object()
 
-        def log_message(self, format: str, *args) -> None:  # keep the terminal for the progress bars
-            pass
+        def save(position: int, image) -> None:
+            if token in self.cancelled:
+                self.cancelled.discard(token)
+                raise Cancelled
+            folder.save(position, image)
 
-    return Handler
+        with self.device:
+            self.pipe.set_progress_bar_config(desc="denoising")
+            generate_into(folder, folder.open(resume=False, overwrite=False), lambda todo, _: produce(todo, save),
+                          batch_size or None, grid_extra=list(extra))
+        zip_path = folder.path.with_suffix(".zip")
+        with zipfile.ZipFile(zip_path, "w") as archive:
+            for name in [*folder.outputs, "run.json"]:
+                archive.write(folder.path / name, f"{folder.path.name}/{name}")
+        gallery = [(image, label) for label, image in extra]
+        gallery += [(str(file), f"{i}: {folder.prompts[i]}") for i, file in folder.files.items()]
+        return gallery, str(zip_path), f"Done: {len(folder.prompts)} images in run folder {folder.path.name}"
+
+    def generate_set(self, prompts: str, style: str, preset: str, seed, steps, guidance, width, height, batch_size,
+                     request: gr.Request, progress=gr.Progress(track_tqdm=True), **knobs):
+        """Text to set: the first prompt's image is the reference."""
+        with messages():
+            lines = styled(prompts, style)
+            settings = self.settings(lines, seed, steps, guidance, width, height, batch_size)
+            config = self.config(preset, knobs, batch_size)
+            folder = self.folder(lines, {"command": "generate", "model": self.model, "style": style or None,
+                                         "seed": int(seed), "scheduler": "auto", "dtype": str(self.pipe.dtype),
+                                         **settings, "batch_size": batch_size or None, "config": config.to_dict(),
+                                         "preset": preset})
+            progress(0, desc="denoising")
+
+            def produce(todo, on_image):
+                from .sets import generate_set
+
+                generate_set(self.pipe, lines, config, seed=int(seed), batch_size=batch_size or None, indices=todo,
+                             on_image=on_image, **settings)
+
+            return self.run(request, folder, produce, batch_size)
+
+    def transfer(self, reference, reference_prompt: str, inversion: str, prompts: str, style: str, preset: str,
+                 seed, steps, guidance, width, height, batch_size, request: gr.Request,
+                 progress=gr.Progress(track_tqdm=True), **knobs):
+        """From a reference image: invert it, then a set of targets in its style (00 is its reconstruction)."""
+        from .inversion import MODES, invert
+        from .io import load_image
+
+        with messages():
+            if reference is None:
+                raise UserError("upload a reference image (drop, paste or click the image box)")
+            if not (reference_prompt or "").strip():
+                raise UserError("describe the reference image in the reference prompt")
+            if inversion not in MODES:
+                raise UserError(f"inversion must be one of {', '.join(MODES)}, got {inversion!r}")
+            targets = styled(prompts, style)
+            settings = self.settings(targets + [reference_prompt], seed, steps, guidance, width, height, batch_size)
+            config = self.config(preset, knobs, batch_size)
+            image = load_image(reference, settings["width"], settings["height"])
+            inversion_guidance = settings["guidance_scale"] if self.backbone.embedded_guidance else 2.0
+            with self.device:
+                progress(0, desc="inverting")
+                self.pipe.set_progress_bar_config(desc="inverting")
+                trajectory = invert(self.pipe, image, reference_prompt.strip(), settings["num_inference_steps"],
+                                    guidance_scale=inversion_guidance, mode=inversion, seed=int(seed))
+            folder = self.folder([trajectory.prompt] + targets, {
+                "command": "transfer", "model": self.model, "style": style or None, "seed": int(seed),
+                "scheduler": "auto", "dtype": str(self.pipe.dtype), **settings, "batch_size": batch_size or None,
+                "config": config.to_dict(), "preset": preset, "reference": Path(reference).name,
+                "reference_sha256": file_digest(reference), "inversion": inversion,
+                "inversion_guidance": inversion_guidance, "offset": 0})
+            progress(0, desc="denoising")
+
+            def produce(todo, on_image):
+                from .sets import generate_set
+
+                generate_set(self.pipe, targets, config, reference=trajectory, seed=int(seed),
+                             batch_size=batch_size or None, indices=todo, on_image=on_image, **settings)
+
+            return self.run(request, folder, produce, batch_size, extra=[("reference (input)", image)])
+
+    def cancel(self, request: gr.Request) -> str:
+        """Stop this session's job at its next image."""
+        self.cancelled.add(self.jobs.get(request.session_hash if request else None))
+        return "Cancelled."
+
+    # --- the page ---
+
+    def settings_panel(self, name: str, preset: str) -> tuple[list, dict]:
+        """Preset, seed, steps, guidance, size, batch size and every knob; (fixed inputs, knob widgets)."""
+        preset_box = gr.Radio([*PRESETS, CUSTOM], value=preset, label="Preset",
+                              info="Starting knobs: text-to-image (the paper's default), transfer (shared norms, "
+                                   "shift log 2), or custom (the knobs below as you set them).")
+        with gr.Row():
+            seed = gr.Number(0, label="Seed", info="Image i starts from noise seeded by seed + i.", precision=0,
+                             minimum=0, maximum=2**31 - 1)
+            steps = gr.Slider(1, self.limits.max_steps, value=min(30, self.limits.max_steps), step=1, label="Steps",
+                              info=f"Denoising steps (this server allows up to {self.limits.max_steps}).",
+                              elem_id=f"{name}-steps")
+            guidance = gr.Slider(0, LIMITS["guidance"][1], value=self.backbone.default_guidance(), step=0.5,
+                                 label="Guidance", info="Classifier-free guidance scale.")
+        with gr.Row():
+            width = gr.Slider(8, self.limits.max_side, value=self.native_width, step=8, label="Width",
+                              info="Pixels, a multiple of 8.")
+            height = gr.Slider(8, self.limits.max_side, value=self.native_height, step=8, label="Height",
+                               info="Pixels, a multiple of 8.")
+            batch = gr.Number(0, label="Batch size", precision=0, minimum=0, maximum=LIMITS["batch_size"][1],
+                              info="Targets per denoiser call, to bound memory; 0 = all at once.")
+        with gr.Accordion("Knobs", open=False):
+            knobs = {name: knob_widget(name, value) for name, value in zip(KNOBS, preset_values(preset))}
+        preset_box.input(lambda name: preset_values(name) if name != CUSTOM else [gr.update()] * len(KNOBS),
+                         preset_box, list(knobs.values()), api_visibility="private", queue=False)
+        for widget in knobs.values():
+            widget.input(lambda: CUSTOM, None, preset_box, api_visibility="private", queue=False)
+        return [preset_box, seed, steps, guidance, width, height, batch], knobs
+
+    def outputs(self, name: str) -> list:
+        gallery = gr.Gallery(label="Set", columns=5, format="png", elem_id=f"{name}-gallery", object_fit="contain")
+        archive = gr.File(label="Download the set (zip: PNGs with their metadata, grid.png, run.json)",
+                          elem_id=f"{name}-zip")
+        status = gr.Markdown(elem_id=f"{name}-status")
+        return [gallery, archive, status]
+
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="stylealigned") as page:
+            gr.Markdown(f"# stylealigned\nStyle-aligned image sets with model `{self.model}`. "
+                        f"Up to {self.limits.max_prompts} prompts and {self.limits.max_steps} steps a set; "
+                        "one job on the device at a time, the others wait in the queue.")
+            with gr.Tab("Text to set"):
+                prompts = gr.Textbox("a circle\na square\na triangle", lines=4, label="Prompts",
+                                     info="One per line; the first is the reference.", elem_id="set-prompts")
+                style = gr.Textbox("", label="Style", info='Appended to every prompt as "PROMPT, STYLE".')
+                fixed, knobs = self.settings_panel("set", "text-to-image")
+                with gr.Row():
+                    go, stop = gr.Button("Generate", variant="primary", elem_id="set-go"), gr.Button("Cancel")
+                outputs = self.outputs("set")
+                job = go.click(self.generate_set, [prompts, style, *fixed], outputs, inputs_kwargs=knobs,
+                               api_name="generate_set", concurrency_id="device", concurrency_limit=1)
+                stop.click(self.cancel, None, outputs[2], cancels=[job], api_visibility="private", queue=False)
+            with gr.Tab("From a reference image"):
+                with gr.Row():
+                    reference = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Reference image",
+                                         elem_id="transfer-reference")
+                    with gr.Column():
+                        reference_prompt = gr.Textbox("", label="Reference prompt",
+                                                      info="Text describing the reference image.",
+                                                      elem_id="transfer-reference-prompt")
+                        inversion = gr.Radio(["ddim", "noise"], value="ddim", label="Inversion",
+                                             info="ddim (faithful) or noise (forward noising, no denoiser calls).")
+                targets = gr.Textbox("a square\na triangle", lines=3, label="Target prompts",
+                                     info="One per line, each made in the reference's style.",
+                                     elem_id="transfer-prompts")
+                target_style = gr.Textbox("", label="Style", info='Appended to every target as "PROMPT, STYLE".')
+                fixed, knobs = self.settings_panel("transfer", "transfer")
+                with gr.Row():
+                    go, stop = gr.Button("Generate", variant="primary", elem_id="transfer-go"), gr.Button("Cancel")
+                outputs = self.outputs("transfer")
+                job = go.click(self.transfer, [reference, reference_prompt, inversion, targets, target_style, *fixed],
+                               outputs, inputs_kwargs=knobs, api_name="transfer", concurrency_id="device",
+                               concurrency_limit=1)
+                stop.click(self.cancel, None, outputs[2], cancels=[job], api_visibility="private", queue=False)
+        return page.queue(default_concurrency_limit=1)
 
 
-def serve(pipe, model: str, host: str = "127.0.0.1", port: int = 7860) -> HTTPServer:
-    """A server for the page on host:port (port 0 picks a free one); call `.serve_forever()` to run it."""
-    return HTTPServer((host, port), make_handler(pipe, model))
+def styled(prompts: str, style: str) -> list[str]:
+    """Non-empty lines of a text box, each with the style appended."""
+    style = (style or "").strip()
+    return [f"{p}, {style}" if style else p for p in (line.strip() for line in (prompts or "").splitlines()) if p]
+
+
+@contextlib.contextmanager
+def messages():
+    """Turn every failure inside the block into a gr.Error: a message on the page, never a traceback or a blank."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except Cancelled:
+        raise gr.Error("Cancelled; the images made so far are in the run folder.") from None
+    except (UserError, ValueError) as error:
+        raise gr.Error(str(error)) from None
+    except Exception as error:
+        raise gr.Error(f"Generation failed ({type(error).__name__}: {error}); the server is still up.") from None
+
+
+def launch(pipe, model: str, out: Path, limits: Limits = Limits(), host: str = "127.0.0.1", port: int = 7860,
+           share: bool = False, block: bool = True) -> gr.Blocks:
+    """Serve the app on host:port (0: a free port); `block=False` returns at once (the URL is `.local_url`)."""
+    page = App(pipe, model, out, limits).build()
+    page.launch(server_name=host, server_port=port or None, share=share, max_file_size=limits.max_upload,
+                prevent_thread_lock=not block, allowed_paths=[str(Path(out).resolve())], show_error=True,
+                quiet=True)
+    return page

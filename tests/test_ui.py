@@ -1,58 +1,202 @@
-"""The local web page: the form, a set generated through it, and a bad value reported on the page."""
+"""The web app over HTTP: its named endpoint through gradio_client, hostile clients, and failures as messages."""
 
-import base64
-import io
-import re
-import threading
+import json
+import socket
+import sys
+import time
 import urllib.error
-import urllib.parse
 import urllib.request
+import zipfile
 
 import pytest
-from PIL import Image
 
-from stylealigned.ui import serve
+gradio_client = pytest.importorskip("gradio_client")
 
+from stylealigned.cli import main  # noqa: E402
 
-@pytest.fixture
-def page_url(sd_pipe):
-    server = serve(sd_pipe, "tiny", port=0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+PROMPTS = "a circle\na square\na triangle"
 
 
-def post(url, **fields):
-    form = {"prompts": "a cat\na dog\na house", "style": "watercolor", "seed": "1", "steps": "2", "guidance": "5",
-            "shared_layers": "1.0", "shared_score_scale": "1.0", "shared_score_shift": "0.0",
-            "share_attention": "on", "adain_queries": "on", "adain_keys": "on"} | fields
-    data = urllib.parse.urlencode(form).encode()
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_app(out, **limits):
+    """The app with the built-in model on a free port, serving from a thread; returns the gr.Blocks."""
+    from stylealigned.models import load_pipeline
+    from stylealigned.ui import Limits, launch
+
+    pipe = load_pipeline("builtin", device="cpu")
+    return launch(pipe, "builtin", out, Limits(**limits), port=free_port(), block=False)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    page = serve_app(tmp_path_factory.mktemp("ui"), max_prompts=8, max_steps=20, max_upload="1mb")
+    yield page
+    page.close()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return gradio_client.Client(app.local_url, verbose=False)
+
+
+def get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        return reply.status, reply.read().decode()
+
+
+def test_the_named_endpoint_makes_a_set_and_its_zip(client, app):
+    gallery, archive, status = client.predict(prompts=PROMPTS, style="flat", steps=3, api_name="/generate_set")
+    assert [item["caption"] for item in gallery] == ["0: a circle, flat", "1: a square, flat", "2: a triangle, flat"]
+    with zipfile.ZipFile(archive) as zipped:
+        names = sorted(name.split("/", 1)[1] for name in zipped.namelist())
+        record = json.loads(next(zipped.read(n) for n in zipped.namelist() if n.endswith("run.json")))
+    assert names == ["00-a-circle-flat.png", "01-a-square-flat.png", "02-a-triangle-flat.png", "grid.png", "run.json"]
+    assert record["complete"] and record["parameters"]["num_inference_steps"] == 3 and "Done: 3 images" in status
+
+
+def test_progress_comes_per_step_of_the_inversion_and_the_denoising(client, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (30, 60, 200)).save(tmp_path / "blue.png")
+    job = client.submit(reference=gradio_client.handle_file(str(tmp_path / "blue.png")), reference_prompt="a square",
+                        prompts="a circle", steps=20, api_name="/transfer")
+    seen = set()
+    while not job.done():
+        seen |= {(unit.desc, unit.index) for unit in job.status().progress_data or () if unit.length == 20}
+        time.sleep(0.01)
+    job.result()
+    for stage in ("inverting", "denoising"):
+        assert len({step for desc, step in seen if desc == stage}) > 1, seen
+
+
+def test_runs_never_overwrite_each_other(client, app):
+    folders = {client.predict(prompts="a circle\na square", steps=2, api_name="/generate_set")[2] for _ in range(2)}
+    assert len(folders) == 2
+
+
+def test_the_page_is_served_while_a_connection_idles(app):
+    host, port = app.server_name, app.server_port
+    idle = socket.create_connection((host, port))
+    idle.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never finishes the request
     try:
-        with urllib.request.urlopen(f"{url}/generate", data=data, timeout=120) as reply:
-            return reply.status, reply.read().decode()
+        status, page = get(app.local_url)
+        assert status == 200 and "stylealigned" in page
+    finally:
+        idle.close()
+
+
+def test_an_oversized_upload_is_refused_with_a_message(app):
+    claim = socket.create_connection((app.server_name, app.server_port), timeout=10)
+    claim.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: 10000000000\r\n\r\n"
+                  b'--xx\r\nContent-Disposition: form-data; name="files"; filename="a.png"\r\n'
+                  b"Content-Type: image/png\r\n\r\n" + b"a" * 1_200_000)
+    reply = b""
+    while b"bytes." not in reply and (part := claim.recv(4096)):  # the headers and the message may come apart
+        reply += part
+    claim.close()
+    reply = reply.decode()
+    assert reply.startswith("HTTP/1.1 413") and "maximum allowed size" in reply
+    assert get(app.local_url)[0] == 200
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"steps": 999}, "greater than maximum value 20"),
+    ({"prompts": "\n".join(["a circle"] * 9)}, "over this server's limit of 8"),
+    ({"prompts": "  "}, "at least one prompt"),
+    ({"preset": "custom", "shared_layers": "no such layer"}, "matches no attention layer"),
+])
+def test_bad_and_over_limit_jobs_come_back_as_messages(client, values, message):
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        client.predict(**{"prompts": PROMPTS, "steps": 2, **values}, api_name="/generate_set")
+
+
+def test_a_failed_generation_is_a_message_and_the_server_stays_up(client, app, monkeypatch):
+    import stylealigned.sets
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr(stylealigned.sets, "generate_set", broken)
+    with pytest.raises(gradio_client.exceptions.AppError, match="Generation failed.*the device fell over"):
+        client.predict(prompts=PROMPTS, steps=2, api_name="/generate_set")
+    monkeypatch.undo()
+    assert len(client.predict(prompts=PROMPTS, steps=2, api_name="/generate_set")[0]) == 3
+
+
+def join(app, origin, content_type="application/json"):
+    """POST a job to the queue as a page from `origin` would; the status code."""
+    body = json.dumps({"data": [PROMPTS], "fn_index": 0, "session_hash": "x", "trigger_id": None}).encode()
+    request = urllib.request.Request(f"{app.local_url}gradio_api/queue/join", data=body, method="POST",
+                                     headers={"Content-Type": content_type, "Origin": origin})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, reply.headers.get("Access-Control-Allow-Origin")
     except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+        return error.code, error.headers.get("Access-Control-Allow-Origin")
 
 
-def test_form_is_served(page_url):
-    with urllib.request.urlopen(page_url, timeout=30) as reply:
-        page = reply.read().decode()
-    assert reply.status == 200 and '<form method="post" action="/generate">' in page
-    assert 'name="share_attention" checked' in page and 'name="adain_values">' in page
+def preflight(app, origin):
+    request = urllib.request.Request(f"{app.local_url}gradio_api/queue/join", method="OPTIONS", headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        return reply.headers.get("Access-Control-Allow-Origin")
 
 
-def test_a_set_comes_back_as_images(page_url):
-    status, page = post(page_url)
-    assert status == 200
-    images = [Image.open(io.BytesIO(base64.b64decode(data))) for data in re.findall(r"base64,([^\"]+)", page)]
-    assert [im.size for im in images] == [(32, 32)] * 3
-    assert "a dog, watercolor" in page
+def test_a_cross_origin_request_is_rejected(app):
+    # A foreign page's JSON POST needs a preflight, which Gradio answers without allowing the origin, so the browser
+    # never sends it; the POSTs a page may send without a preflight (a form's types) are refused by the endpoint.
+    assert preflight(app, "http://evil.example") is None
+    assert preflight(app, "http://127.0.0.1:1234") == "http://127.0.0.1:1234"
+    for kind in ("text/plain", "application/x-www-form-urlencoded"):
+        status, allowed = join(app, "http://evil.example", kind)
+        assert status >= 400 and allowed is None
+    assert join(app, "http://evil.example")[1] is None  # nor may it read any answer
 
 
-@pytest.mark.parametrize("fields, message", [({"shared_score_scale": "-2"}, "shared_score_scale"),
-                                             ({"steps": "many"}, "number"), ({"prompts": "  "}, "prompt")])
-def test_bad_values_are_reported_on_the_page(page_url, fields, message):
-    status, page = post(page_url, **fields)
-    assert status == 400 and 'class="error"' in page and message in page
+def test_without_gradio_one_line_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    monkeypatch.delitem(sys.modules, "stylealigned.ui", raising=False)
+    monkeypatch.setattr(sys, "argv", ["stylealigned", "ui"])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert exit.value.code == 2 and len(errors) == 1 and 'pip install "stylealigned[ui]"' in errors[0]
+
+
+def test_the_reference_tab_makes_a_set_from_an_upload(client, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "red.png")
+    gallery, archive, _ = client.predict(reference=gradio_client.handle_file(str(tmp_path / "red.png")),
+                                         reference_prompt="a red square", prompts="a circle", steps=3,
+                                         inversion="noise", api_name="/transfer")
+    assert [item["caption"] for item in gallery] == ["reference (input)", "0: a red square", "1: a circle"]
+    assert zipfile.ZipFile(archive).testzip() is None
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_transformer_backbones_work_in_the_app_unchanged(family, request, tmp_path):
+    from PIL import Image
+
+    from stylealigned.ui import App
+
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    page = App(pipe, family, tmp_path).build()
+    page.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = gradio_client.Client(page.local_url, verbose=False)
+        gallery, _, status = client.predict(prompts="a cat\na dog", steps=2, api_name="/generate_set")
+        assert len(gallery) == 2 and "Done: 2 images" in status
+        image = tmp_path / "reference.png"
+        Image.open(gallery[0]["image"]).save(image)
+        gallery, _, _ = client.predict(reference=gradio_client.handle_file(str(image)), reference_prompt="a cat",
+                                       prompts="a dog", steps=2, api_name="/transfer")
+        assert [item["caption"] for item in gallery] == ["reference (input)", "0: a cat", "1: a dog"]
+    finally:
+        page.close()

@@ -1,7 +1,8 @@
-"""`stylealigned ui`: the local web page (see stylealigned/ui.py)."""
+"""`stylealigned ui`: the web app (see stylealigned/ui.py), in the optional extra `stylealigned[ui]`."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,26 +15,37 @@ from .common import Device, Dtype, Model, Scheduler, check_numbers
 def ui(
     model: Model = "builtin", device: Device = "auto", dtype: Dtype = None, scheduler: Scheduler = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1 = this computer only).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    port: Annotated[int, typer.Option(help="Port to listen on (0: the first free one from 7860).")] = 7860,
+    out: Annotated[Path, typer.Option(help="Folder for the run folders, one per job.")] = Path("stylealigned-ui"),
+    share: Annotated[bool, typer.Option(help="Also serve through a public gradio.live link.")] = False,
+    max_prompts: Annotated[int, typer.Option(help="Most prompts in one set.")] = 16,
+    max_steps: Annotated[int, typer.Option(help="Most denoising steps of one job.")] = 100,
+    max_side: Annotated[int, typer.Option(help="Most pixels per image side.")] = 1024,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest upload, in MB.")] = 20,
 ) -> None:
-    """Serve a local web page for making style-aligned sets with one model, until Ctrl-C."""
+    """Serve the web app for making style-aligned sets with one model, until Ctrl-C."""
     import socket
 
     from ..errors import UserError
-    from ..models import load_pipeline
-    from ..ui import serve
 
-    check_numbers(port=port)
-    pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler)
+    check_numbers(port=port, max_prompts=max_prompts, max_steps=max_steps, max_side=max_side,
+                  max_upload_mb=max_upload_mb)
     try:
-        server = serve(pipe, model, host, port)
+        socket.getaddrinfo(host, port)
     except socket.gaierror as error:
         raise UserError(f"cannot listen on --host {host} ({error.strerror}); pass an address of this computer, "
                         "such as 127.0.0.1") from None
-    except OSError as error:
-        raise UserError(f"cannot listen on {host}:{port} ({error.strerror}); pass another --port") from None
-    typer.echo(f"stylealigned ui on http://{host}:{server.server_port} (Ctrl-C to stop)")
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.server_close()
+        from ..ui import Limits, launch
+    except ImportError as error:
+        raise UserError(f'the web app needs Gradio ({error}): pip install "stylealigned[ui]"') from None
+    from ..models import load_pipeline
+
+    pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler)
+    try:
+        page = launch(pipe, model, out, Limits(max_prompts, max_steps, max_side, f"{max_upload_mb}mb"), host, port,
+                      share, block=False)
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port} ({error}); pass another --port") from None
+    typer.echo(f"stylealigned ui on {page.share_url or page.local_url} (Ctrl-C to stop); run folders in {out}")
+    page.block_thread()
