@@ -200,3 +200,29 @@ def test_transformer_backbones_work_in_the_app_unchanged(family, request, tmp_pa
         assert [item["caption"] for item in gallery] == ["reference (input)", "0: a cat", "1: a dog"]
     finally:
         page.close()
+
+
+def test_cancel_stops_a_job_at_its_next_image_and_keeps_what_it_made(tmp_path, monkeypatch):
+    import types
+
+    import gradio as gr
+    from PIL import Image
+
+    import stylealigned.sets
+    from stylealigned.models import load_pipeline
+    from stylealigned.ui import App
+
+    page = App(load_pipeline("builtin", device="cpu"), "builtin", tmp_path)
+    request = types.SimpleNamespace(session_hash="one user")
+
+    def first_image_then_cancel(pipe, prompts, config, indices, on_image, **kwargs):
+        on_image(indices[0], Image.new("RGB", (64, 64)))
+        page.cancel(request)  # the user presses Cancel while the job runs
+        on_image(indices[1], Image.new("RGB", (64, 64)))
+        raise AssertionError("the job went on after Cancel")
+
+    monkeypatch.setattr(stylealigned.sets, "generate_set", first_image_then_cancel)
+    with pytest.raises(gr.Error, match="Cancelled; the images made so far are in the run folder"):
+        page.generate_set(PROMPTS, "", "text-to-image", 0, 2, 5.0, 64, 64, 0, request, progress=lambda *a, **k: None)
+    [folder] = [path for path in tmp_path.iterdir() if path.is_dir()]
+    assert sorted(path.name for path in folder.glob("*.png")) == ["00-a-circle.png"]
