@@ -329,3 +329,17 @@ def test_a_foreign_hook_on_a_shared_attention_layer_keeps_running(pipe):
     with sa.apply(pipe):
         latents(pipe, PROMPTS[:3])
     assert counter.calls == STEPS
+
+
+def test_sd3_skip_layer_guidance_runs_its_extra_call_as_one_group(sd3_pipe):
+    """SD3's skip-layer guidance adds a call on the conditional half alone; the reference stays as generated alone."""
+    settings = dict(guidance_scale=5.0, skip_guidance_layers=[1], skip_layer_guidance_start=0.0,
+                    skip_layer_guidance_stop=1.0)
+    batches = []
+    sd3_pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: batches.append(kwargs["hidden_states"].shape[0]), with_kwargs=True)
+    with sa.apply(sd3_pipe):
+        in_set = latents(sd3_pipe, PROMPTS[:3], **settings)
+    assert 3 in batches and 6 in batches  # the skip-layer calls (conditional half) ran beside the guided ones
+    alone = latents(sd3_pipe, PROMPTS[:1], **settings)
+    torch.testing.assert_close(in_set[:1], alone, atol=1e-5, rtol=1e-5)

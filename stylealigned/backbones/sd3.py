@@ -36,6 +36,11 @@ class SD3Backbone(Backbone):
     def processor(self, name, config, state):
         return JointAttentionProcessor(name, config, state, text_first=False)
 
+    def begin_call(self, state, config, kwargs):
+        """Skip-layer guidance's extra call runs the conditional half alone: one group."""
+        if kwargs.get("skip_layers") is not None:
+            state.groups = 1
+
     def set_timesteps(self, scheduler, num_inference_steps, height, width):
         """As StableDiffusion3Pipeline sets them (shifted by mu only with dynamic shifting)."""
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift

@@ -21,7 +21,15 @@ from ..errors import UserError
 from ..io import image_filename, make_grid, prepare_output_dir, read_png_metadata, save_png, write_json_atomic
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
-MAX_SIZE = int(os.environ.get("STYLEALIGNED_MAX_SIZE", "4096"))  # pixels per side; the variable raises the bound
+
+
+def _max_size() -> int:
+    """Pixels per side: 4096, or the variable STYLEALIGNED_MAX_SIZE where it holds a whole number."""
+    text = os.environ.get("STYLEALIGNED_MAX_SIZE", "").strip()
+    return int(text) if text.isdigit() else 4096
+
+
+MAX_SIZE = _max_size()
 MAX_PROMPTS_FILE = 10_000_000  # bytes
 LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and infinities lie in no range
     "seed": (0, 2**63 - 1), "steps": (1, 1000), "guidance": (0, 100), "width": (8, MAX_SIZE), "height": (8, MAX_SIZE),
