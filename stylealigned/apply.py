@@ -1,8 +1,8 @@
 """Install StyleAligned on a diffusers pipeline and take it off again, through diffusers' own hook registry.
 
 `apply(pipe, config)` asks the pipeline's backbone (`backbones/`) for its attention layers, and registers one
-`diffusers.hooks.ModelHook` named "stylealigned" on each selected attention module (its forward runs our processor
-in place of the module's own), on every GroupNorm if their statistics are shared, and on the denoiser (which reads
+`diffusers.hooks.ModelHook` named "stylealigned" on each selected attention module (the module's own forward runs
+with our processor swapped in for the call), on every GroupNorm if their statistics are shared, and on the denoiser (which reads
 each call's layout and, inside `handle.chunked(batch_size)`, runs the reference once and the targets in chunks).
 Processors, LoRA layers or adapters loaded meanwhile are left alone; `remove()` takes off only these hooks.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,7 +151,7 @@ class Backbone:
             images, _ = self.pipe.run_safety_checker(images, self.pipe.device, latents.dtype)
         return self.pipe.image_processor.postprocess(images, output_type="pil")
 
-    def _latent_scaling(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _latent_scaling(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(scale, offset) with model latents = (VAE latents - offset) * scale: the VAE's scaling factor with its
         shift factor, or with its per-channel latents mean and std."""
         config = self.pipe.vae.config
@@ -159,14 +160,11 @@ class Backbone:
             view = dict(device=like.device, dtype=torch.float32)
             return (config.scaling_factor / torch.tensor(std, **view).view(1, -1, 1, 1),
                     torch.tensor(mean, **view).view(1, -1, 1, 1))
-        shift = getattr(config, "shift_factor", None) or 0.0
-        return torch.tensor(config.scaling_factor), torch.tensor(shift)
+        return config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
 
     # sampling and one step, for inversion
     def default_guidance(self) -> float:
         """The guidance scale the pipeline samples with when none is given."""
-        import inspect
-
         return float(inspect.signature(type(self.pipe).__call__).parameters["guidance_scale"].default)
 
     def prediction_type(self) -> str:
