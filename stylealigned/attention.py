@@ -29,14 +29,10 @@ Rotation = Callable[[Tensor], Tensor] | None
 def token_stats(x: Tensor) -> Stats:
     """Mean and std over tokens (dim -2) per head and channel; unbiased variance + EPS under the root.
 
-    Two passes in fp32 or wider (torch's var_mean over a middle axis is several times slower on CPUs). A layer with
-    a single token (a 1x1 bottleneck at tiny sizes) has no unbiased variance; it gets 0, not NaN.
+    A layer with a single token (a 1x1 bottleneck at tiny sizes) has no unbiased variance; it gets 0, not NaN.
     """
-    tokens = x.shape[-2]
-    wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    mean = wide.mean(-2, keepdim=True)
-    var = (wide - mean).square_().mean(-2, keepdim=True) * (tokens / max(tokens - 1, 1))
-    return mean.to(x.dtype), (var + EPS).sqrt_().to(x.dtype)
+    var, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=min(1, x.shape[-2] - 1))
+    return mean, (var + EPS).sqrt()
 
 
 def adain(x: Tensor, stats: Stats, ref_stats: Stats) -> Tensor:
@@ -59,9 +55,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return out.reshape(*lead, *out.shape[-3:])
 
 
-def rotated(x: Tensor, rotate: Rotation) -> Tensor:
-    """x with the rotary embedding applied (unchanged on models without RoPE)."""
-    return x if rotate is None else rotate(x)
+def rotated(x: Tensor, rotate: Rotation, overwrite: bool = False) -> Tensor:
+    """x with the rotary embedding applied (unchanged on models without RoPE); into x itself if `overwrite`."""
+    if rotate is None:
+        return x
+    return x.copy_(rotate(x)) if overwrite else rotate(x)
 
 
 def on_tokens(x: Tensor, tokens: slice, fn: Callable[[Tensor], Tensor], overwrite: bool = False) -> Tensor:
@@ -146,11 +144,8 @@ def align_targets(q: Tensor, k: Tensor, v: Tensor, ref: Reference, config: Style
         ref_stats = (ref_stats[0][:, None], ref_stats[1][:, None])
         return on_tokens(x, image, lambda tokens: adain(tokens, token_stats(tokens), ref_stats), overwrite)
 
-    def rotated_(x: Tensor) -> Tensor:
-        return x.copy_(rotate(x)) if overwrite and rotate is not None else rotated(x, rotate)
-
     q, k, v = normalised(q, ref.query_stats), normalised(k, ref.key_stats), normalised(v, ref.value_stats)
-    q, k = rotated_(q), rotated_(k)
+    q, k = rotated(q, rotate, overwrite), rotated(k, rotate, overwrite)
     if not config.share_attention:
         return attention(q, k, v, mask)
     return attend_with_reference(q, k, v, ref.key, ref.value, config.shared_score_scale, config.shared_score_shift,
