@@ -76,22 +76,36 @@ def attend_with_reference(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v:
     """Targets (G, T, H, N, D) attend to their own tokens and to their group's shared reference tokens (G, H, R, D).
 
     The reference keys are multiplied by `score_scale`; `score_shift` is added to the logits toward them
-    through an additive bias inside the fused kernel (no logits tensor is built here). `mask` (G, T, 1, N, N),
-    boolean (True attends) or additive, masks the targets' own keys; the shared keys are never masked.
+    (`key_biased_attention`: no logits tensor is built here). `mask` (G, T, 1, N, N), boolean (True attends) or
+    additive, masks the targets' own keys; the shared keys are never masked.
     """
     groups, targets = q.shape[:2]
     ref_k = ref_k * score_scale if score_scale != 1.0 else ref_k
     keys = torch.cat([k, ref_k[:, None].expand(groups, targets, *ref_k.shape[1:])], dim=-2)
     values = torch.cat([v, ref_v[:, None].expand(groups, targets, *ref_v.shape[1:])], dim=-2)
-    bias = None
-    if mask is not None:
-        own = mask.to(q.dtype) if mask.is_floating_point() else torch.zeros(
-            mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        shared = torch.full((*mask.shape[:-1], ref_k.shape[-2]), score_shift, dtype=q.dtype, device=q.device)
-        bias = torch.cat([own, shared], dim=-1)
-    elif score_shift != 0.0:
-        bias = torch.zeros(1, 1, 1, keys.shape[-2], dtype=q.dtype, device=q.device)
-        bias[..., k.shape[-2]:] = score_shift
+    key_bias = None
+    if score_shift != 0.0:
+        key_bias = torch.zeros(keys.shape[-2], dtype=q.dtype, device=q.device)
+        key_bias[k.shape[-2]:] = score_shift
+    return key_biased_attention(q, keys, values, key_bias, mask)
+
+
+def key_biased_attention(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tensor | None = None,
+                         mask: Tensor | None = None) -> Tensor:
+    """Attention where `key_bias` (keys,) is added to every query's logit toward each key (None: no bias).
+
+    `mask` (..., 1, N, N'), boolean (True attends) or additive, covers the first N' keys; keys past it are never
+    masked.
+    """
+    if mask is None:
+        return attention(q, keys, values, None if key_bias is None else key_bias.view(1, 1, 1, -1))
+    own = mask.to(q.dtype) if mask.is_floating_point() else torch.zeros(
+        mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    extra = keys.shape[-2] - own.shape[-1]
+    shared = torch.zeros((*own.shape[:-1], extra), dtype=q.dtype, device=q.device)
+    bias = torch.cat([own, shared], dim=-1)
+    if key_bias is not None:
+        bias = bias + key_bias
     return attention(q, keys, values, bias)
 
 
