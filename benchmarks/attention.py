@@ -1,30 +1,40 @@
 """Cost of one shared self-attention call at SDXL's shapes against vanilla attention over the same batch.
 
     python benchmarks/attention.py --device cpu|cuda [--dtype fp32|fp16|bf16] [--repeats N] [--oracle-repeats N]
+                                   [--only shared|bias] [--shape 64x64|32x32]
 
 Batch: 2 guidance groups x (1 reference + 4 targets). Shapes: SDXL's self-attention layers at 1024x1024, i.e.
 4096 tokens x 10 heads of 64 (64x64 latents) and 1024 tokens x 20 heads of 64 (32x32 latents). Timed per call:
   vanilla   F.scaled_dot_product_attention over the batch, no sharing (what diffusers runs);
   ours      stylealigned.attention.shared_attention with the default (text-to-image) config, and with the transfer
-            preset, whose log 2 score shift goes into the fused kernel as an additive bias;
+            preset, whose log 2 score shift goes into the fused kernel (`key_biased_attention`, table below);
   oracle    tests/oracle.py's loop-per-image implementation of the paper's equations (explicit logits).
 The bound is the attention work itself: targets attend to twice the keys (their own + the reference's), the
 references to their own only, so no implementation can go below (1 + 2 x 4) / 5 = 1.8x vanilla.
+
+A second table times the ways a per-key logit bias (the score shift) can reach the kernel, for the targets'
+attention over their own + the reference's keys: no bias (shift 0, the floor), the broadcast mask row, the padded
+head channel, an explicit (queries x keys) mask, and the one `key_biased_attention` chooses here; with the SDPA
+kernel each one runs (torch._fused_sdp_choice) and its max error against the explicit softmax formula in float64.
+`--only bias` runs that table alone, `--only shared` the first; `--shape 32x32` one shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.oracle and benchmarks.common
 
 from benchmarks.common import median_ms  # noqa: E402
-from stylealigned.attention import shared_attention  # noqa: E402
+from stylealigned.attention import (attention, bias_in_channel, channel_bias, key_biased_attention,  # noqa: E402
+                                    shared_attention)
 from stylealigned.config import StyleAlignedConfig  # noqa: E402
 from stylealigned.models import resolve_device, resolve_dtype  # noqa: E402
 from tests.oracle import self_attention as oracle_attention  # noqa: E402
@@ -69,6 +79,63 @@ def benchmark_shape(tokens: int, heads: int, args, device: torch.device, dtype: 
     return {name: (ms, errors.get(name)) for name, ms in timings.items()}
 
 
+def sdpa_kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                     scale: float | None = None) -> str:
+    """The kernel torch's SDPA dispatcher picks for these inputs (flash, efficient, cudnn, math, ...)."""
+    choice = torch._fused_sdp_choice(q, k, v, attn_mask=mask, scale=scale)
+    return SDPBackend(choice).name.lower().removesuffix("_attention")
+
+
+def bias_methods(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> dict:
+    """{method: (run, kernel name)} for targets' (batch, heads, N, D) queries over N' keys with a (N',) bias."""
+    row = bias.view(1, 1, 1, -1)
+    full = row.expand(q.shape[0], 1, q.shape[-2], -1).contiguous()
+    dim, pad = q.shape[-1], 8 - q.shape[-1] % 8
+    padded = [F.pad(x, (0, pad)) for x in (q, keys, values)]
+    chosen = "head channel" if channel_bias(q) else "mask row"
+    methods = {
+        "no bias (floor)": (lambda: attention(q, keys, values), sdpa_kernel_name(q, keys, values)),
+        "mask row": (lambda: attention(q, keys, values, row), sdpa_kernel_name(q, keys, values, row)),
+        "head channel": (lambda: bias_in_channel(q, keys, values, bias),
+                         sdpa_kernel_name(*padded, scale=dim**-0.5)),
+        "full mask": (lambda: attention(q, keys, values, full), sdpa_kernel_name(q, keys, values, full)),
+    }
+    methods[f"chosen: {chosen}"] = (lambda: key_biased_attention(q, keys, values, bias), methods[chosen][1])
+    return methods
+
+
+def explicit_biased(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + bias) v in float64, the formula the methods must equal."""
+    q, keys, values, bias = (x.double() for x in (q, keys, values, bias))
+    return torch.softmax(q @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5 + bias, dim=-1) @ values
+
+
+def print_bias_methods(label: str, tokens: int, heads: int, args, device: torch.device, dtype: torch.dtype) -> None:
+    """Time each key-bias method at one shape (a log 2 shift toward the reference's keys) and print the table."""
+    q, k, v = qkv(tokens, heads, device, dtype)
+
+    def with_reference(x: torch.Tensor) -> torch.Tensor:
+        """Targets' own tokens, then their group's reference's: (targets, heads, 2 x tokens, dim)."""
+        return torch.cat([x[:, 1:], x[:, :1].expand_as(x[:, 1:])], dim=-2).flatten(0, 1)
+
+    q, keys, values = q[:, 1:].flatten(0, 1), with_reference(k), with_reference(v)
+    bias = torch.zeros(2 * tokens, device=device, dtype=dtype)
+    bias[tokens:] = math.log(2)
+    methods = bias_methods(q, keys, values, bias)
+    outputs = {}
+    runs = {name: (lambda n=name, run=run: outputs.__setitem__(n, run())) for name, (run, _) in methods.items()}
+    with torch.inference_mode():
+        timings = median_ms(runs, args.repeats, device, warmup=args.warmup)
+        check = explicit_biased(q[:1, :, :256], keys[:1], values[:1], bias)
+    floor = timings["no bias (floor)"]
+    print(f"\n{label}: key-bias methods, {q.shape[0]} targets x {heads} heads, {tokens} queries over {2 * tokens} keys")
+    print(f"  {'method':<22} {'ms':>10} {'x floor':>8} {'kernel':>10} {'max |err| vs formula':>21}")
+    for name, ms in timings.items():
+        err = "" if name.startswith("no bias") else \
+            f"{(outputs[name][:1, :, :256].double() - check).abs().max().item():.1e}"
+        print(f"  {name:<22} {ms:10.1f} {ms / floor:8.2f} {methods[name][1]:>10} {err:>21}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
@@ -77,6 +144,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3 GPU, 1 CPU)")
     parser.add_argument("--oracle-repeats", type=int, default=None,
                         help="timed oracle calls (default: --repeats on a GPU, 1 on CPU where it is slow)")
+    parser.add_argument("--only", choices=("shared", "bias"), default=None,
+                        help="run one table: shared attention vs vanilla, or the key-bias methods")
+    parser.add_argument("--shape", choices=[label.split()[0] for label in SHAPES], default=None,
+                        help="one shape only (default: both)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -92,6 +163,12 @@ def main() -> None:
     print(f"medians of {args.repeats} calls after {args.warmup} warm-up (oracle: {args.oracle_repeats} after "
           f"{args.oracle_warmup}); extra-keys bound = {extra_keys_bound():.2f}x vanilla")
     for label, (tokens, heads) in SHAPES.items():
+        if args.shape and not label.startswith(args.shape):
+            continue
+        if args.only != "shared":
+            print_bias_methods(label, tokens, heads, args, device, dtype)
+        if args.only == "bias":
+            continue
         results = benchmark_shape(tokens, heads, args, device, dtype)
         vanilla = results["vanilla SDPA"][0]
         print(f"\n{label}: {tokens} tokens, {heads} heads")

@@ -133,39 +133,40 @@ def _dit_tokenizers(words: list[str]):
     return word_level_tokenizer(words, tempfile.mkdtemp(prefix="benchmark-tokenizer-")), t5_tokenizer(words)
 
 
+def _dit_parts(words: list[str], device: torch.device, transformer: Callable[[], torch.nn.Module], vae: dict,
+               clips: dict[str, tuple[type, dict]], scheduler: dict) -> dict:
+    """A transformer pipeline's random components: the transformer `transformer()` makes, a VAE, the CLIP encoders
+    `clips` names (text_encoder...: class and config), a small T5 after them, their tokenizers, a flow scheduler."""
+    torch.manual_seed(0)
+    tokenizer, t5_tokenizer = _dit_tokenizers(words)
+    t5 = f"_{len(clips) + 1}"
+    with torch.device(device):
+        models = dict(transformer=transformer(), vae=AutoencoderKL(**vae),
+                      **{name: text_encoder(cls, config, len(tokenizer)) for name, (cls, config) in clips.items()},
+                      **{"text_encoder" + t5: T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), **SMALL_T5))})
+    tokenizers = {name.replace("text_encoder", "tokenizer"): tokenizer for name in clips}
+    return models | tokenizers | {"tokenizer" + t5: t5_tokenizer,
+                                  "scheduler": FlowMatchEulerDiscreteScheduler(**scheduler)}
+
+
 def random_flux(words: list[str], device: torch.device, double_blocks: int = 19,
                 single_blocks: int = 38) -> FluxPipeline:
     """FLUX.1-dev's transformer (at the given depth), a small 16-channel VAE and small CLIP-L / T5 encoders."""
-    torch.manual_seed(0)
-    tokenizer, tokenizer_2 = _dit_tokenizers(words)
-    with torch.device(device):
-        models = dict(
-            transformer=FluxTransformer2DModel(**FLUX_TRANSFORMER | dict(num_layers=double_blocks,
-                                                                        num_single_layers=single_blocks)),
-            vae=AutoencoderKL(**SMALL_FLUX_VAE),
-            text_encoder=text_encoder(CLIPTextModel, SMALL_CLIP_L, len(tokenizer)),
-            text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **SMALL_T5)))
-    return FluxPipeline(**models, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-                        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER))
+    depth = dict(num_layers=double_blocks, num_single_layers=single_blocks)
+    return FluxPipeline(**_dit_parts(words, device, lambda: FluxTransformer2DModel(**FLUX_TRANSFORMER | depth),
+                                     SMALL_FLUX_VAE, {"text_encoder": (CLIPTextModel, SMALL_CLIP_L)}, FLUX_SCHEDULER))
 
 
 def random_sd3(words: list[str], device: torch.device, blocks: int = 24) -> StableDiffusion3Pipeline:
     """SD3.5-medium's transformer (at the given depth; the first 13/24 of its blocks with dual attention, as in
     the real one), a small 16-channel VAE and small CLIP-L, OpenCLIP-bigG and T5 encoders."""
-    torch.manual_seed(0)
-    tokenizer, tokenizer_3 = _dit_tokenizers(words)
     dual = tuple(range(round(blocks * len(SD35_MEDIUM_TRANSFORMER["dual_attention_layers"])
                              / SD35_MEDIUM_TRANSFORMER["num_layers"])))
-    with torch.device(device):
-        models = dict(
-            transformer=SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER | dict(num_layers=blocks,
-                                                                              dual_attention_layers=dual)),
-            vae=AutoencoderKL(**SMALL_SD3_VAE),
-            text_encoder=text_encoder(CLIPTextModelWithProjection, SMALL_CLIP_L, len(tokenizer)),
-            text_encoder_2=text_encoder(CLIPTextModelWithProjection, SMALL_CLIP_BIGG, len(tokenizer)),
-            text_encoder_3=T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), **SMALL_T5)))
-    return StableDiffusion3Pipeline(**models, tokenizer=tokenizer, tokenizer_2=tokenizer, tokenizer_3=tokenizer_3,
-                                    scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER))
+    depth = dict(num_layers=blocks, dual_attention_layers=dual)
+    clips = {"text_encoder": (CLIPTextModelWithProjection, SMALL_CLIP_L),
+             "text_encoder_2": (CLIPTextModelWithProjection, SMALL_CLIP_BIGG)}
+    return StableDiffusion3Pipeline(**_dit_parts(words, device, lambda: SD3Transformer2DModel(
+        **SD35_MEDIUM_TRANSFORMER | depth), SMALL_SD3_VAE, clips, SD3_SCHEDULER))
 
 
 def synchronize(device: torch.device) -> None:

@@ -16,6 +16,18 @@ the same command runs again. Sets run round by round (set k under every configur
 --report-every rounds, the sets present under all configurations are judged into OUT/effect.md, effect.json and
 effect.png, so an interrupted run still reports all configurations on equal footing. --report-only judges them
 again (with a newer classifier, say) without generating.
+
+--experiment NAME runs one of `stylealigned eval`'s experiments on the built-in model instead of the ablations
+(default --out runs/effect-NAME), each variant of a set on the same noise:
+    set-size              sets of 4, 8, 12, 16 (--set-sizes; up to 64): the same reference and first targets, more
+                          targets drawn (seeded) among the other objects
+    layer-sweep           shared_layers 0, 0.125, ..., 1 and the down / mid / up blocks alone
+    reference-choice      each of the set's 4 objects in turn as the styled reference, the others unstyled
+    reference-quality     transfer from the drawn reference, clean or degraded (blur, noise, JPEG, downscale, 3 levels)
+    abstract-vs-concrete  no sharing and the paper default, split by style kind; the toy world has no abstract
+                          styles, so its palette-only styles (pastel, neon) stand in for them beside the pattern
+                          styles (outline, striped, pixel, polka)
+Diversity: mean pairwise distance (1 - cosine) among a set's targets in the classifier's pooled features.
 """
 
 from __future__ import annotations
@@ -24,41 +36,109 @@ import argparse
 import json
 import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from stylealigned.config import StyleAlignedConfig
 from stylealigned.demo import GUIDANCE, TARGETS, ToySet, draw_reference, generate, judge, load_judge, random_sets
 from stylealigned.eval.ablations import CONFIGS
+from stylealigned.eval.degrade import DEGRADATIONS, LEVELS, degrade
+from stylealigned.eval.experiments import LAYER_FRACTIONS, MAX_SET_SIZE, SET_SIZES, UNET_GROUPS, fraction_name
+from stylealigned.eval.metrics import diversity
 from stylealigned.errors import UserError
 from stylealigned.io import save_png, write_json_atomic
 from stylealigned.models import load_pipeline
+from stylealigned.toy.classifier import foreground, to_tensor
+from stylealigned.toy.world import OBJECTS
 
 CONFIGURATIONS = ["no-share", "full", "no-adain", "full-attention-share", "shared-layers-0.5", "transfer"]
 METRICS = {"style_agrees": "style agreement", "object_right": "object accuracy", "leaks": "content leakage",
            "seen_agrees": "agreement with reference as classified"}
 BOOTSTRAP = 2000
+EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete")
+PALETTE_STYLES = ("pastel", "neon")  # colour only: the toy's stand-in for abstract styles
 
 
-def set_files(out: Path, name: str, index: int) -> list[Path]:
-    """Where set `index` under configuration `name` is kept: the reference (0) and the targets."""
-    return [out / "images" / name / f"{index:03d}-{position}.png" for position in range(TARGETS + 1)]
+@dataclass(frozen=True)
+class Variant:
+    """One arm of an experiment: its configuration, how it reshapes the set, and what the reference is drawn as."""
+
+    name: str
+    config: Callable[[], StyleAlignedConfig]
+    targets: int = TARGETS
+    reference: int = 0  # which object of the set is the styled reference (reference-choice)
+    drawn: bool = False  # transfer from the world's drawing of the reference
+    degradation: tuple[str, int] | None = None
+
+    def toy_set(self, toy_set: ToySet, index: int, seed: int) -> ToySet:
+        """The set this variant renders: rotated so object `reference` leads, extended to `targets` targets."""
+        objects = [toy_set.object, *toy_set.targets]
+        objects = objects[self.reference:] + objects[:self.reference]
+        others = [name for name in OBJECTS if name != objects[0]]
+        extra = np.random.default_rng([seed, index]).choice(others, size=MAX_SET_SIZE - 1 - len(toy_set.targets))
+        targets = (objects[1:] + [str(name) for name in extra])[:self.targets]
+        return ToySet(objects[0], toy_set.style, tuple(targets))
+
+    def reference_drawing(self, toy_set: ToySet, seed: int) -> Image.Image | None:
+        if not self.drawn:
+            return None
+        drawing = draw_reference(toy_set, seed)
+        return degrade(drawing, *self.degradation, seed=seed) if self.degradation else drawing
+
+
+def variants(experiment: str, set_sizes: list[int]) -> list[Variant]:
+    """The arms of `experiment` on the built-in model (a UNet: the named groups are its down / mid / up blocks)."""
+    full = CONFIGS["full"]
+    if experiment == "set-size":
+        return [Variant(f"size-{size}", full, targets=size - 1) for size in set_sizes]
+    if experiment == "layer-sweep":
+        return [Variant(fraction_name(f), _sharing(f)) for f in LAYER_FRACTIONS] + [
+            Variant(name, _sharing(layers)) for name, layers in UNET_GROUPS]
+    if experiment == "reference-choice":
+        return [Variant(f"reference-{k}", full, reference=k) for k in range(TARGETS + 1)]
+    if experiment == "reference-quality":
+        transfer = CONFIGS["transfer"]
+        return [Variant("clean", transfer, drawn=True)] + [
+            Variant(f"{kind}-{level}", transfer, drawn=True, degradation=(kind, level))
+            for kind in DEGRADATIONS for level in LEVELS]
+    if experiment == "abstract-vs-concrete":
+        return [Variant("no-share", CONFIGS["no-share"]), Variant("full", full)]
+    return [Variant(name, CONFIGS[name], drawn=name == "transfer") for name in CONFIGURATIONS]
+
+
+def _sharing(layers) -> Callable[[], StyleAlignedConfig]:
+    return lambda: StyleAlignedConfig.text_to_image(shared_layers=layers)
+
+
+def seed_of(args, index: int) -> int:
+    """Set `index`'s first noise seed; sets are spaced by the largest set so they never share noise."""
+    return args.seed + index * max([TARGETS + 1, *args.set_sizes])
+
+
+def set_files(out: Path, name: str, index: int, targets: int = TARGETS) -> list[Path]:
+    """Where set `index` under variant `name` is kept: the reference (0) and the targets."""
+    return [out / "images" / name / f"{index:03d}-{position}.png" for position in range(targets + 1)]
 
 
 def generate_round(pipe, toy_set: ToySet, index: int, args) -> None:
-    """Set `index` under every configuration not yet on disk (PNGs are written atomically: present = complete)."""
-    seed = args.seed + index * (TARGETS + 1)
-    for name in CONFIGURATIONS:
-        files = set_files(args.out, name, index)
+    """Set `index` under every variant not yet on disk (PNGs are written atomically: present = complete)."""
+    seed = seed_of(args, index)
+    for variant in args.variants:
+        files = set_files(args.out, variant.name, index, variant.targets)
         if all(file.exists() for file in files):
             continue
-        drawn = draw_reference(toy_set, seed) if name == "transfer" else None
-        reference, targets = generate(pipe, toy_set, CONFIGS[name](), seed, args.steps, drawn=drawn)
+        shown = variant.toy_set(toy_set, index, args.seed)
+        reference, targets = generate(pipe, shown, variant.config(), seed, args.steps,
+                                      drawn=variant.reference_drawing(shown, seed))
         files[0].parent.mkdir(parents=True, exist_ok=True)
         for position, (file, image) in enumerate(zip(files, [reference, *targets])):
-            save_png(image, file, {"config": name, "set": index, "position": position, "seed": seed + position,
-                                   "prompt": ([toy_set.reference_prompt] + toy_set.target_prompts)[position]})
+            save_png(image, file, {"config": variant.name, "set": index, "position": position, "seed": seed + position,
+                                   "prompt": ([shown.reference_prompt] + shown.target_prompts)[position]})
 
 
 def read_image(path: Path) -> Image.Image:
@@ -66,20 +146,32 @@ def read_image(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def judge_sets(out: Path, toy_sets: list[ToySet], classifier) -> list[dict]:
-    """Every set on disk under all configurations, judged: the reference's own style and each target's verdicts."""
+@torch.no_grad()
+def content_diversity(images: list[Image.Image], classifier) -> float:
+    """1 - mean pairwise cosine of the classifier's pooled features of `images` (the targets)."""
+    pixels = to_tensor(images)
+    features = classifier.features(torch.cat([pixels, foreground(pixels)], dim=1))
+    return diversity(torch.nn.functional.normalize(features, dim=-1))
+
+
+def judge_sets(out: Path, toy_sets: list[ToySet], classifier, chosen: list[Variant], seed: int) -> list[dict]:
+    """Every set on disk under all variants, judged: the reference's own style, each target's verdicts and the
+    targets' diversity."""
     records = []
     for index, toy_set in enumerate(toy_sets):
-        files = {name: set_files(out, name, index) for name in CONFIGURATIONS}
+        files = {variant: set_files(out, variant.name, index, variant.targets) for variant in chosen}
         if not all(file.exists() for paths in files.values() for file in paths):
             continue
-        for name, paths in files.items():
+        for variant, paths in files.items():
+            shown = variant.toy_set(toy_set, index, seed)
             images = [read_image(file) for file in paths]
-            reference, targets = judge(toy_set, images[:1], classifier)[0], judge(toy_set, images[1:], classifier)
+            reference, targets = judge(shown, images[:1], classifier)[0], judge(shown, images[1:], classifier)
             for verdict in targets:
                 verdict["seen_agrees"] = verdict["style"] == reference["style"]
-            records.append({"config": name, "set": index, "reference_style_right": reference["style_agrees"],
-                            "verdicts": targets})
+            kind = "palette" if toy_set.style in PALETTE_STYLES else "pattern"
+            records.append({"config": variant.name, "set": index, "kind": kind, "verdicts": targets,
+                            "reference_style_right": reference["style_agrees"],
+                            "diversity": content_diversity(images[1:], classifier)})
     return records
 
 
@@ -91,30 +183,47 @@ def interval(per_set: np.ndarray, counts: np.ndarray, rng: np.random.Generator) 
     return per_set.sum() / counts.sum(), low, high
 
 
-def summarise(records: list[dict]) -> dict:
-    """Per configuration: sets, and each metric's rate with its interval (plus the references' own style rate)."""
+def summarise(records: list[dict], group=lambda record: record["config"]) -> dict:
+    """Per group (default: variant, in first-seen order): sets, each metric's rate and the mean diversity with
+    their intervals, and the references' own style rate."""
     rng = np.random.default_rng(0)
     summary = {}
-    for name in CONFIGURATIONS:
-        mine = [r for r in records if r["config"] == name]
-        if not mine:
-            continue
+    for name in dict.fromkeys(group(r) for r in records):
+        mine = [r for r in records if group(r) == name]
         counts = np.array([len(r["verdicts"]) for r in mine])
         summary[name] = {"sets": len(mine), **{
             key: interval(np.array([sum(v[key] for v in r["verdicts"]) for r in mine]), counts, rng)
             for key in METRICS}}
+        summary[name]["diversity"] = interval(np.array([r["diversity"] for r in mine]), np.ones(len(mine)), rng)
         summary[name]["reference_style"] = float(np.mean([r["reference_style_right"] for r in mine]))
     return summary
 
 
 def table(summary: dict, header: str) -> str:
-    """The markdown report: one row per configuration, rate [95% interval] per metric."""
-    lines = [header, "", "| configuration | sets | " + " | ".join(METRICS.values()) + " | reference shows its style |",
-             "|---|---:|" + "---|" * len(METRICS) + "---:|"]
+    """The markdown report: one row per variant, rate [95% interval] per metric, then the diversity."""
+    lines = [header, "", "| configuration | sets | " + " | ".join(METRICS.values()) + " | diversity | reference "
+             "shows its style |", "|---|---:|" + "---|" * (len(METRICS) + 1) + "---:|"]
     for name, row in summary.items():
         cells = [f"{rate:.2f} [{low:.2f}, {high:.2f}]" for rate, low, high in (row[key] for key in METRICS)]
-        lines.append(f"| {name} | {row['sets']} | " + " | ".join(cells) + f" | {row['reference_style']:.2f} |")
+        lines.append(f"| {name} | {row['sets']} | " + " | ".join(cells) + f" | {_with_interval(row['diversity'])} | "
+                     f"{row['reference_style']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def spread(records: list[dict]) -> list[str]:
+    """reference-choice: per set, the range of each rate over the reference choices, averaged over sets."""
+    lines = ["Spread over the choice of reference (per set: max - min over the 4 choices; mean over sets, largest):"]
+    for key, label in [*METRICS.items(), ("diversity", "diversity")]:
+        ranges = []
+        for index in dict.fromkeys(r["set"] for r in records):
+            rates = [_rate_of(r, key) for r in records if r["set"] == index]
+            ranges.append(max(rates) - min(rates))
+        lines.append(f"- {label}: mean range {np.mean(ranges):.3f}, largest {max(ranges):.3f}")
+    return lines
+
+
+def _rate_of(record: dict, key: str) -> float:
+    return record["diversity"] if key == "diversity" else float(np.mean([v[key] for v in record["verdicts"]]))
 
 
 def checks(summary: dict) -> list[str]:
@@ -162,52 +271,75 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def report(out: Path, toy_sets: list[ToySet], header: str) -> str:
+def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
     """Judge what is on disk with the shipped classifier; write effect.md, effect.json and effect.png."""
-    summary = summarise(judge_sets(out, toy_sets, load_judge()))
-    text = "\n".join([table(summary, header), *checks(summary)]) + "\n"
+    records = judge_sets(out, toy_sets, load_judge(), args.variants, args.seed)
+    summary = summarise(records)
+    extra = checks(summary)
+    if args.experiment == "reference-choice" and records:
+        extra = spread(records)
+    if args.experiment == "abstract-vs-concrete" and records:
+        by_kind = summarise(records, lambda record: f"{record['config']}, {record['kind']}")
+        extra = ["Split by style kind (palette-only styles pastel, neon stand in for abstract ones):", "",
+                 table(by_kind, "").strip()]
+        summary |= {"by_kind": by_kind}
+    text = "\n".join([table({k: v for k, v in summary.items() if k != "by_kind"}, header), *extra]) + "\n"
     (out / "effect.md").write_text(text)
     write_json_atomic(out / "effect.json", summary)
-    plot(summary, out / "effect.png")
+    plot(summary.get("by_kind", summary), out / "effect.png")
     return text
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="ablations", choices=EXPERIMENTS, help="what to compare")
+    parser.add_argument("--set-sizes", default=",".join(map(str, SET_SIZES)),
+                        help=f"set-size only: images per set, comma-separated, 3..{MAX_SET_SIZE}")
     parser.add_argument("--sets", type=int, default=100, help="sets per configuration")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0, help="set composition and noise seeds")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--model", default="builtin", help="'builtin' or a copy of its folder")
-    parser.add_argument("--out", type=Path, default=Path("runs/effect"))
+    parser.add_argument("--out", type=Path, help="default runs/effect (ablations) or runs/effect-EXPERIMENT")
     parser.add_argument("--report-only", action="store_true", help="judge the sets on disk again; generate none")
     parser.add_argument("--report-every", type=int, default=10, help="rounds between interim reports")
     args = parser.parse_args()
+    sizes = sorted({int(size) for size in args.set_sizes.split(",")}) if args.experiment == "set-size" else []
+    if any(not 3 <= size <= MAX_SET_SIZE for size in sizes):
+        parser.error(f"--set-sizes must lie in 3..{MAX_SET_SIZE}, got {args.set_sizes}")
+    args.set_sizes, args.variants = sizes, variants(args.experiment, sizes)
+    args.out = args.out or Path("runs/effect" if args.experiment == "ablations" else f"runs/effect-{args.experiment}")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     parameters = {"steps": args.steps, "seed": args.seed, "model": args.model}
+    if args.experiment != "ablations":
+        parameters |= {"experiment": args.experiment, "set_sizes": args.set_sizes}
     record = args.out / "parameters.json"
     if record.exists() and json.loads(record.read_text()) != parameters:
-        parser.error(f"{args.out} holds a run with other parameters ({record}); choose another --out")
+        raise SystemExit(f"error: {args.out} holds a run with other parameters ({record}); choose another --out")
     write_json_atomic(record, parameters)
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
     training = Path(pipe.name_or_path) / "training.json"
     trained = json.loads(training.read_text()).get("unet_steps", "?") if training.exists() else "?"
-    header = (f"Built-in model after {trained} UNet training steps; {args.steps} DDIM steps, guidance {GUIDANCE:g}, "
-              f"{TARGETS} targets per set; rate [95% bootstrap interval over sets].")
+    header = (f"Built-in model after {trained} UNet training steps, experiment {args.experiment}; {args.steps} DDIM "
+              f"steps, guidance {GUIDANCE:g}; rate [95% bootstrap interval over sets].")
     toy_sets = random_sets(args.sets, args.seed)
     for index, toy_set in enumerate([] if args.report_only else toy_sets):
         started = time.perf_counter()
         generate_round(pipe, toy_set, index, args)
-        print(f"set {index + 1}/{args.sets} under {len(CONFIGURATIONS)} configurations: "
+        print(f"set {index + 1}/{args.sets} under {len(args.variants)} variants: "
               f"{time.perf_counter() - started:.0f} s", flush=True)
         if (index + 1) % args.report_every == 0:
             try:
-                report(args.out, toy_sets, header)
+                report(args.out, toy_sets, header, args)
             except UserError as error:  # the classifier may be installed while the run goes on
                 print(f"no interim report: {error}", flush=True)
-    print(report(args.out, toy_sets, header))
+    print(report(args.out, toy_sets, header, args))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ from .config import StyleAlignedConfig
 from .errors import UserError
 from .inversion import Trajectory, invert
 from .models import load_pipeline
+from .panorama import generate_panorama
 from .sets import generate_set
 
-__all__ = ["StyleAlignedConfig", "StyleAlignedHandle", "Trajectory", "UserError", "apply", "generate_set", "invert",
-           "load_pipeline"]
+__all__ = ["StyleAlignedConfig", "StyleAlignedHandle", "Trajectory", "UserError", "apply", "generate_panorama",
+           "generate_set", "invert", "load_pipeline"]
 __version__ = "0.1.0"

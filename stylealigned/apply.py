@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -19,8 +20,10 @@ from torch import nn
 
 from .backbones import Backbone, backbone_for
 from .config import StyleAlignedConfig
+from .errors import UserError
 from .norms import shared_group_norm
-from .processors import BATCH, RECORD, REPLAY, SharedState
+from .attention import attention_kernel
+from .processors import BATCH, RECORD, REPLAY, SharedState, backend_kernel
 
 HOOK = "stylealigned"
 
@@ -53,7 +56,8 @@ def layers_to_share(backbone: Backbone, config: StyleAlignedConfig) -> list[str]
 
 class AttentionHook(ModelHook):
     """Runs the attention module's own forward, and any hook registered on it before ours, with a shared-attention
-    processor in place of the module's processor for the duration of the call."""
+    processor in place of the module's processor for the duration of the call, on the attention backend the
+    module's processor would run (`processors.backend_kernel`). torch.compile traces all of it (no graph break)."""
 
     def __init__(self, processor):
         super().__init__()
@@ -67,20 +71,29 @@ class AttentionHook(ModelHook):
                              "leave the layer out of shared_layers")
         module.processor = self.processor
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            with attention_kernel(backend_kernel(own)):  # the attention backend the user chose, if any
+                return self.fn_ref.original_forward(*args, **kwargs)
         finally:
             module.processor = own
 
 
 class GroupNormHook(ModelHook):
-    """GroupNorm with statistics joint over each image and its reference."""
+    """GroupNorm with statistics joint over each image and its reference.
+
+    It replaces the module's computation, so an accelerate offload hook on the module (sequential CPU offload)
+    is run around it here: its weights are loaded for the call and dropped after, as the module's own forward does.
+    """
 
     def __init__(self, name: str, state: SharedState):
         super().__init__()
         self.name, self.state = name, state
 
     def new_forward(self, module, x):
-        return shared_group_norm(module, self.name, self.state, x)
+        offload = getattr(module, "_hf_hook", None)
+        if offload is None:
+            return shared_group_norm(module, self.name, self.state, x)
+        (x,), _ = offload.pre_forward(module, x)
+        return offload.post_forward(module, shared_group_norm(module, self.name, self.state, x))
 
 
 class DenoiserHook(ModelHook):
@@ -93,14 +106,15 @@ class DenoiserHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         handle, state, backbone = self.handle, self.handle.state, self.handle.backbone
         forward = self.fn_ref.original_forward
-        state.groups = backbone.guidance_groups()
+        state.groups = backbone.guidance_groups() if handle.groups is None else handle.groups
         backbone.begin_call(state, handle.config, kwargs)
         sample = args[0] if args else kwargs[backbone.sample_name]
         batch = sample.shape[0]
-        if handle.batch_size is None or state.split(batch) - 1 <= handle.batch_size:
+        references = state.references
+        if handle.batch_size is None or state.split(batch) - references <= handle.batch_size:
             return forward(*args, **kwargs)
         rows = torch.arange(batch, device=sample.device).view(state.groups, -1)
-        pieces = [rows[:, :1]] + list(rows[:, 1:].split(handle.batch_size, dim=1))
+        pieces = [rows[:, :references]] + list(rows[:, references:].split(handle.batch_size, dim=1))
         outputs = []
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
@@ -162,6 +176,7 @@ class StyleAlignedHandle:
         self.pipe, self.config, self.backbone, self.layers = pipe, config, backbone, layers
         self.state = SharedState()
         self.batch_size: int | None = None
+        self.groups: int | None = None  # guidance groups fixed by `layout` (a caller's own denoiser calls)
         denoiser = backbone.denoiser
         modules = dict(denoiser.named_modules())
         self._hooks: list[tuple[nn.Module, ModelHook]] = [(denoiser, DenoiserHook(self))]
@@ -217,6 +232,23 @@ class StyleAlignedHandle:
     def __exit__(self, *exc) -> None:
         self.remove()
 
+    def set_weights(self, weights: Sequence[float]) -> None:
+        """From now on each guidance group starts with len(weights) references; targets take from reference k in
+        proportion to weights[k] (non-negative, normalised to sum 1; weight 0 leaves a reference out exactly)."""
+        weights = normalised_weights(weights)
+        check_references(self.config, len(weights))
+        self.state.weights = weights
+
+    @contextlib.contextmanager
+    def layout(self, mode: str, groups: int) -> Iterator[None]:
+        """Within this block each denoiser call runs in `mode` with `groups` guidance groups, for loops that call the
+        denoiser themselves: RECORD with the references alone, then REPLAY with targets against them (panoramas)."""
+        self.state.mode, self.groups = mode, groups
+        try:
+            yield
+        finally:
+            self.state.mode, self.groups = BATCH, None
+
     @contextlib.contextmanager
     def chunked(self, batch_size: int | None) -> Iterator[None]:
         """Within this block each denoiser call runs the references once, then the targets `batch_size` at a time."""
@@ -233,8 +265,26 @@ class StyleAlignedHandle:
             self.state.cache.clear()
 
 
+def normalised_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """Reference weights scaled to sum 1; any that is negative or not finite, or all 0, is a UserError."""
+    weights = tuple(float(w) for w in weights)
+    if not weights or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
+        raise UserError(f"reference weights must be finite, >= 0 and not all 0, got {list(weights)}; "
+                        "pass one such weight per reference")
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def check_references(config: StyleAlignedConfig, count: int) -> None:
+    """Several references need a config that can mix them: not shared GroupNorms nor the full-sharing ablation."""
+    if count > 1 and (config.share_group_norm or config.full_attention_share):
+        knob = "share_group_norm" if config.share_group_norm else "full_attention_share"
+        raise UserError(f"{knob} works with one reference only; turn it off to mix {count} references")
+
+
 def apply(pipe, config: StyleAlignedConfig | None = None) -> StyleAlignedHandle:
-    """Make `pipe` generate style-aligned sets: image 0 of each guidance group is the reference.
+    """Make `pipe` generate style-aligned sets: image 0 of each guidance group is the reference (images 0..K-1
+    after `handle.set_weights` with K weights).
 
     Applying again replaces the earlier installation instead of stacking on it. An unsupported pipeline, or a knob
     that means nothing on its model family, is a UserError.

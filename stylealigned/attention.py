@@ -1,7 +1,8 @@
 """The method's math as pure tensor functions: AdaIN over tokens and attention shared with a reference.
 
 Layout: a batch of images is split into G guidance groups (2 with classifier-free guidance, else 1) of M images;
-image 0 of each group is that group's reference. Per-layer tensors are (G, M, heads, tokens, head_dim).
+the first K images of each group (usually K = 1) are that group's references, mixed by weights that sum to 1.
+Per-layer tensors are (G, M, heads, tokens, head_dim).
 
 On transformers an image's tokens are text and image tokens: `image` (a slice of the token axis) says which are
 image tokens, the only ones normalised and shared. `rotate` applies the layer's rotary embedding at an image's own
@@ -11,8 +12,10 @@ targets see them at. Both are None on models without RoPE. Nothing here knows ab
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,35 +27,68 @@ EPS = 1e-5
 ALL = slice(None)
 Stats = tuple[Tensor, Tensor]
 Rotation = Callable[[Tensor], Tensor] | None
+Kernel = Callable[..., Tensor]  # attention over (batch, heads, tokens, head_dim): SDPA's signature
+_kernel: Kernel | None = None  # set by `attention_kernel`; None runs torch's SDPA
 
 
 def token_stats(x: Tensor) -> Stats:
     """Mean and std over tokens (dim -2) per head and channel; unbiased variance + EPS under the root.
 
-    A layer with a single token (a 1x1 bottleneck at tiny sizes) has no unbiased variance; it gets 0, not NaN.
+    Two passes in float32 or wider (torch.var_mean's scalar float64 loop on CPUs costs more than a small layer's
+    attention). A layer with a single token (a 1x1 bottleneck at tiny sizes) has no unbiased variance; it gets 0,
+    not NaN.
     """
-    var, mean = torch.var_mean(x, dim=-2, keepdim=True, correction=min(1, x.shape[-2] - 1))
-    return mean, (var + EPS).sqrt()
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    mean = wide.mean(-2, keepdim=True)
+    var = (wide - mean).square_().sum(-2, keepdim=True) / max(x.shape[-2] - 1, 1)
+    return mean.to(x.dtype), (var + EPS).sqrt_().to(x.dtype)
 
 
-def adain(x: Tensor, stats: Stats, ref_stats: Stats) -> Tensor:
-    """Renormalise x from its own token statistics to the reference's: (x - mu) / sigma * sigma_ref + mu_ref."""
+def adain(x: Tensor, stats: Stats, ref_stats: Stats, out: Tensor | None = None) -> Tensor:
+    """Renormalise x from its own token statistics to the reference's: (x - mu) / sigma * sigma_ref + mu_ref,
+    written into `out` if given (x itself is fine; through a copy where autograd records, which out= cannot).
+
+    Centred first, as written: folding mu into one shift (x * gain + (mu_ref - mu * gain)) cancels catastrophically
+    in float32 where the mean outweighs the spread.
+    """
     (mean, std), (ref_mean, ref_std) = stats, ref_stats
     gain = ref_std / std
-    return torch.addcmul(ref_mean - mean * gain, x, gain)
+    if (torch.compiler.is_compiling()  # dynamo traces no out= into a strided view
+            or torch.is_grad_enabled() and (x.requires_grad or gain.requires_grad)):
+        renormalised = torch.addcmul(ref_mean, x - mean, gain)
+        return renormalised if out is None else out.copy_(renormalised)
+    centred = torch.sub(x, mean, out=out)
+    return torch.addcmul(ref_mean, centred, gain, out=centred)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """Fused scaled-dot-product attention over (..., heads, tokens, head_dim), leading dims flattened for the kernel.
 
-    `mask` (boolean: True attends, or additive) broadcasts against (..., heads, queries, keys).
+    `mask` (boolean: True attends, or additive) broadcasts against (..., heads, queries, keys); `scale` multiplies
+    the logits (None: 1 / sqrt(head_dim)). Runs torch's SDPA, or the kernel set by `attention_kernel`.
     """
     lead = q.shape[:-3]
     if mask is not None and mask.ndim > 4:
         mask = mask.expand(*lead, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
-    out = F.scaled_dot_product_attention(q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]),
-                                         v.reshape(-1, *v.shape[-3:]), attn_mask=mask)
+    kernel = _kernel or F.scaled_dot_product_attention
+    out = kernel(q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]), v.reshape(-1, *v.shape[-3:]),
+                 attn_mask=mask, scale=scale)
     return out.reshape(*lead, *out.shape[-3:])
+
+
+@contextlib.contextmanager
+def attention_kernel(kernel: Kernel | None) -> Iterator[None]:
+    """Within this block `attention` runs `kernel` (None: torch's SDPA), e.g. the attention backend a user chose.
+
+    A kernel takes (batch, heads, tokens, head_dim) q, k, v and keywords attn_mask and scale, as SDPA does; one
+    whose `takes_masks` attribute is not true gets key biases as a head channel (`channel_bias`), never a mask.
+    """
+    global _kernel
+    previous, _kernel = _kernel, kernel
+    try:
+        yield
+    finally:
+        _kernel = previous
 
 
 def rotated(x: Tensor, rotate: Rotation, overwrite: bool = False) -> Tensor:
@@ -62,43 +98,53 @@ def rotated(x: Tensor, rotate: Rotation, overwrite: bool = False) -> Tensor:
     return x.copy_(rotate(x)) if overwrite else rotate(x)
 
 
-def on_tokens(x: Tensor, tokens: slice, fn: Callable[[Tensor], Tensor], overwrite: bool = False) -> Tensor:
-    """x with `fn` applied to the given slice of its token axis (dim -2) only; into x itself if `overwrite`."""
+def on_tokens(x: Tensor, tokens: slice, fn: Callable[[Tensor, Tensor | None], Tensor],
+              overwrite: bool = False) -> Tensor:
+    """x with `fn(part, out)` applied to the given slice of its token axis (dim -2) only, `fn` writing into `out`:
+    the slice of x itself if `overwrite`, else of a copy of x (None when every token is taken: fn's new tensor)."""
     if tokens == ALL and not overwrite:
-        return fn(x)
+        return fn(x, None)
     out = x if overwrite else x.clone()
-    out[..., tokens, :] = fn(x[..., tokens, :])
+    fn(x[..., tokens, :], out[..., tokens, :])
     return out
 
 
 def attend_with_reference(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v: Tensor,
-                          score_scale: float = 1.0, score_shift: float = 0.0, mask: Tensor | None = None) -> Tensor:
+                          score_scale: float = 1.0, score_shift: float = 0.0, mask: Tensor | None = None,
+                          shared_bias: Tensor | None = None) -> Tensor:
     """Targets (G, T, H, N, D) attend to their own tokens and to their group's shared reference tokens (G, H, R, D).
 
-    The reference keys are multiplied by `score_scale`; `score_shift` is added to the logits toward them
-    (`key_biased_attention`: no logits tensor is built here). `mask` (G, T, 1, N, N), boolean (True attends) or
-    additive, masks the targets' own keys; the shared keys are never masked.
+    The reference keys are multiplied by `score_scale`; `score_shift`, and `shared_bias` (R,) per shared key if
+    given, are added to the logits toward them (`key_biased_attention`: no logits tensor is built here). `mask`
+    (G, T, 1, N, N), boolean (True attends) or additive, masks the targets' own keys; the shared keys are never
+    masked.
     """
     groups, targets = q.shape[:2]
     ref_k = ref_k * score_scale if score_scale != 1.0 else ref_k
     keys = torch.cat([k, ref_k[:, None].expand(groups, targets, *ref_k.shape[1:])], dim=-2)
     values = torch.cat([v, ref_v[:, None].expand(groups, targets, *ref_v.shape[1:])], dim=-2)
     key_bias = None
-    if score_shift != 0.0:
+    if score_shift != 0.0 or shared_bias is not None:
         key_bias = torch.zeros(keys.shape[-2], dtype=q.dtype, device=q.device)
-        key_bias[k.shape[-2]:] = score_shift
+        key_bias[k.shape[-2]:] = score_shift if shared_bias is None else shared_bias + score_shift
     return key_biased_attention(q, keys, values, key_bias, mask)
 
 
 def key_biased_attention(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tensor | None = None,
                          mask: Tensor | None = None) -> Tensor:
-    """Attention where `key_bias` (keys,) is added to every query's logit toward each key (None: no bias).
+    """Attention where `key_bias` (keys,), finite, is added to every query's logit toward each key (None: no bias).
 
-    `mask` (..., 1, N, N'), boolean (True attends) or additive, covers the first N' keys; keys past it are never
-    masked.
+    The bias goes in as one broadcast mask row, or as a head channel where that keeps a faster kernel
+    (`channel_bias`); no (queries x keys) tensor is built. `mask` (..., 1, N, N'), boolean (True attends) or
+    additive, covers the first N' keys; keys past it are never masked (the model's own mask, extended: the only
+    case with a full mask).
     """
     if mask is None:
-        return attention(q, keys, values, None if key_bias is None else key_bias.view(1, 1, 1, -1))
+        if key_bias is None:
+            return attention(q, keys, values)
+        if channel_bias(q):
+            return bias_in_channel(q, keys, values, key_bias)
+        return attention(q, keys, values, key_bias.to(q.dtype).view(1, 1, 1, -1))
     own = mask.to(q.dtype) if mask.is_floating_point() else torch.zeros(
         mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     extra = keys.shape[-2] - own.shape[-1]
@@ -107,6 +153,30 @@ def key_biased_attention(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tens
     if key_bias is not None:
         bias = bias + key_bias
     return attention(q, keys, values, bias)
+
+
+def channel_bias(q: Tensor) -> bool:
+    """Whether a key bias goes in as a head channel (`bias_in_channel`) rather than an additive mask row.
+
+    Yes on CUDA in half precision, where the flash kernel (the fastest there) takes no mask, and under a kernel
+    that takes no masks (`attention_kernel`). No elsewhere: SDPA's CPU and fp32 kernels take the row as a
+    broadcast bias, and on the CPU the row measures faster than the channel's padding (benchmarks/attention.py).
+    """
+    if _kernel is not None and not getattr(_kernel, "takes_masks", False):
+        return True
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def bias_in_channel(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tensor) -> Tensor:
+    """`key_bias` as one more head channel: 1 in every query, bias x sqrt(D) in each key, so that q.k / sqrt(D)
+    gains exactly the bias; zero channels pad the head to a multiple of 8 (what fused kernels take), values are
+    zero-padded alike and the padding sliced off the output. SDPA's scale stays 1 / sqrt(D) of the real head."""
+    dim = q.shape[-1]
+    pad = 8 - dim % 8
+    q, keys, values = (F.pad(x, (0, pad)) for x in (q, keys, values))
+    q[..., dim] = 1
+    keys[..., dim] = key_bias.to(q.dtype) * dim**0.5
+    return attention(q, keys, values, scale=dim**-0.5)[..., :dim]
 
 
 def full_attention_share(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -124,22 +194,49 @@ def full_attention_share(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 class Reference:
     """One layer's view of the references: the shared keys and values, and the AdaIN statistics of targets."""
 
-    key: Tensor  # (G, H, R, D): the reference's image-token keys, rotated where targets see them, unscaled
-    value: Tensor
+    key: Tensor | None  # (G, H, R, D): the references' image-token keys side by side, rotated where targets see
+    value: Tensor | None  # them; both None where targets do not attend to them (share_attention off, cached)
     query_stats: Stats | None
     key_stats: Stats | None
     value_stats: Stats | None
+    key_bias: Tensor | None = None  # (R,): log of the weight of each shared key's reference; None for one reference
+
+
+def mixture_stats(x: Tensor, weights: Tensor) -> Stats:
+    """Mean and std of the weighted mixture of K references' token distributions, from their tokens x
+    (G, K, H, N, D) and each one's `token_stats`: mean = sum w_k mu_k, var = sum w_k (sigma_k^2 + (mu_k - mean)^2)
+    (weights sum to 1)."""
+    mean, std = token_stats(x)
+    w = weights.view(1, -1, 1, 1, 1)
+    mixed = (w * mean).sum(1)
+    var = (w * (std.square() + (mean - mixed[:, None]).square())).sum(1)
+    return mixed, var.sqrt()
 
 
 def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, image: slice = ALL,
-                   rotate_shared: Rotation = None) -> Reference:
-    """Collect what targets need from the references' (G, H, N, D) queries, keys and values (before RoPE)."""
-    q, k, v = q[..., image, :], k[..., image, :], v[..., image, :]
+                   rotate_shared: Rotation = None, weights: tuple[float, ...] = (1.0,)) -> Reference:
+    """Collect what targets need from the K references' (G, K, H, N, D) queries, keys and values (before RoPE),
+    mixed by `weights` (K non-negative numbers, normalised here); (G, H, N, D) stands for one reference.
+
+    References of weight 0 drop out exactly; with one left, this is the single-reference method to the bit.
+    """
+    if q.ndim == 4:
+        q, k, v = q[:, None], k[:, None], v[:, None]
+    kept = [i for i, weight in enumerate(weights) if weight > 0]
+    index = kept[0] if len(kept) == 1 else kept
+    q, k, v = (x[:, index][..., image, :] for x in (q, k, v))
+    key, value, stats, bias = rotated(k, rotate_shared), v, token_stats, None
+    if len(kept) > 1:
+        w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
+        w = (w / w.sum()).to(q.device, q.dtype)
+        stats, bias = partial(mixture_stats, weights=w), w.log().repeat_interleave(k.shape[-2])
+        key, value = (x.transpose(1, 2).flatten(2, 3) for x in (key, v))  # (G, H, K R, D): side by side
     return Reference(
-        key=rotated(k, rotate_shared), value=v,
-        query_stats=token_stats(q) if config.adain_queries else None,
-        key_stats=token_stats(k) if config.adain_keys else None,
-        value_stats=token_stats(v) if config.adain_values else None,
+        key=key, value=value,
+        query_stats=stats(q) if config.adain_queries else None,
+        key_stats=stats(k) if config.adain_keys else None,
+        value_stats=stats(v) if config.adain_values else None,
+        key_bias=bias,
     )
 
 
@@ -156,14 +253,14 @@ def align_targets(q: Tensor, k: Tensor, v: Tensor, ref: Reference, config: Style
         if ref_stats is None:
             return x
         ref_stats = (ref_stats[0][:, None], ref_stats[1][:, None])
-        return on_tokens(x, image, lambda tokens: adain(tokens, token_stats(tokens), ref_stats), overwrite)
+        return on_tokens(x, image, lambda part, out: adain(part, token_stats(part), ref_stats, out), overwrite)
 
     q, k, v = normalised(q, ref.query_stats), normalised(k, ref.key_stats), normalised(v, ref.value_stats)
     q, k = rotated(q, rotate, overwrite), rotated(k, rotate, overwrite)
     if not config.share_attention:
         return attention(q, k, v, mask)
     return attend_with_reference(q, k, v, ref.key, ref.value, config.shared_score_scale, config.shared_score_shift,
-                                 mask)
+                                 mask, ref.key_bias)
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, rotate: Rotation = None,
@@ -174,20 +271,22 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, rotate: Rotation = None
 
 def shared_attention(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, image: slice = ALL,
                      rotate: Rotation = None, rotate_shared: Rotation = None, mask: Tensor | None = None,
-                     overwrite: bool = False) -> Tensor:
-    """Attention of (G, M, H, N, D) images (before RoPE) where image 0 of each group is the reference.
+                     overwrite: bool = False, weights: tuple[float, ...] = (1.0,)) -> Tensor:
+    """Attention of (G, M, H, N, D) images (before RoPE) where the first K = len(weights) of each group are the
+    references, mixed by `weights` (`make_reference`).
 
-    The reference attends to itself only, exactly as if generated alone (in the paper's formulation it also
+    Each reference attends to itself only, exactly as if generated alone (in the paper's formulation it also
     sees a copy of itself, which leaves its softmax unchanged); targets follow `align_targets` (`overwrite`: their
     rows of q, k, v are overwritten). `mask` (G, M, 1, N, N) is the model's own attention mask, if any.
     """
     if config.full_attention_share:
         return full_attention_share(q, k, v)
-    ref_q, ref_k, ref_v = q[:, 0], k[:, 0], v[:, 0]
-    ref_out = reference_attention(ref_q, ref_k, ref_v, rotate, None if mask is None else mask[:, 0])[:, None]
-    if q.shape[1] == 1:
+    count = len(weights)
+    ref_q, ref_k, ref_v = q[:, :count], k[:, :count], v[:, :count]
+    ref_out = reference_attention(ref_q, ref_k, ref_v, rotate, None if mask is None else mask[:, :count])
+    if q.shape[1] == count:
         return ref_out
-    ref = make_reference(ref_q, ref_k, ref_v, config, image, rotate_shared)
-    targets = align_targets(q[:, 1:], k[:, 1:], v[:, 1:], ref, config, image, rotate,
-                            None if mask is None else mask[:, 1:], overwrite)
+    ref = make_reference(ref_q, ref_k, ref_v, config, image, rotate_shared, weights)
+    targets = align_targets(q[:, count:], k[:, count:], v[:, count:], ref, config, image, rotate,
+                            None if mask is None else mask[:, count:], overwrite)
     return torch.cat([ref_out, targets], dim=1)

@@ -5,6 +5,7 @@ fetches it from the hub (or its cache); offline, pass `config=` a local diffuser
 same architecture.
 """
 
+import json
 import pickle
 import re
 import zipfile
@@ -13,11 +14,16 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoPipelineForImage2Image,
+    AutoPipelineForInpainting,
+    AutoPipelineForText2Image,
+    ControlNetModel,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FluxControlNetModel,
     FluxPipeline,
     PNDMScheduler,
     StableDiffusion3Pipeline,
@@ -48,6 +54,13 @@ SCHEDULERS = {
 }
 CHECKPOINT_PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
                         "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+# Per family: the ControlNet class, and the config entries in which a ControlNet must agree with the denoiser
+CONTROLNETS = {
+    "unet": (ControlNetModel, ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                               "addition_embed_type")),
+    "flux": (FluxControlNetModel, ("num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                                   "pooled_projection_dim")),
+}
 DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -177,14 +190,112 @@ def set_scheduler(pipe: DiffusionPipeline, name: str) -> None:
         pipe.scheduler = new_class.from_config(pipe.scheduler.config)
 
 
-def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "auto", config=None) -> DiffusionPipeline:
+def load_controlnet(model: str, pipe: DiffusionPipeline):
+    """A ControlNet for `pipe`'s family (SD 1.x/2.x, SDXL, FLUX.1) from a hub id, a local folder or, on UNets, a
+    single file, in the denoiser's dtype on the pipeline's device; one that does not fit the denoiser is a
+    UserError."""
+    backbone = backbone_for(pipe)
+    if backbone.family not in CONTROLNETS:
+        raise UserError(f"ControlNet sets run on SD 1.x/2.x, SDXL and FLUX.1 models, not on a {backbone.label}")
+    model_class, shared = CONTROLNETS[backbone.family]
+    path, dtype = Path(model).expanduser(), backbone.denoiser.dtype
+    fix = f"download it once with network (`hf download {model}`) or pass a local ControlNet folder"
+    if path.is_dir():
+        kind = _class_name(path)
+        if kind != model_class.__name__:
+            raise UserError(f"{path} is not a diffusers {model_class.__name__} folder (its config.json names "
+                            f"{kind or 'no model'}); pass a ControlNet for this {backbone.label}")
+        controlnet = model_class.from_pretrained(path, dtype=dtype)
+    elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES and hasattr(model_class, "from_single_file"):
+        controlnet = hub_call(f"the config of {path.name}", "connect once, or convert it to a diffusers folder",
+                              partial(model_class.from_single_file, path, dtype=dtype))
+    elif HUB_ID.match(model) and not path.exists():
+        controlnet = hub_call(model, fix, partial(model_class.from_pretrained, model, dtype=dtype))
+    else:
+        raise UserError(f"no such ControlNet folder or hub id: {model}")
+    misfit = [key for key in shared if controlnet.config.get(key) != backbone.denoiser.config.get(key)]
+    if misfit:
+        raise UserError(f"the ControlNet {model} does not fit this {backbone.label} (its {', '.join(misfit)} "
+                        "differ); pass a ControlNet trained for this base model")
+    return controlnet.to(pipe.device)
+
+
+def _class_name(folder: Path) -> str | None:
+    """The model class a diffusers model folder's config.json names (None: no readable config)."""
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def with_controlnet(pipe: DiffusionPipeline, controlnet: str) -> DiffusionPipeline:
+    """The ControlNet pipeline of `pipe`'s family, sharing all its components, with the ControlNet `controlnet`."""
+    return AutoPipelineForText2Image.from_pipe(pipe, controlnet=load_controlnet(controlnet, pipe))
+
+
+def with_image_input(pipe: DiffusionPipeline, inpaint: bool = False) -> DiffusionPipeline:
+    """The image-to-image (or, with `inpaint`, inpainting) pipeline of `pipe`'s kind, sharing all its components."""
+    auto = AutoPipelineForInpainting if inpaint else AutoPipelineForImage2Image
+    try:
+        return auto.from_pipe(pipe)
+    except ValueError as error:  # no such variant of this pipeline in diffusers
+        kind = "inpainting" if inpaint else "image-to-image"
+        raise UserError(f"{type(pipe).__name__} has no {kind} variant in diffusers ({error}); "
+                        "use an SD 1.x/2.x, SDXL, FLUX.1 or SD3 model") from None
+
+
+def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "auto", config=None,
+                  controlnet: str | None = None) -> DiffusionPipeline:
     """Load `model` ("builtin", a diffusers folder, a .safetensors/.ckpt file or a hub id) ready to sample.
 
     `config` (single files only): a local diffusers folder or hub id giving the pipeline's component configs.
+    `controlnet`: a ControlNet (hub id, folder or file) to load the model's ControlNet pipeline with.
     """
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     dtype = resolve_dtype(dtype, device)
     scheduler_class(scheduler)  # fail before a slow load
     pipe = _from_pretrained(str(model), dtype, config)
     set_scheduler(pipe, scheduler)  # refuses a pipeline of no supported family
+    if controlnet is not None:
+        pipe = with_controlnet(pipe, controlnet)
     return pipe.to(device)
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """`PATH[:SCALE]` -> (path, scale); the scale is 1 unless the text after the last ':' is a number."""
+    head, _, tail = spec.rpartition(":")
+    try:
+        return (Path(head).expanduser(), float(tail)) if head else (Path(spec).expanduser(), 1.0)
+    except ValueError:
+        return Path(spec).expanduser(), 1.0
+
+
+def lora_files(specs: list[str]) -> list[tuple[Path, float]]:
+    """(path, scale) of each `PATH[:SCALE]`; a path that does not exist is a UserError (checked before loading)."""
+    loras = [parse_lora(spec) for spec in specs]
+    for path, _ in loras:
+        if not path.exists():
+            raise UserError(f"cannot load LoRA {path}: no such file or folder; pass a LoRA .safetensors file or "
+                            "its folder")
+    return loras
+
+
+def load_loras(pipe: DiffusionPipeline, specs: list[str]) -> None:
+    """Load LoRA weights, each `PATH[:SCALE]` (a .safetensors file or a folder holding one; scale 1 by default),
+    into the pipeline through diffusers' LoRA loader, all of them active at their scales. StyleAligned's `apply`
+    works on the LoRA'd projections, whether the LoRAs are loaded before or after it."""
+    loras = lora_files(specs)
+    taken = {name for names in pipe.get_list_adapters().values() for name in names} if loras else set()
+    names, scales = [], []
+    for path, scale in loras:
+        name = f"lora{len(taken) + len(names)}"
+        try:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        except (OSError, ValueError, KeyError, RuntimeError, AttributeError) as error:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"cannot load LoRA {path} ({reason}); pass a LoRA .safetensors file, or its folder, "
+                            "made for this model") from None
+        names.append(name)
+        scales.append(scale)
+    if names:
+        pipe.set_adapters(sorted(taken) + names, [1.0] * len(taken) + scales)

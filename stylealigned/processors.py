@@ -7,13 +7,13 @@ batch is laid out, and `apply.py` calls them from a hook on each shared attentio
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .attention import ALL, align_targets, make_reference, reference_attention, shared_attention
+from .attention import ALL, Reference, align_targets, make_reference, reference_attention, shared_attention
 from .config import StyleAlignedConfig
 
 BATCH, RECORD, REPLAY = "batch", "record", "replay"
@@ -23,11 +23,12 @@ BATCH, RECORD, REPLAY = "batch", "record", "replay"
 class SharedState:
     """Batch layout shared by every hooked layer of one denoiser, set anew by the denoiser's hook on each call.
 
-    mode BATCH: each of `groups` guidance groups starts with its reference image.
+    mode BATCH: each of `groups` guidance groups starts with its `references` reference images.
     mode RECORD: the batch holds only the references; layers store what targets need in `cache`.
     mode REPLAY: the batch holds only targets; layers use the references stored by the last RECORD pass.
     `text_tokens`: text tokens at the front of a joined [text, image] sequence (FLUX single-stream blocks).
     `reference_rotary`: the rotary embedding the shared reference keys are rotated with (RoPE models).
+    `weights`: one per reference, how much targets take from each (normalised; `StyleAlignedHandle.set_weights`).
     """
 
     groups: int = 1
@@ -35,6 +36,12 @@ class SharedState:
     cache: dict[str, Any] = field(default_factory=dict)
     text_tokens: int = 0
     reference_rotary: Any = None
+    weights: tuple[float, ...] = (1.0,)
+
+    @property
+    def references(self) -> int:
+        """Reference images at the start of each guidance group."""
+        return len(self.weights)
 
     def split(self, batch: int) -> int:
         """Images per guidance group for a batch of this size."""
@@ -53,9 +60,11 @@ class SharedAttention:
                mask: Tensor | None = None) -> Tensor:
         mode = self.state.mode
         if mode == BATCH:  # q, k, v are this layer's own projections: the targets' are overwritten, not copied
-            return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask, overwrite=True)
+            return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask, overwrite=True,
+                                    weights=self.state.weights)
         if mode == RECORD:
-            self.state.cache[self.name] = make_reference(q[:, 0], k[:, 0], v[:, 0], self.config, image, rotate_shared)
+            self.state.cache[self.name] = stored(make_reference(q, k, v, self.config, image, rotate_shared,
+                                                                self.state.weights), self.config)
             return reference_attention(q, k, v, rotate, mask)
         return align_targets(q, k, v, self.state.cache[self.name], self.config, image, rotate, mask, overwrite=True)
 
@@ -67,6 +76,20 @@ class SharedAttention:
     def ungrouped(x: Tensor) -> Tensor:
         """(groups, per group, heads, tokens, dim) -> (batch, tokens, heads * dim)."""
         return x.transpose(2, 3).flatten(0, 1).flatten(2)
+
+
+def stored(ref: Reference, config: StyleAlignedConfig) -> Reference:
+    """What the cache keeps of a layer's references for later chunks: only what targets read (no keys and values
+    where they do not attend to them), each tensor on a storage of its own."""
+    if not config.share_attention:
+        return replace(ref, key=None, value=None)
+    return replace(ref, key=alone(ref.key), value=alone(ref.value))
+
+
+def alone(x: Tensor) -> Tensor:
+    """x, copied where it is a view into a larger tensor (the whole projection, text tokens and all, would stay
+    alive with it)."""
+    return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
 
 
 class SelfAttentionProcessor(SharedAttention):
@@ -162,6 +185,47 @@ def _rotation(rotary_emb):
         return apply_rotary_emb(x.reshape(-1, *x.shape[-3:]), rotary_emb, sequence_dim=2).view(x.shape)
 
     return rotate
+
+
+MASKED_BACKENDS = ("native", "_native_math", "_native_efficient")  # diffusers backends that take an additive mask
+
+
+class DispatchedAttention:
+    """diffusers' attention dispatcher (`dispatch_attention_fn`) with one backend, as an `attention_kernel`.
+
+    `backend` None runs the active one (diffusers' `attention_backend` block). The dispatcher takes and returns
+    (batch, tokens, heads, dim): these are views of our (batch, heads, tokens, dim), nothing is copied.
+    """
+
+    def __init__(self, backend):
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        self.backend = backend
+        name = _AttentionBackendRegistry._active_backend if backend is None else backend
+        self.takes_masks = str(getattr(name, "value", name)) in MASKED_BACKENDS
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                 scale: float | None = None) -> Tensor:
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        out = dispatch_attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+                                    scale=scale, backend=self.backend)
+        return out.transpose(1, 2)
+
+
+def backend_kernel(processor) -> DispatchedAttention | None:
+    """The attention kernel a module's own `processor` runs, for ours to run too: the dispatcher with the user's
+    backend where the processor goes through it (FLUX.1, Chroma) and a backend was chosen (`set_attention_backend`
+    on the model, or a non-native active backend), else None: torch's SDPA, what the processor calls then (and
+    what UNet and SD3 processors always call)."""
+    if not hasattr(processor, "_attention_backend"):
+        return None
+    if processor._attention_backend is None:
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        if _AttentionBackendRegistry._active_backend == AttentionBackendName.NATIVE:
+            return None
+    return DispatchedAttention(processor._attention_backend)
 
 
 def is_self_attention(module) -> bool:

@@ -1,6 +1,7 @@
 """Generate a style-aligned set of any size: one reference, targets in waves and chunks, images as they finish.
 
-Set positions: 0 is the reference, 1..n the targets. Image i starts from noise seeded by `seed + i`. Waves are
+Set positions: 0 is the reference, 1..n the targets (with K references, 0..K-1 are the references in the order
+given and K..K+n-1 the targets; every wave holds all K). Image i starts from noise seeded by `seed + i`. Waves are
 fixed ranges of positions (`waves_of`) and a wave is always denoised and decoded whole, so an image depends only on
 its position: any subset of positions (a resumed run, one process of several) reproduces the full set's images
 bit for bit.
@@ -9,21 +10,32 @@ Each wave denoises up to `wave_size` targets together with the reference through
 denoiser (UNet or transformer) runs the reference once per step and the targets `batch_size` at a time against its
 stored keys, values and statistics (`StyleAlignedHandle.chunked`). Latents are decoded `batch_size` at a time at the
 end of a wave, by the model family's backbone.
+
+Per-image pipeline inputs (an init image, a mask, a control image, a strength: any argument listed once per set
+position) are split with the prompts, so each wave's call gets its positions' entries; inside the denoiser every
+tensor derived from them has a row per image and is chunked with its image.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .apply import apply
 from .backbones import backbone_for
 from .config import StyleAlignedConfig
+from .control import control_inputs
 from .errors import UserError
 from .inversion import Trajectory
+from .strengths import check_strengths, wave_strengths
 
+PER_IMAGE_INPUTS = ("image", "mask_image", "control_image", "strength")  # a list of these must match the set
+SHARED_LISTS = ("timesteps", "sigmas", "callback_on_step_end_tensor_inputs", "control_guidance_start",
+                "control_guidance_end")  # lists that are never per image, whatever their length
 WAVE_CHUNKS = 8  # chunks per wave by default: the reference is recomputed once per wave, so 1/(8 x batch) extra
 
 
@@ -38,18 +50,38 @@ def pin_reference(trajectory: Trajectory, offset: int) -> Callable:
     return callback
 
 
+def pin_references(trajectories: dict[int, Trajectory], offset: int) -> Callable:
+    """A step-end callback that keeps each given reference slot on its trajectory (`pin_reference` per slot)."""
+    pins = [(slot, pin_reference(trajectory, offset)) for slot, trajectory in trajectories.items()]
+
+    def callback(pipe, step: int, timestep, tensors: dict) -> dict:
+        latents = tensors["latents"]
+        for slot, pin in pins:
+            latents[slot:slot + 1] = pin(pipe, step, timestep, {"latents": latents[slot:slot + 1]})["latents"]
+        return {"latents": latents}
+
+    return callback
+
+
 def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None = None,
                  reference: Trajectory | None = None, seed: int = 0, batch_size: int | None = None,
                  offset: int = 0, indices: Iterable[int] | None = None,
                  on_image: Callable[[int, Image.Image], None] | None = None, wave_size: int | None = None,
-                 **pipeline_kwargs) -> list[Image.Image]:
+                 references: Sequence[str | Trajectory] | None = None, weights: Sequence[float] | None = None,
+                 control_images=None, **pipeline_kwargs) -> list[Image.Image]:
     """Generate one style-aligned set and return its images, the reference first.
 
     Args:
-        pipe: a diffusers text-to-image pipeline of a supported family (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5).
+        pipe: a diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5): text-to-image, or
+            image-to-image / inpainting with an init image (and mask) per image, see `pipeline_kwargs`.
         prompts: with `reference=None`, prompts[0] is the reference; with a trajectory, every prompt is a target.
         config: the StyleAligned knobs (default: the paper's text-to-image setting).
         reference: a `Trajectory` from `invert` to take the style from a real image.
+        references: several references instead (prompts or trajectories, set positions 0..K-1, every prompt a
+            target); targets take from reference k in proportion to `weights[k]` (>= 0, default equal).
+        control_images: on a ControlNet pipeline, one control image (path or PIL image) for every target, a list
+            with one per target, or one per position (references first, None for no control); references
+            without one are generated without control (`control.control_inputs`).
         seed: image i starts from noise seeded by `seed + i`.
         batch_size: targets per denoiser call (memory bound); None = all targets of a wave at once.
         offset: with a trajectory, the first `offset` steps keep the reference at `offset + 1`, as in the paper.
@@ -57,6 +89,15 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
         on_image: called with (position, image) as soon as each image is decoded.
         wave_size: targets denoised together (default `8 x batch_size`, or all).
         pipeline_kwargs: passed to the pipeline call (num_inference_steps, guidance_scale, height, width, ...).
+            One given as a list or tuple with one entry per set position (reference first, counting a trajectory
+            reference's slot) is per image: each wave's call receives the list of the entries for that wave's
+            positions, in the order of its prompts (e.g. `image=[init_0, init_1, ...]`, `mask_image=[...]`).
+            Anything else (and the lists in `SHARED_LISTS`) is passed to every call as it is. A list of
+            another length for one of `PER_IMAGE_INPUTS` is a UserError. `height`, `width` and the starting
+            `latents` are passed only where the pipeline's call takes them; `generator` is generate_set's own (one
+            per image, seeded `seed + position`). On an image-to-image or inpainting pipeline the reference is an
+            image like the others (entry 0: its own init image, mask, strength), and `strength` may be per image:
+            each image then starts at its own strength (`strengths.py`). A trajectory cannot lead such a set.
     """
     config = config or StyleAlignedConfig()
     prompts = list(prompts)
@@ -64,29 +105,41 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
         raise UserError("give at least one prompt (text); the first one is the reference")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"batch_size must be at least 1, got {batch_size}")
-    set_prompts = ([reference.prompt] + prompts) if reference is not None else prompts
+    leads, targets = _references(reference, references, prompts)
+    count = len(leads)  # references at positions 0..count-1
+    set_prompts = [lead if isinstance(lead, str) else lead.prompt for lead in leads] + targets
+    trajectories = {slot: lead for slot, lead in enumerate(leads) if isinstance(lead, Trajectory)}
+    if weights is not None and len(weights) != count:
+        raise UserError(f"weights lists {len(weights)} numbers for {count} references; give one per reference")
     wanted = sorted(set(range(len(set_prompts)) if indices is None else indices))
     if any(not 0 <= i < len(set_prompts) for i in wanted):
         raise UserError(f"indices must lie in 0..{len(set_prompts) - 1}")
+    per_image, pipeline_kwargs = split_per_image(pipeline_kwargs, len(set_prompts))
+    strengths = check_strengths(pipe, per_image.pop("strength"), pipeline_kwargs) if "strength" in per_image else None
     backbone = backbone_for(pipe)
     native_height, native_width = backbone.native_size()
     height = pipeline_kwargs.pop("height", None) or native_height
     width = pipeline_kwargs.pop("width", None) or native_width
-    kwargs = dict(pipeline_kwargs, height=height, width=width, output_type="latent")
-    if reference is not None:
-        _check_reference(pipe, reference, offset, kwargs)
-        kwargs["callback_on_step_end"] = pin_reference(reference, offset)
+    controls, controlled = control_inputs(pipe, control_images, len(set_prompts), height, width, count, batch_size)
+    per_image |= controls
+    kwargs = dict(pipeline_kwargs, output_type="latent") | _size_inputs(pipe, height, width)
+    for trajectory in trajectories.values():
+        _check_reference(pipe, trajectory, offset, kwargs)
+    if trajectories:
+        kwargs["callback_on_step_end"] = pin_references(trajectories, offset)
 
-    waves = [wave for wave in waves_of(len(set_prompts), batch_size, wave_size) if set(wave) & set(wanted)]
+    waves = [wave for wave in waves_of(len(set_prompts), batch_size, wave_size, count) if set(wave) & set(wanted)]
     images: dict[int, Image.Image] = {}
-    with apply(pipe, config) as handle, handle.chunked(batch_size):
+    with apply(pipe, config) as handle, handle.chunked(batch_size), controlled:
+        handle.set_weights([1.0] * count if weights is None else weights)
         for wave in tqdm(waves, desc="waves", disable=len(waves) == 1):
-            positions = [0] + [i for i in wave if i > 0]
-            noise = backbone.initial_noise(positions, seed, height, width)
-            if reference is not None:
-                noise[0] = reference.latents[offset].to(noise.device, noise.dtype)
-            latents = pipe([set_prompts[i] for i in positions], latents=noise, **kwargs).images
-            rows = list(range(len(positions)) if wave.start == 0 else range(1, len(positions)))  # 0 from wave 0 only
+            positions = list(range(count)) + [i for i in wave if i >= count]
+            starts = _start_inputs(pipe, backbone, positions, seed, height, width, trajectories, offset)
+            wave_inputs = {key: [values[i] for i in positions] for key, values in per_image.items()}
+            wave_strength = None if strengths is None else [strengths[i] for i in positions]
+            with wave_strengths(pipe, wave_strength, [seed + i for i in positions], kwargs) as call_kwargs:
+                latents = pipe([set_prompts[i] for i in positions], **starts, **wave_inputs, **call_kwargs).images
+            rows = list(range(0 if wave.start == 0 else count, len(positions)))  # references from wave 0 only
             for start in range(0, len(rows), batch_size or len(rows)):
                 part = rows[start:start + (batch_size or len(rows))]  # fixed chunks, so decoding matches too
                 if not any(positions[k] in wanted for k in part):
@@ -99,14 +152,72 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     return [images[i] for i in wanted]
 
 
-def waves_of(count: int, batch_size: int | None = None, wave_size: int | None = None) -> list[range]:
-    """The fixed waves of a set of `count` images: ranges of set positions, the first one holding the reference."""
-    size = wave_size or (WAVE_CHUNKS * batch_size if batch_size else max(count - 1, 1))
-    return [range(0 if start == 1 else start, min(start + size, count)) for start in range(1, max(count, 2), size)]
+def split_per_image(kwargs: dict, count: int) -> tuple[dict, dict]:
+    """(per-image, shared) pipeline arguments: a list or tuple of `count` entries (one per set position) is per
+    image, anything else is shared; a PER_IMAGE_INPUTS list of another length is a UserError."""
+    if "generator" in kwargs:
+        raise UserError("generate_set seeds image i with seed + i itself; pass seed= instead of generator=")
+    per_image = {key: list(value) for key, value in kwargs.items()
+                 if isinstance(value, (list, tuple)) and len(value) == count and key not in SHARED_LISTS}
+    for key in PER_IMAGE_INPUTS:
+        value = kwargs.get(key)
+        if isinstance(value, (list, tuple)) and key not in per_image:
+            raise UserError(f"{key} lists {len(value)} entries for a set of {count} images; give one for all, or "
+                            "one per image, the reference's first")
+    return per_image, {key: value for key, value in kwargs.items() if key not in per_image}
+
+
+def _call_parameters(pipe) -> Mapping:
+    """The keyword arguments the pipeline's call takes."""
+    return inspect.signature(type(pipe).__call__).parameters
+
+
+def _size_inputs(pipe, height: int, width: int) -> dict:
+    """height and width, where the pipeline's call takes them (img2img takes its size from the init image)."""
+    return {"height": height, "width": width} if "height" in _call_parameters(pipe) else {}
+
+
+def _start_inputs(pipe, backbone, positions: list[int], seed: int, height: int, width: int,
+                  trajectories: dict[int, Trajectory], offset: int) -> dict:
+    """How each image of a wave starts, from its own noise seeded `seed + position`: as `latents` where the
+    pipeline starts from noise it is given; plus one generator per image for whatever the call draws itself (an
+    init image's VAE sample, the noise added to it, a stochastic sampler's noise)."""
+    starts = {"generator": [torch.Generator("cpu").manual_seed(seed + p) for p in positions]}
+    parameters = _call_parameters(pipe)
+    if "latents" in parameters and "strength" not in parameters:  # with strength, given latents mean pure noise
+        noise = backbone.initial_noise(positions, seed, height, width)
+        for slot, trajectory in trajectories.items():
+            noise[slot] = trajectory.latents[offset].to(noise.device, noise.dtype)
+        starts["latents"] = noise
+    return starts
+
+
+def waves_of(count: int, batch_size: int | None = None, wave_size: int | None = None,
+             references: int = 1) -> list[range]:
+    """The fixed waves of a set of `count` images: ranges of set positions, the first one holding the references
+    (positions 0..references-1)."""
+    size = wave_size or (WAVE_CHUNKS * batch_size if batch_size else max(count - references, 1))
+    return [range(0 if start == references else start, min(start + size, count))
+            for start in range(references, max(count, references + 1), size)]
+
+
+def _references(reference: Trajectory | None, references: Sequence[str | Trajectory] | None,
+                prompts: list[str]) -> tuple[list, list[str]]:
+    """(the references, as prompts or trajectories; the target prompts) from generate_set's arguments."""
+    if references is None:
+        return ([reference], prompts) if reference is not None else (prompts[:1], prompts[1:])
+    references = list(references)
+    if reference is not None or not references or not all(isinstance(r, (str, Trajectory)) for r in references):
+        raise UserError("references must be a non-empty list of prompts or trajectories, given instead of "
+                        "reference=; pass one or the other")
+    return references, prompts
 
 
 def _check_reference(pipe, reference: Trajectory, offset: int, kwargs: dict) -> None:
     """The trajectory must match this generation and the scheduler must keep latents in its space."""
+    if "strength" in _call_parameters(pipe):
+        raise UserError(f"a real-image reference (trajectory) cannot lead an image-to-image set on "
+                        f"{type(pipe).__name__}; give the reference's init image as the first image instead")
     steps = kwargs.setdefault("num_inference_steps", len(reference.timesteps))
     reference.check_compatible(pipe, steps, kwargs["width"], kwargs["height"])
     if not 0 <= offset < steps:

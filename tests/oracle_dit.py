@@ -53,8 +53,50 @@ def adain_image(x, ref, image):
     return x
 
 
-def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None, masks=None):
-    """Attention of one guidance group: q, k, v (images, heads, tokens, dim) before RoPE, image 0 the reference.
+def adain_image_to_mixture(x, refs, weights, image):
+    """`x` with its image tokens AdaIN-normalised to the weighted mixture of the references' image tokens: the
+    mixture mean, and its second moment minus the squared mean (each reference's variance unbiased + EPS)."""
+    x, tokens = x.clone(), [ref[:, image] for ref in refs]
+    mean = sum(w * t.mean(-2, keepdim=True) for w, t in zip(weights, tokens))
+    second = sum(w * (t.var(-2, keepdim=True) + EPS + t.mean(-2, keepdim=True) ** 2) for w, t in zip(weights, tokens))
+    own = x[:, image]
+    x[:, image] = (own - own.mean(-2, keepdim=True)) / (own.var(-2, keepdim=True) + EPS).sqrt() * (
+        second - mean ** 2).sqrt() + mean
+    return x
+
+
+def attend_several(q, k, v, image, config, weights, rotary, reference_rotary, masks):
+    """One guidance group whose first len(weights) images are references: each attends to itself alone; targets,
+    AdaIN-ed to the references' mixture, attend to their own tokens and to every reference's image tokens (raw
+    keys rotated at the reference positions, scaled), the logits toward reference j shifted by shift + log w_j."""
+    count, weights = len(weights), [w / sum(weights) for w in weights]
+    out = [softmax_attention(rope(q[j], rotary), rope(k[j], rotary), v[j], mask=masks[j]) for j in range(count)]
+    for i in range(count, q.shape[0]):
+        qi = adain_image_to_mixture(q[i], q[:count], weights, image) if config.adain_queries else q[i]
+        ki = adain_image_to_mixture(k[i], k[:count], weights, image) if config.adain_keys else k[i]
+        vi = adain_image_to_mixture(v[i], v[:count], weights, image) if config.adain_values else v[i]
+        qi, ki = rope(qi, rotary), rope(ki, rotary)
+        if not config.share_attention:
+            out.append(softmax_attention(qi, ki, vi, mask=masks[i]))
+            continue
+        shared = [config.shared_score_scale * rope(k[j][:, image], reference_rotary) for j in range(count)]
+        keys, values = torch.cat([ki] + shared, dim=-2), torch.cat([vi] + [v[j][:, image] for j in range(count)], -2)
+        logits = qi @ keys.transpose(-1, -2) / math.sqrt(qi.shape[-1])
+        if masks[i] is not None:
+            own = logits[..., : masks[i].shape[-1]]
+            logits[..., : masks[i].shape[-1]] = own + masks[i] if masks[i].is_floating_point() else own.masked_fill(
+                ~masks[i], -math.inf)
+        start, width = q.shape[-2], shared[0].shape[-2]
+        for j, w in enumerate(weights):
+            logits[..., start + j * width:start + (j + 1) * width] += config.shared_score_shift + (
+                math.log(w) if w > 0 else -math.inf)
+        out.append(logits.softmax(-1) @ values)
+    return torch.stack(out)
+
+
+def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None, masks=None, weights=(1.0,)):
+    """Attention of one guidance group: q, k, v (images, heads, tokens, dim) before RoPE, image 0 the reference
+    (the first len(weights) images with several references, `attend_several`).
 
     `image` slices the image tokens; `rotary` is (cos, sin) for all tokens (None: no RoPE); `reference_rotary`
     is (cos, sin) for the shared reference keys (None: the image rows of `rotary`); `masks` (images, 1, tokens,
@@ -63,6 +105,8 @@ def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None, mas
     masks = [None] * q.shape[0] if masks is None else masks
     if rotary is not None and reference_rotary is None:
         reference_rotary = tuple(t[image] for t in rotary)
+    if len(weights) > 1:
+        return attend_several(q, k, v, image, config, weights, rotary, reference_rotary, masks)
     out = [softmax_attention(rope(q[0], rotary), rope(k[0], rotary), v[0], mask=masks[0])]
     for i in range(1, q.shape[0]):
         qi = adain_image(q[i], q[0], image) if config.adain_queries else q[i]
@@ -79,19 +123,19 @@ def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None, mas
     return torch.stack(out)
 
 
-def flux_attention(q, k, v, text_tokens, config, rotary, reference_rotary=None, masks=None):
+def flux_attention(q, k, v, text_tokens, config, rotary, reference_rotary=None, masks=None, weights=(1.0,)):
     """FLUX double- and single-stream blocks: tokens [text, image], RoPE on all of them."""
-    return attend_group(q, k, v, slice(text_tokens, None), config, rotary, reference_rotary, masks)
+    return attend_group(q, k, v, slice(text_tokens, None), config, rotary, reference_rotary, masks, weights)
 
 
-def sd3_joint_attention(q, k, v, image_tokens, config):
+def sd3_joint_attention(q, k, v, image_tokens, config, weights=(1.0,)):
     """SD3 joint blocks (`attn`): tokens [image, text], no RoPE."""
-    return attend_group(q, k, v, slice(0, image_tokens), config)
+    return attend_group(q, k, v, slice(0, image_tokens), config, weights=weights)
 
 
-def sd3_dual_attention(q, k, v, config):
+def sd3_dual_attention(q, k, v, config, weights=(1.0,)):
     """SD3.5 dual attention (`attn2`): image tokens only, no RoPE."""
-    return attend_group(q, k, v, slice(None), config)
+    return attend_group(q, k, v, slice(None), config, weights=weights)
 
 
 def by_group(attend, q, k, v, groups, *args):
@@ -107,6 +151,7 @@ class Context:
     groups: int = 1
     text_tokens: int | None = None
     reference_rotary: tuple | None = None
+    weights: tuple = (1.0,)  # one per reference at the start of each group
 
 
 class FluxOracleProcessor:
@@ -133,7 +178,7 @@ class FluxOracleProcessor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         assert self.context.groups == 1, "a FLUX transformer call is one guidance group"
         out = flux_attention(q, k, v, text_tokens, self.config, image_rotary_emb, self.context.reference_rotary,
-                             attention_mask)
+                             attention_mask, self.context.weights)
         out = out.transpose(1, 2).flatten(2)
         if encoder_hidden_states is None:
             return out
@@ -163,12 +208,13 @@ class SD3OracleProcessor:
         k = norm(attn.norm_k, heads(attn.to_k(hidden_states)))
         v = heads(attn.to_v(hidden_states))
         if encoder_hidden_states is None:
-            out = by_group(sd3_dual_attention, q, k, v, self.context.groups, self.config)
+            out = by_group(sd3_dual_attention, q, k, v, self.context.groups, self.config, self.context.weights)
         else:
             q = torch.cat([q, norm(attn.norm_added_q, heads(attn.add_q_proj(encoder_hidden_states)))], dim=2)
             k = torch.cat([k, norm(attn.norm_added_k, heads(attn.add_k_proj(encoder_hidden_states)))], dim=2)
             v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
-            out = by_group(sd3_joint_attention, q, k, v, self.context.groups, image_tokens, self.config)
+            out = by_group(sd3_joint_attention, q, k, v, self.context.groups, image_tokens, self.config,
+                           self.context.weights)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         image, text = out[:, :image_tokens], out[:, image_tokens:]
         image = attn.to_out[1](attn.to_out[0](image))
@@ -187,9 +233,10 @@ def flux_reference_rotary(transformer, img_ids, reference_positions):
     return transformer.pos_embed(shifted)
 
 
-def install(pipe, config, layer_names):
-    """Put oracle processors on the named attention modules of `pipe.transformer`; returns `undo()`."""
-    transformer, context = pipe.transformer, Context()
+def install(pipe, config, layer_names, weights=(1.0,)):
+    """Put oracle processors on the named attention modules of `pipe.transformer` (len(weights) references per
+    group); returns `undo()`."""
+    transformer, context = pipe.transformer, Context(weights=tuple(weights))
     modules = {name: transformer.get_submodule(name) for name in layer_names}
     originals = {name: module.processor for name, module in modules.items()}
     for module in modules.values():

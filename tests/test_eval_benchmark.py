@@ -1,7 +1,7 @@
 """The shipped benchmark: 100 styles x 4 objects, no duplicates, non-empty strings."""
 
 from stylealigned.eval import load_benchmark
-from stylealigned.eval.benchmark import PROMPT_TEMPLATE
+from stylealigned.eval.benchmark import KINDS, PROMPT_TEMPLATE
 
 
 def test_benchmark_has_100_styles_of_4_distinct_objects():
@@ -20,3 +20,11 @@ def test_prompts_put_the_object_before_the_style():
     prompts = entry.prompts()
     assert prompts == [PROMPT_TEMPLATE.format(object=name, style=entry.style) for name in entry.objects]
     assert prompts[0] == f"{entry.objects[0]}, {entry.style}"
+
+
+def test_every_style_has_a_kind():
+    styles = load_benchmark()
+    assert {entry.kind for entry in styles} == set(KINDS)
+    abstract = [entry.style for entry in styles if entry.kind == "abstract"]
+    assert len(abstract) == 15 and any(style.startswith("dreamy") for style in abstract)
+    assert "watercolor" in styles[0].style and styles[0].kind == "concrete"

@@ -12,7 +12,10 @@ outweigh the per-image constants such as text embeddings.
 
 import torch
 
+import stylealigned as sa
 from benchmarks.common import LiveTensorBytes
+from stylealigned.config import StyleAlignedConfig
+from stylealigned.processors import RECORD, REPLAY, SharedAttention, SharedState
 from stylealigned.sets import generate_set
 
 SUBJECTS = "cat dog house tree car bird".split()
@@ -49,3 +52,35 @@ def test_chunked_set_memory_does_not_grow_with_set_size(sd_pipe):
 def test_one_batch_set_memory_grows_with_set_size(sd_pipe):
     four, sixteen = peak_bytes(sd_pipe, 4, batch_size=None), peak_bytes(sd_pipe, 16, batch_size=None)
     assert sixteen >= 2.5 * four, f"16 images in one batch took only {sixteen / four:.2f}x the memory of 4"
+
+
+def test_the_cache_keeps_only_what_targets_read():
+    """A layer's cached reference holds tensors on storages of their own (a view of the image tokens would keep the
+    whole joined text + image projection alive), statistics only for the AdaIN knobs on, and no keys or values
+    where targets do not attend to them."""
+    groups, heads, text, image, dim = 2, 2, 5, 12, 8
+    q, k, v = (torch.randn(groups, 1, heads, text + image, dim) for _ in range(3))
+    state = SharedState(groups=groups, mode=RECORD)
+    SharedAttention("layer", StyleAlignedConfig(adain_queries=False), state).attend(q, k, v, slice(text, None))
+    ref = state.cache["layer"]
+    torch.testing.assert_close(ref.value, v[:, 0, :, text:], rtol=0, atol=0)
+    tensors = [ref.key, ref.value, *ref.key_stats]
+    assert sum(t.untyped_storage().nbytes() for t in tensors) == sum(t.numel() * t.element_size() for t in tensors)
+    assert ref.key.shape == (groups, heads, image, dim) and ref.query_stats is None and ref.value_stats is None
+
+    SharedAttention("layer", StyleAlignedConfig(share_attention=False), state).attend(q, k, v, slice(text, None))
+    ref = state.cache["layer"]
+    assert ref.key is None and ref.value is None and ref.query_stats is not None and ref.key_stats is not None
+
+
+def test_the_cache_lives_for_one_denoiser_call(sd_pipe):
+    """Every chunk of a call finds each shared layer's reference in the cache; nothing is left after the call."""
+    seen = []
+    with sa.apply(sd_pipe) as handle, handle.chunked(1):
+        hook = sd_pipe.unet.conv_out.register_forward_hook(
+            lambda *_: seen.append((handle.state.mode, sorted(handle.state.cache))))
+        sd_pipe(PROMPTS[:4], **SETTINGS)
+        hook.remove()
+        assert handle.state.cache == {}
+    assert [mode for mode, _ in seen] == [RECORD, REPLAY, REPLAY, REPLAY]
+    assert all(names == sorted(handle.layers) for _, names in seen)

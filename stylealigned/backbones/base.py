@@ -124,7 +124,7 @@ class Backbone:
         shape = (1, *self.latent_shape(height, width))
         noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + p))
                            for p in positions])
-        return self.pack(noise, height, width).to(self.pipe.device, self.denoiser.dtype)
+        return self.pack(noise, height, width).to(self.pipe._execution_device, self.denoiser.dtype)
 
     @torch.no_grad()
     def encode(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:
@@ -148,7 +148,7 @@ class Backbone:
             scale, offset = self._latent_scaling(latents)
             images = vae.decode((latents / scale + offset).to(vae.dtype), return_dict=False)[0]
         if getattr(self.pipe, "safety_checker", None) is not None:
-            images, _ = self.pipe.run_safety_checker(images, self.pipe.device, latents.dtype)
+            images, _ = self.pipe.run_safety_checker(images, self.pipe._execution_device, latents.dtype)
         return self.pipe.image_processor.postprocess(images, output_type="pil")
 
     def _latent_scaling(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:

@@ -25,6 +25,7 @@ from . import score  # noqa: E402,F401
 from . import evaluate  # noqa: E402,F401
 from . import demo  # noqa: E402,F401
 from . import ui  # noqa: E402,F401
+from . import panorama  # noqa: E402,F401
 from .common import Interrupted  # noqa: E402
 
 

@@ -35,6 +35,7 @@ LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and 
     "seed": (0, 2**63 - 1), "steps": (1, 1000), "guidance": (0, 100), "width": (8, MAX_SIZE), "height": (8, MAX_SIZE),
     "batch_size": (1, 4096), "offset": (0, 999), "inversion_guidance": (0, 100), "shared_score_scale": (0, 100),
     "shared_score_shift": (-100, 100), "port": (0, 65535), "sets": (1, 100), "threads": (1, 1024), "styles": (1, 100),
+    "control_scale": (0, 10),  # 0 itself is refused by the ControlNet options (no control at all)
     # the web app operator's limits on one job
     "max_prompts": (1, 1000), "max_steps": (1, 1000), "max_side": (8, MAX_SIZE), "max_upload_mb": (1, 10_000),
 }
@@ -76,6 +77,14 @@ Resume = Annotated[bool, typer.Option(help="Complete an interrupted run in --out
 Overwrite = Annotated[bool, typer.Option(help="Replace earlier results in --out.")]
 NoShare = Annotated[bool, typer.Option("--no-share", help="Baseline: the plain model, nothing shared.")]
 Preset = Annotated[str, typer.Option(help="Starting knobs: text-to-image (paper default) or transfer.")]
+ReferencePrompts = Annotated[Optional[list[str]], typer.Option(
+    "--reference-prompt", help="A reference's prompt, repeatable: with references every PROMPT is a target, and "
+                               "targets mix the references' styles (--reference-weight).")]
+ReferenceWeights = Annotated[Optional[list[float]], typer.Option(
+    "--reference-weight", help="With several references: how much targets take from each, once per reference in "
+                               "order (>= 0, normalised; default equal).")]
+Loras = Annotated[Optional[list[str]], typer.Option(
+    "--lora", help="LoRA weights to load, PATH[:SCALE] (a .safetensors file or its folder; scale 1); repeatable.")]
 OPTION_TYPES = {"bool": bool, "float": float}  # every other knob is given as text
 
 
@@ -238,7 +247,7 @@ def _is_complete(file: Path) -> bool:
 
 
 def generate_into(folder: RunFolder, todo: list[int], produce: Callable[[list[int], Callable], None],
-                  batch_size: int | None, grid_extra: list[tuple[str, object]] = ()) -> bool:
+                  batch_size: int | None, grid_extra: list[tuple[str, object]] = (), references: int = 1) -> bool:
     """Run `produce(positions, on_image)` for this process's share of `todo`, then write grid.png and run.json.
 
     Under `accelerate launch` each process takes its share of the set's waves (all compute the same reference).
@@ -249,7 +258,7 @@ def generate_into(folder: RunFolder, todo: list[int], produce: Callable[[list[in
     from ..sets import waves_of
 
     state = PartialState()
-    waves = [[i for i in todo if i in wave] for wave in waves_of(len(folder.prompts), batch_size)]
+    waves = [[i for i in todo if i in wave] for wave in waves_of(len(folder.prompts), batch_size, None, references)]
     try:
         if state.is_main_process:
             folder.write_record(complete=False)
@@ -272,20 +281,23 @@ def generate_into(folder: RunFolder, todo: list[int], produce: Callable[[list[in
 
 
 def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int, guidance: float | None,
-         width: int | None, height: int | None, negative_prompt: str | None):
-    """The pipeline on this process's device, and the pipeline settings every image of the set shares."""
+         width: int | None, height: int | None, negative_prompt: str | None, loras: list[str] | None = None):
+    """The pipeline on this process's device (with the --lora weights loaded), and the pipeline settings every
+    image of the set shares."""
     from accelerate import PartialState
 
     from ..backbones import backbone_for
-    from ..models import load_pipeline
+    from ..models import load_loras, load_pipeline, lora_files
 
     check_numbers(steps=steps, guidance=guidance, width=width, height=height)
+    lora_files(loras or [])  # fail before a slow load
     if any(size is not None and size % 8 for size in (width, height)):
         raise UserError(f"--width and --height must be positive multiples of 8, got {width}x{height}")
     state = PartialState()
     if device == "auto" and state.num_processes > 1:
         device = str(state.device)
     pipe = load_pipeline(model, device=device, dtype=dtype, scheduler=scheduler)
+    load_loras(pipe, loras or [])
     backbone = backbone_for(pipe)
     native_height, native_width = backbone.native_size()
     width, height = width or native_width, height or native_height
@@ -296,6 +308,30 @@ def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int,
     if negative_prompt:
         settings["negative_prompt"] = negative_prompt
     return pipe, settings
+
+
+def fit_to_references(config: StyleAlignedConfig, knobs: dict, count: int) -> StyleAlignedConfig:
+    """With several references a preset's GroupNorm sharing (which takes one reference) is dropped; asked for with
+    --share-group-norm, it is refused."""
+    from ..apply import check_references
+
+    if count > 1 and knobs.get("share_group_norm") is None:
+        config = config.replace(share_group_norm=False)
+    check_references(config, count)
+    return config
+
+
+def reference_weights(weights: list[float] | None, count: int) -> list[float] | None:
+    """--reference-weight: not given (equal weights, None), or once per reference with valid values."""
+    from ..apply import normalised_weights
+
+    if not weights:
+        return None
+    if len(weights) != count:
+        raise UserError(f"--reference-weight is given {len(weights)} times for {count} reference(s); give it once "
+                        "per reference, in their order, or not at all")
+    normalised_weights(weights)
+    return list(weights)
 
 
 def _check_steps(pipe, backbone, steps: int, width: int, height: int) -> None:

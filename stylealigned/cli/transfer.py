@@ -9,19 +9,24 @@ import typer
 
 from ..backbones import backbone_for
 from ..errors import UserError
+from ..control import DEPTH_MODEL
 from . import app
-from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Model, Negative, NoShare, Out, Overwrite,
-                     Preset, Prompts, PromptsFile, Resume, RunFolder, Scheduler, Seed, Size, Steps, Style,
-                     build_config, check_numbers, file_digest, fit_to_family, generate_into, load, read_prompts,
-                     with_knob_options)
+from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Loras, Model, Negative, NoShare, Out,
+                     Overwrite, Preset, Prompts, PromptsFile, ReferenceWeights, Resume, RunFolder, Scheduler, Seed,
+                     Size, Steps, Style, build_config, check_numbers, file_digest, fit_to_family, fit_to_references,
+                     generate_into, load, read_prompts, reference_weights, with_knob_options)
+from .control import ControlImage, ControlNet, ControlOptions, ControlScale, DepthFrom, DepthModel
 
 
 @app.command()
 @with_knob_options
 def transfer(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Target prompts.")] = None,
-    reference: Annotated[Optional[Path], typer.Option(help="The style image (PNG, JPEG or WebP).")] = None,
-    reference_prompt: Annotated[Optional[str], typer.Option(help="Text describing the style image.")] = None,
+    reference: Annotated[Optional[list[Path]], typer.Option(
+        help="The style image (PNG, JPEG or WebP); repeatable, to mix several (--reference-weight).")] = None,
+    reference_prompt: Annotated[Optional[list[str]], typer.Option(
+        help="Text describing the style image; once per --reference, in their order.")] = None,
+    reference_weight: ReferenceWeights = None, lora: Loras = None,
     inversion: Annotated[str, typer.Option(help="ddim (faithful) or noise (no UNet calls, cheaper).")] = "ddim",
     inversion_guidance: Annotated[Optional[float], typer.Option(
         help="Guidance of the inversion (default: 2; on FLUX, whose guidance is embedded, the sampling guidance).",
@@ -29,6 +34,8 @@ def transfer(
     offset: Annotated[int, typer.Option(help="Steps during which the reference stays at its (offset+1)th latent.")] = 0,
     trajectory: Annotated[Optional[Path], typer.Option(help="Reuse a trajectory saved by --save-trajectory.")] = None,
     save_trajectory: Annotated[Optional[Path], typer.Option(help="Save the inverted trajectory to this file.")] = None,
+    controlnet: ControlNet = None, control_image: ControlImage = None, control_scale: ControlScale = None,
+    depth_from: DepthFrom = None, depth_model: DepthModel = DEPTH_MODEL,
     prompts_file: PromptsFile = None, style: Style = None, model: Model = DEFAULT_MODEL,
     out: Out = Path("stylealigned-out"), seed: Seed = 0, steps: Steps = 50, guidance: Guidance = None,
     width: Size = None, height: Size = None, device: Device = "auto", dtype: Dtype = None,
@@ -47,30 +54,45 @@ def transfer(
     targets = read_prompts(prompts, prompts_file, style)
     if inversion not in MODES:
         raise UserError(f"unknown --inversion {inversion!r}; choose one of: {', '.join(MODES)}")
-    if trajectory is None and (reference is None or not (reference_prompt or "").strip()):
-        raise UserError("pass --reference IMAGE and --reference-prompt TEXT, or --trajectory FILE")
+    references, texts = list(reference or []), list(reference_prompt or [])
+    if trajectory is None and (not references or len(texts) != len(references) or not all(t.strip() for t in texts)):
+        raise UserError("pass --reference IMAGE and --reference-prompt TEXT (once per image), or --trajectory FILE")
+    if trajectory is not None and len(references) > 1:
+        raise UserError("--trajectory stands for one reference; drop it to invert several --reference images")
+    count = 1 if trajectory is not None else len(references)
+    weights = reference_weights(reference_weight, count)
+    config = fit_to_references(config, knobs, count)
     if save_trajectory is not None:
+        if count > 1:
+            raise UserError("--save-trajectory saves one reference's trajectory; pass one --reference to save it")
         _check_save_path(save_trajectory, overwrite)
-    if reference is not None:
-        load_image(reference, 64, 64)  # fail on a bad image before the model loads
-    saved = Trajectory.load(trajectory) if trajectory is not None else None
-    pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt)
+    for path in references:
+        load_image(path, 64, 64)  # fail on a bad image before the model loads
+    control = ControlOptions.check(controlnet, control_image, depth_from, depth_model, control_scale, len(targets),
+                                   len(targets) + count)
+    pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt, lora)
+    pipe, control_images = control.setup(pipe, settings)
     config = fit_to_family(config, knobs, pipe, batch_size)
-    image = load_image(reference, settings["width"], settings["height"]) if reference is not None else None
-    if saved is None:
+    images = [load_image(path, settings["width"], settings["height"]) for path in references]
+    if trajectory is not None:
+        trajectories = [Trajectory.load(trajectory)]
+    else:
         if inversion_guidance is None:
             backbone = backbone_for(pipe)
             embedded = backbone.embedded_guidance
             inversion_guidance = settings.get("guidance_scale", backbone.default_guidance()) if embedded else 2.0
-        saved = invert(pipe, image, reference_prompt, steps, guidance_scale=inversion_guidance, mode=inversion,
-                       seed=seed)
-    saved.check_compatible(pipe, steps, settings["width"], settings["height"])
-    folder = RunFolder(out, [saved.prompt] + targets, {
+        trajectories = [invert(pipe, image, text, steps, guidance_scale=inversion_guidance, mode=inversion, seed=seed)
+                        for image, text in zip(images, texts)]
+    for each in trajectories:
+        each.check_compatible(pipe, steps, settings["width"], settings["height"])
+    saved, sources = trajectories[0], [trajectory] if trajectory is not None else references
+    folder = RunFolder(out, [each.prompt for each in trajectories] + targets, {
         "command": "transfer", "model": model, "style": style, "seed": seed, "scheduler": scheduler,
         "dtype": str(pipe.dtype), **settings, "batch_size": batch_size, "config": config.to_dict(),
-        "reference": str(reference or trajectory), "reference_sha256": file_digest(reference or trajectory),
+        **_one_or_all(reference=[str(path) for path in sources],
+                      reference_sha256=[file_digest(path) for path in sources]),
         "inversion": saved.mode, "inversion_guidance": saved.guidance_scale,
-        "offset": offset})
+        "offset": offset, **control.record(), "reference_weights": weights, "lora": lora})
     todo = folder.open(resume, overwrite)
     if save_trajectory is not None:
         try:
@@ -82,12 +104,18 @@ def transfer(
     def produce(positions, on_image):
         from ..sets import generate_set
 
-        generate_set(pipe, targets, config, reference=saved, seed=seed, batch_size=batch_size, offset=offset,
-                     indices=positions, on_image=on_image, **settings)
+        generate_set(pipe, targets, config, references=trajectories, weights=weights, seed=seed,
+                     batch_size=batch_size, offset=offset, indices=positions, on_image=on_image,
+                     control_images=control_images, **settings)
 
-    extra = [("reference (input)", image)] if image is not None else []
-    if generate_into(folder, todo, produce, batch_size, grid_extra=extra):
+    extra = [(f"reference{'' if count == 1 else f' {k}'} (input)", image) for k, image in enumerate(images)]
+    if generate_into(folder, todo, produce, batch_size, grid_extra=extra, references=count):
         typer.echo(f"wrote the reconstruction, {len(targets)} images, grid.png and run.json to {out}")
+
+
+def _one_or_all(**lists: list) -> dict:
+    """run.json's record of the references: each entry as it is for one reference, the list for several."""
+    return {key: values[0] if len(values) == 1 else values for key, values in lists.items()}
 
 
 def _check_save_path(path: Path, overwrite: bool) -> None:

@@ -1,11 +1,14 @@
-"""Evaluation: the paper's metrics (text alignment, set consistency), a 100-style benchmark, an ablation runner."""
+"""Evaluation: the paper's metrics (text alignment, set consistency), the targets' diversity, CSD style similarity,
+a 100-style benchmark, and a runner for the ablations and the named experiments."""
 
 from .benchmark import BenchmarkStyle, load_benchmark
+from .csd import csd_style_similarity
 from .encoders import DEFAULT_CLIP, DEFAULT_DINO
-from .metrics import set_consistency, text_alignment
+from .experiments import EXPERIMENTS
+from .metrics import diversity, set_consistency, text_alignment
 from .runner import evaluate
 
 __all__ = [
-    "DEFAULT_CLIP", "DEFAULT_DINO", "BenchmarkStyle", "evaluate", "load_benchmark", "set_consistency",
-    "text_alignment",
+    "DEFAULT_CLIP", "DEFAULT_DINO", "EXPERIMENTS", "BenchmarkStyle", "csd_style_similarity", "diversity", "evaluate",
+    "load_benchmark", "set_consistency", "text_alignment",
 ]

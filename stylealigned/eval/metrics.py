@@ -1,6 +1,7 @@
-"""The paper's two metrics on PIL images: text alignment (CLIP) and set consistency (DINO).
+"""The paper's two metrics on PIL images, text alignment (CLIP) and set consistency (DINO), and the targets'
+diversity (DINO), the other side of the paper's consistency trade-off.
 
-Both run in batches on any device; `model` is a hub id or a local folder (see `encoders`).
+All run in batches on any device; `model` is a hub id or a local folder (see `encoders`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,18 @@ def mean_pairwise_cosine(embeddings: torch.Tensor) -> float:
     return ((similarity.sum() - similarity.diagonal().sum()) / (count * (count - 1))).item()
 
 
+def diversity(embeddings: torch.Tensor) -> float:
+    """Mean pairwise distance, 1 - cosine, among unit-length `embeddings` [n, d]: 0 when all rows are equal."""
+    return 1.0 - mean_pairwise_cosine(embeddings)
+
+
+def _dino(members: list[Image.Image], model: str, device: str, batch_size: int) -> torch.Tensor:
+    if len(members) < 2:
+        raise UserError(f"set consistency compares pairs of images; got {len(members)} image(s) to compare")
+    encoder = load_dino(model, resolve_device(device))
+    return _batched(lambda chunk: dino_embeddings(encoder, chunk), members, batch_size)
+
+
 def set_consistency(images: list[Image.Image], model: str = DEFAULT_DINO, include_reference: bool = True,
                     device: str = "auto", batch_size: int = 32) -> float:
     """Mean pairwise cosine of the DINO CLS embeddings of a set; `images[0]` is the reference.
@@ -47,21 +60,21 @@ def set_consistency(images: list[Image.Image], model: str = DEFAULT_DINO, includ
     With `include_reference=False` the reference is left out and only the targets are compared.
     """
     members = list(images) if include_reference else list(images)[1:]
-    if len(members) < 2:
-        raise UserError(f"set consistency compares pairs of images; got {len(members)} image(s) to compare")
-    encoder = load_dino(model, resolve_device(device))
-    return mean_pairwise_cosine(_batched(lambda chunk: dino_embeddings(encoder, chunk), members, batch_size))
+    return mean_pairwise_cosine(_dino(members, model, device, batch_size))
 
 
 def score_set(images: list[Image.Image], texts: list[str | None], clip_model: str = DEFAULT_CLIP,
               dino_model: str = DEFAULT_DINO, device: str = "auto") -> dict:
-    """Both metrics for one set (reference first): mean text alignment over the images that have a text
-    (None skips one, e.g. an inverted real reference), and set consistency with the reference included."""
+    """The metrics of one set (reference first): mean text alignment over the images that have a text (None skips
+    one, e.g. an inverted real reference), set consistency with the reference included, and the targets' diversity
+    (1 - mean pairwise DINO cosine among the targets only; needs 2 targets, else None)."""
     scored = [(image, text) for image, text in zip(images, texts, strict=True) if text is not None]
     per_image = text_alignment([image for image, _ in scored], [text for _, text in scored], clip_model, device)
+    embeddings = _dino(list(images), dino_model, device, 32)
     return {
         "text_alignment": sum(per_image) / len(per_image),
-        "set_consistency": set_consistency(images, dino_model, include_reference=True, device=device),
+        "set_consistency": mean_pairwise_cosine(embeddings),
         "set_consistency_includes_reference": True,
+        "diversity": diversity(embeddings[1:]) if len(images) > 2 else None,
         "text_alignment_per_image": per_image,
     }

@@ -1,4 +1,4 @@
-"""The runner's outputs: results.csv (one row per set), summary.md (mean ± std per configuration), tradeoff.png."""
+"""The runner's outputs: results.csv (one row per set), summary.md (mean ± std per configuration), a plot."""
 
 from __future__ import annotations
 
@@ -11,47 +11,72 @@ from matplotlib.figure import Figure
 
 from ..io import write_atomic
 
-COLUMNS = ["config", "style_index", "style", "seed", "text_alignment", "set_consistency",
-           "set_consistency_includes_reference", "folder"]
+COLUMNS = ["config", "style_index", "style", "kind", "seed", "text_alignment", "set_consistency",
+           "set_consistency_includes_reference", "diversity", "folder"]
+# An experiment's own columns, written when its rows have them.
+EXTRA_COLUMNS = ["csd_style_similarity", "set_size", "shared_layers", "layers_shared", "reference_object",
+                 "degradation", "level"]
+METRICS = {"text_alignment": "text alignment", "set_consistency": "set consistency", "diversity": "diversity",
+           "csd_style_similarity": "CSD style similarity"}
 # The paper's Table 1, full method on SDXL over its 100 styles x 4 objects.
 PAPER_FULL = {"text_alignment": (0.287, 0.03), "set_consistency": (0.51, 0.14)}
 
 
-def summarize(rows: list[dict]) -> dict[str, dict]:
-    """Per configuration, in first-seen order: number of sets, and (mean, std over sets) of both metrics."""
+def _mean_std(values: list[float]) -> tuple[float, float] | None:
+    return (float(np.mean(values)), float(np.std(values))) if values else None
+
+
+def summarize(rows: list[dict], group=lambda row: row["config"]) -> dict[str, dict]:
+    """Per group (default: configuration), in first-seen order: number of sets, and (mean, std over sets) of each
+    metric (None where no row has it)."""
     summary = {}
-    for config in dict.fromkeys(row["config"] for row in rows):
-        mine = [row for row in rows if row["config"] == config]
-        summary[config] = {"sets": len(mine)} | {
-            metric: (float(np.mean([row[metric] for row in mine])), float(np.std([row[metric] for row in mine])))
-            for metric in PAPER_FULL
-        }
+    for name in dict.fromkeys(group(row) for row in rows):
+        mine = [row for row in rows if group(row) == name]
+        summary[name] = {"sets": len(mine)} | {
+            metric: _mean_std([row[metric] for row in mine if row.get(metric) is not None]) for metric in METRICS}
     return summary
 
 
 def results_csv(rows: list[dict]) -> str:
+    columns = COLUMNS + [column for column in EXTRA_COLUMNS if any(column in row for row in rows)]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
 
 
-def summary_markdown(summary: dict[str, dict], settings: dict) -> str:
-    """The paper-style table, our configurations first and the paper's full method last."""
+def _cell(value: tuple[float, float] | None) -> str:
+    return "–" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
+
+
+def summary_table(summary: dict[str, dict], first: str = "configuration", paper: bool = False) -> list[str]:
+    """Markdown rows: sets and mean ± std of each metric that some group has, optionally the paper's row last."""
+    metrics = [metric for metric in METRICS if metric in PAPER_FULL or any(e[metric] for e in summary.values())]
+    lines = [f"| {first} | sets | " + " | ".join(METRICS[metric] for metric in metrics) + " |",
+             "|---|---:|" + "---:|" * len(metrics)]
+    for name, entry in summary.items():
+        lines.append(f"| {name} | {entry['sets']} | " + " | ".join(_cell(entry[metric]) for metric in metrics) + " |")
+    if paper:
+        cells = [f"{PAPER_FULL[m][0]} ± {PAPER_FULL[m][1]}" if m in PAPER_FULL else "–" for m in metrics]
+        lines.append("| paper: full (SDXL, Hertz et al. 2023) | 100 | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(summary: dict[str, dict], settings: dict, section: list[str] = ()) -> str:
+    """The paper-style table, our configurations first and the paper's full method last, then `section`."""
+    csd = any(entry["csd_style_similarity"] for entry in summary.values())
     lines = [
         "# StyleAligned evaluation", "",
         *(f"- {key}: `{value}`" for key, value in settings.items()), "",
         "Text alignment: CLIP cosine between each image and its object prompt (no style text), mean over the set.",
-        "Set consistency: mean pairwise DINO cosine within a set, reference included. ± is the std over sets.", "",
-        "| configuration | sets | text alignment | set consistency |",
-        "|---|---:|---:|---:|",
+        "Set consistency: mean pairwise DINO cosine within a set, reference included.",
+        "Diversity: mean pairwise DINO distance (1 - cosine) among the targets only, reference excluded.",
+        *(["CSD style similarity: mean cosine of CSD style descriptors (Somepalli et al. 2024) between the "
+           f"reference and each target, from `{settings.get('csd_model')}`."] if csd else []),
+        "± is the std over sets.", "",
+        *summary_table(summary, paper=True), *(["", *section] if section else []),
     ]
-    for config, entry in summary.items():
-        cells = [f"{entry[metric][0]:.3f} ± {entry[metric][1]:.3f}" for metric in PAPER_FULL]
-        lines.append(f"| {config} | {entry['sets']} | {cells[0]} | {cells[1]} |")
-    paper = [f"{mean} ± {std}" for mean, std in PAPER_FULL.values()]
-    lines.append(f"| paper: full (SDXL, Hertz et al. 2023) | 100 | {paper[0]} | {paper[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,9 +94,12 @@ def tradeoff_figure(summary: dict[str, dict]) -> Figure:
     return figure
 
 
-def write_reports(out: Path, rows: list[dict], settings: dict) -> None:
-    """Write results.csv, summary.md and tradeoff.png into `out`, each atomically."""
+def write_reports(out: Path, rows: list[dict], settings: dict, plot: str = "tradeoff.png", figure=None,
+                  section: list[str] = ()) -> None:
+    """Write results.csv, summary.md (with the experiment's `section`) and the plot `plot`, drawn by
+    `figure(rows, summary)` (default: the trade-off of every configuration), into `out`, each atomically."""
     summary = summarize(rows)
+    drawn = figure(rows, summary) if figure else tradeoff_figure(summary)
     write_atomic(out / "results.csv", lambda file: file.write(results_csv(rows).encode()))
-    write_atomic(out / "summary.md", lambda file: file.write(summary_markdown(summary, settings).encode()))
-    write_atomic(out / "tradeoff.png", lambda file: tradeoff_figure(summary).savefig(file, format="png", dpi=120))
+    write_atomic(out / "summary.md", lambda file: file.write(summary_markdown(summary, settings, section).encode()))
+    write_atomic(out / plot, lambda file: drawn.savefig(file, format="png", dpi=120))

@@ -29,10 +29,10 @@ class RunFolder:
                 for prompt in self.prompts]
 
     def load_images(self) -> list[Image.Image]:
-        return [_read_rgb(path) for path in self.images]
+        return [read_rgb(path) for path in self.images]
 
 
-def _read_rgb(path: Path) -> Image.Image:
+def read_rgb(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
 

@@ -1,0 +1,119 @@
+"""The score shift reaches a fast SDPA kernel exactly: as a broadcast mask row or as a padded head channel.
+
+No GPU was lent to this work: the CUDA choice (the head channel, so that flash attention runs in fp16/bf16) is
+exercised on the CPU through `attention_kernel` with a kernel that refuses masks, and the kernel-restricted test runs
+on CUDA where there is one and on the CPU's flash kernel otherwise.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from stylealigned.attention import (attention_kernel, attend_with_reference, bias_in_channel, channel_bias,
+                                    key_biased_attention)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}  # ~ output rounding
+
+
+def inputs(dim: int, dtype: torch.dtype, queries: int = 24, own: int = 24, shared: int = 16, seed: int = 0):
+    """(2, 3 heads) queries over own + shared keys, with a finite bias per key (0 own, log-weights + shift shared)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 3, queries, dim, generator=generator, dtype=torch.float64)
+    keys, values = (torch.randn(2, 3, own + shared, dim, generator=generator, dtype=torch.float64) for _ in "kv")
+    bias = torch.zeros(own + shared, dtype=torch.float64)
+    bias[own:] = math.log(2) + torch.rand(shared, generator=generator, dtype=torch.float64).log()
+    return [x.to(DEVICE, dtype) for x in (q, keys, values, bias)]
+
+
+def explicit(q, keys, values, bias, mask=None):
+    """softmax(q k^T / sqrt(D) + bias [+ mask]) v in float64: the formula."""
+    q, keys, values, bias = (x.double() for x in (q, keys, values, bias))
+    logits = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+    if mask is not None:
+        logits[..., :mask.shape[-1]] = logits[..., :mask.shape[-1]].masked_fill(~mask, float("-inf"))
+    return torch.softmax(logits, dim=-1) @ values
+
+
+class MaskSpy:
+    """Records the mask SDPA gets; optionally refuses masks, as flash attention does."""
+
+    def __init__(self, monkeypatch, refuse: bool = False):
+        self.masks, self.shapes, self.refuse = [], [], refuse
+        self.original = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention", self)
+
+    def __call__(self, q, k, v, attn_mask=None, scale=None, **kwargs):
+        assert not (self.refuse and attn_mask is not None), "a mask reached a kernel that takes none"
+        self.masks.append(attn_mask)
+        self.shapes.append((q.shape[-1], k.shape[-1], v.shape[-1]))
+        return self.original(q, k, v, attn_mask=attn_mask, scale=scale, **kwargs)
+
+
+@pytest.mark.parametrize("dim", [8, 40, 64, 72, 128])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_head_channel_equals_the_formula(dim, dtype):
+    q, keys, values, bias = inputs(dim, dtype, seed=dim)
+    out = bias_in_channel(q, keys, values, bias)
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), explicit(q, keys, values, bias), atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_chosen_method_builds_no_full_mask_and_equals_the_formula(monkeypatch, dtype):
+    q, keys, values, bias = inputs(64, dtype)
+    spy = MaskSpy(monkeypatch)
+    out = key_biased_attention(q, keys, values, bias)
+    torch.testing.assert_close(out.double(), explicit(q, keys, values, bias), atol=TOLERANCE[dtype], rtol=0)
+    (mask,) = spy.masks
+    if channel_bias(q):  # CUDA in half precision: no mask at all, a padded head
+        assert mask is None and spy.shapes == [(72, 72, 72)]
+    else:  # one broadcast row of biases, never (queries x keys)
+        assert mask.shape == (1, 1, 1, keys.shape[-2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_kernel_without_masks_gets_the_head_channel(monkeypatch, dtype):
+    """The CUDA half-precision path (and a user's mask-less attention backend): the bias as a channel, exact."""
+    q, keys, values, bias = inputs(64, dtype)
+    spy = MaskSpy(monkeypatch, refuse=True)
+    with attention_kernel(lambda *args, **kwargs: F.scaled_dot_product_attention(*args, **kwargs)):
+        assert channel_bias(q)
+        out = key_biased_attention(q, keys, values, bias)
+    assert not channel_bias(q)  # the kernel is SDPA's again after the block
+    assert spy.masks == [None] and spy.shapes == [(72, 72, 72)]
+    torch.testing.assert_close(out.double(), explicit(q, keys, values, bias), atol=TOLERANCE[dtype], rtol=0)
+
+
+def test_zero_shift_passes_no_mask(monkeypatch):
+    """shared_score_shift = 0: plain SDPA without a mask, which flash attention takes in fp16/bf16."""
+    q, k, v = (torch.randn(1, 2, 3, 16, 8) for _ in "qkv")
+    spy = MaskSpy(monkeypatch)
+    attend_with_reference(q, k, v, k[:, 0], v[:, 0])
+    assert spy.masks == [None]
+
+
+@pytest.mark.parametrize("shift", [0.0, math.log(2)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_shift_runs_on_the_flash_kernel(dtype, shift):
+    """Restricted to flash attention, the shared attention still runs: CUDA's flash kernel on a GPU (which takes no
+    mask, so the channel is what makes it run), the CPU's flash kernel here."""
+    q, keys, values, bias = inputs(64, dtype)
+    bias = bias * (shift / math.log(2))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = key_biased_attention(q, keys, values, bias if shift else None)
+    expected = explicit(q, keys, values, bias)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_mask_with_bias_equals_the_formula(dtype):
+    q, keys, values, bias = inputs(64, dtype)
+    mask = torch.rand(2, 1, 24, 24, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[..., 0] = True
+    out = key_biased_attention(q, keys, values, bias, mask.to(DEVICE))
+    torch.testing.assert_close(out.double(), explicit(q, keys, values, bias, mask.to(DEVICE)),
+                               atol=TOLERANCE[dtype], rtol=0)
