@@ -138,3 +138,46 @@ def run():
 
     return run_pipe
 
+
+
+class Decoded(list):
+    """The latents of each Backbone.decode call, in order; `take()` returns them and starts afresh."""
+
+    def take(self) -> list:
+        entries = list(self)
+        self.clear()
+        return entries
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> Decoded:
+    """Record the latents every Backbone.decode call receives and tag each decoded image with its latent
+    (`image.info["latent"]`), so comparisons are made before 8-bit rounding."""
+    from stylealigned.backbones import Backbone
+
+    seen, original = Decoded(), Backbone.decode
+
+    def spy(backbone, latents, height, width):
+        seen.append(latents.clone())
+        images = original(backbone, latents, height, width)
+        for latent, image in zip(latents, images):  # whole chunks are decoded: tag each image with its latent
+            image.info["latent"] = latent.clone()
+        return images
+
+    monkeypatch.setattr(Backbone, "decode", spy)
+    return seen
+
+
+@pytest.fixture
+def generated_sets(monkeypatch) -> list:
+    """The prompts of every set the eval runner generates, in order."""
+    from stylealigned.eval import runner
+
+    calls, real = [], runner.generate_set
+
+    def counting(pipe, prompts, config, **kwargs):
+        calls.append(list(prompts))
+        return real(pipe, prompts, config, **kwargs)
+
+    monkeypatch.setattr(runner, "generate_set", counting)
+    return calls

@@ -15,7 +15,7 @@ from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil,
 
 import stylealigned as sa
 from stylealigned import sets
-from stylealigned.backbones import Backbone, backbone_for
+from stylealigned.backbones import backbone_for
 from stylealigned.control import control_inputs, depth_maps
 from stylealigned.errors import UserError
 from stylealigned.inversion import invert
@@ -96,20 +96,6 @@ def controls(count: int, seed: int = 0, size: int = SIZE) -> list[Image.Image]:
     """Random RGB control images of the generation size (so fitting them changes nothing)."""
     state = np.random.RandomState(seed)
     return [Image.fromarray(state.randint(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
-
-
-@pytest.fixture
-def decoded(monkeypatch):
-    """Tag each image generate_set decodes with its latent, so comparisons are made before 8-bit rounding."""
-    original = Backbone.decode
-
-    def spy(backbone, latents, height, width):
-        images = original(backbone, latents, height, width)
-        for latent, image in zip(latents, images):
-            image.info["latent"] = latent.clone()
-        return images
-
-    monkeypatch.setattr(Backbone, "decode", spy)
 
 
 def set_latents(pipe, prompts=PROMPTS, **kwargs) -> dict[int, torch.Tensor]:

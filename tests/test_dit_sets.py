@@ -10,7 +10,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 import stylealigned as sa
 from stylealigned import sets
 from stylealigned.apply import HOOK, hooked_layers, layers_to_share
-from stylealigned.backbones import Backbone, backbone_for
+from stylealigned.backbones import backbone_for
 from tests.dit_pipelines import FLUX_SIZE, PROMPT_KWARGS, SD3_SIZE
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a car"]
@@ -107,23 +107,6 @@ def test_targets_differ_from_vanilla(pipe, guidance):
 
 
 # generate_set
-
-
-@pytest.fixture
-def decoded(monkeypatch):
-    """Record the latents generate_set decodes (before 8-bit rounding)."""
-    seen = []
-    original = Backbone.decode
-
-    def spy(backbone, latents, height, width):
-        seen.append(latents.clone())
-        images = original(backbone, latents, height, width)
-        for latent, image in zip(latents, images):  # whole chunks are decoded: tag each image with its latent
-            image.info["latent"] = latent.clone()
-        return images
-
-    monkeypatch.setattr(Backbone, "decode", spy)
-    return seen
 
 
 def set_latents(pipe, prompts, decoded, seed=7, **kwargs) -> dict[int, torch.Tensor]:

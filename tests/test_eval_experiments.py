@@ -33,20 +33,6 @@ def run_experiment(sd_pipe, tiny_clip_path, tiny_dino_path, tmp_path):
     return start
 
 
-@pytest.fixture
-def generated(monkeypatch):
-    """Count the sets the runner generates."""
-    calls = []
-    real = runner.generate_set
-
-    def counting(pipe, prompts, config, **kwargs):
-        calls.append(list(prompts))
-        return real(pipe, prompts, config, **kwargs)
-
-    monkeypatch.setattr(runner, "generate_set", counting)
-    return calls
-
-
 def pixels(path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"), dtype=int)
@@ -75,14 +61,14 @@ def check_outputs(out, experiment, rows):
     return summary
 
 
-def test_set_size_keeps_references_and_seeds(run_experiment, tmp_path, generated, tiny_dino_path):
+def test_set_size_keeps_references_and_seeds(run_experiment, tmp_path, generated_sets, tiny_dino_path):
     rows = run_experiment("set-size", set_sizes=[4, 8])
     out = tmp_path / "eval"
     check_outputs(out, "set-size", rows)
     small, large = (set_images(out, row) for row in rows)
     assert (len(small), len(large)) == (4, 8) and [row["set_size"] for row in rows] == [4, 8]
     style = load_benchmark()[0]
-    assert generated[1][:4] == style.prompts() and generated[1][4].endswith(style.style)
+    assert generated_sets[1][:4] == style.prompts() and generated_sets[1][4].endswith(style.style)
     # same reference and seeds: the first 4 images of the set of 8 are those of the set of 4
     for first, second in zip(small, large[:4]):
         assert np.abs(pixels(first) - pixels(second)).max() <= 2
@@ -91,10 +77,10 @@ def test_set_size_keeps_references_and_seeds(run_experiment, tmp_path, generated
     assert rows[1]["diversity"] == pytest.approx(
         1 - set_consistency(images, tiny_dino_path, include_reference=False, device="cpu"), abs=1e-5)
 
-    assert run_experiment("set-size", set_sizes=[4, 8]) == rows and len(generated) == 2  # resumed: nothing to do
+    assert run_experiment("set-size", set_sizes=[4, 8]) == rows and len(generated_sets) == 2  # resumed: nothing to do
     (out / rows[0]["folder"] / "scores.json").unlink()
     run_experiment("set-size", set_sizes=[4, 8])
-    assert len(generated) == 3
+    assert len(generated_sets) == 3
 
 
 def test_layer_sweep_spreads_fractions_and_names_blocks(run_experiment, tmp_path, sd_pipe):

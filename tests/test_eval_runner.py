@@ -6,7 +6,6 @@ import json
 import pytest
 from PIL import Image
 
-import stylealigned.eval.runner as runner
 from stylealigned.errors import UserError
 from stylealigned.eval import load_benchmark, set_consistency, text_alignment
 from stylealigned.eval.ablations import DEFAULT_CONFIGS, parse_configs
@@ -23,20 +22,6 @@ def run_eval(sd_pipe, tiny_clip_path, tiny_dino_path, tmp_path):
                         dino_model=tiny_dino_path, num_inference_steps=2)
 
     return run
-
-
-@pytest.fixture
-def generated_sets(monkeypatch):
-    """Count the sets the runner generates."""
-    calls = []
-    real = runner.generate_set
-
-    def counting(pipe, prompts, config, **kwargs):
-        calls.append(prompts)
-        return real(pipe, prompts, config, **kwargs)
-
-    monkeypatch.setattr(runner, "generate_set", counting)
-    return calls
 
 
 def test_runner_writes_rows_summary_and_plot(run_eval, tmp_path, tiny_clip_path, tiny_dino_path):

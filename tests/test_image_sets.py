@@ -18,7 +18,7 @@ from stylealigned.io import load_image
 from stylealigned.models import with_image_input
 from tests.test_cli import FAST, cli, pixels
 from tests.test_cli_hostile import refused
-from tests.test_sets import PROMPTS, SETTINGS, decoded, set_latents  # noqa: F401 (decoded is a fixture)
+from tests.test_sets import PROMPTS, SETTINGS, set_latents
 
 
 def noise_images(count: int, seed: int, mode: str = "RGB") -> list[Image.Image]:

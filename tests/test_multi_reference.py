@@ -13,7 +13,6 @@ from stylealigned.backbones import backbone_for
 from stylealigned.inversion import invert
 from tests import oracle
 from tests.test_apply import latents
-from tests.test_sets import decoded  # noqa: F401 (a fixture)
 
 PROMPTS = ["a cat in watercolor style", "a dog in oil style", "a house", "a tree", "a car"]
 SETTINGS = dict(num_inference_steps=3, guidance_scale=5.0, height=32, width=32)
@@ -101,11 +100,11 @@ def test_weights_move_targets_between_the_references(sd_pipe):
 def test_generate_set_with_one_then_a_zero_weight_reference_equals_one_reference(sd_pipe, decoded):
     sd_pipe.to(dtype=torch.float64)
     sets.generate_set(sd_pipe, PROMPTS[:1] + PROMPTS[2:], seed=3, **SETTINGS)
-    one = decoded.pop("latents")[0]
+    one = decoded.take()[0]
     sets.generate_set(sd_pipe, PROMPTS[2:], references=PROMPTS[:1], seed=3, **SETTINGS)
-    assert torch.equal(decoded.pop("latents")[0], one)  # references=[r] is today's reference
+    assert torch.equal(decoded.take()[0], one)  # references=[r] is today's reference
     sets.generate_set(sd_pipe, PROMPTS[2:], references=[PROMPTS[0], "a red car"], weights=[2, 0], seed=3, **SETTINGS)
-    two = decoded.pop("latents")[0]
+    two = decoded.take()[0]
     assert two.shape[0] == one.shape[0] + 1
     torch.testing.assert_close(two[0], one[0], atol=1e-12, rtol=0)
     # with two references target j sits at position j + 2 and starts from noise seed + j + 2: compare with one
@@ -125,7 +124,7 @@ def test_trajectory_and_prompt_references_chunked_equal_one_batch(sd_pipe, decod
     kwargs = dict(references=[PROMPTS[1], trajectory], weights=[0.4, 0.6], **SETTINGS)
     found = {}
     sets.generate_set(sd_pipe, PROMPTS[2:], config, **kwargs)
-    one = torch.cat(decoded.pop("latents"))
+    one = torch.cat(decoded.take())
     assert torch.equal(one[1], trajectory.latents[-1])
     sets.generate_set(sd_pipe, PROMPTS[2:], config, batch_size=1, wave_size=2, **kwargs,
                       on_image=lambda i, image: found.setdefault(i, image.info["latent"]))

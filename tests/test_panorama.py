@@ -9,26 +9,12 @@ from diffusers import StableDiffusionPanoramaPipeline
 
 import stylealigned as sa
 from stylealigned import panorama, sets
-from stylealigned.backbones import Backbone, backbone_for
+from stylealigned.backbones import backbone_for
 from stylealigned.errors import UserError
 from tests.test_cli import cli
 
 SETTINGS = dict(num_inference_steps=3, guidance_scale=5.0)
 REFERENCE, PROMPT = "a cat in watercolor style", "a house by a tree"
-
-
-@pytest.fixture
-def decoded(monkeypatch):
-    """The latents every Backbone.decode call receives, in order (compared before 8-bit rounding)."""
-    seen = []
-    original = Backbone.decode
-
-    def spy(backbone, latents, height, width):
-        seen.append(latents.clone())
-        return original(backbone, latents, height, width)
-
-    monkeypatch.setattr(Backbone, "decode", spy)
-    return seen
 
 
 @pytest.mark.parametrize("pipe_name", ["sd_pipe", "sdxl_pipe"])

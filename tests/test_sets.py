@@ -6,29 +6,12 @@ import torch
 import stylealigned as sa
 from stylealigned import sets
 from stylealigned.apply import hooked_layers
-from stylealigned.backbones import Backbone, backbone_for
+from stylealigned.backbones import backbone_for
 from stylealigned.inversion import invert
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a car", "a bird", "a red cat", "a blue dog",
            "a tree in oil style"]
 SETTINGS = dict(num_inference_steps=3, guidance_scale=5.0, height=32, width=32)
-
-
-@pytest.fixture
-def decoded(monkeypatch):
-    """Record the latents generate_set decodes, by set position, so comparisons are made before 8-bit rounding."""
-    seen = {}
-    original = Backbone.decode
-
-    def spy(backbone, latents, height, width):
-        images = original(backbone, latents, height, width)
-        seen.setdefault("latents", []).append(latents.clone())
-        for latent, image in zip(latents, images):  # whole chunks are decoded: tag each image with its latent
-            image.info["latent"] = latent.clone()
-        return images
-
-    monkeypatch.setattr(Backbone, "decode", spy)
-    return seen
 
 
 def set_latents(pipe, prompts, decoded, **kwargs):
@@ -121,7 +104,7 @@ def test_reference_slot_follows_the_trajectory(sd_pipe, offset, decoded, monkeyp
     assert len(images) == 3 and len(pinned) == 4
     for step, latent in enumerate(pinned):
         assert torch.equal(latent, trajectory.latents[max(offset + 1, step + 1)])
-    assert torch.equal(decoded["latents"][0][0], trajectory.latents[-1])
+    assert torch.equal(decoded[0][0], trajectory.latents[-1])
 
 
 def test_trajectory_mismatch_is_a_user_error(sd_pipe):

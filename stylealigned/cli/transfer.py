@@ -12,7 +12,7 @@ from ..errors import UserError
 from ..control import DEPTH_MODEL
 from . import app
 from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Loras, Model, Negative, NoShare, Out,
-                     Overwrite, Preset, Prompts, PromptsFile, ReferenceWeights, Resume, RunFolder, Scheduler, Seed,
+                     Overwrite, Preset, PromptsFile, ReferenceWeights, Resume, RunFolder, Scheduler, Seed,
                      Size, Steps, Style, build_config, check_numbers, file_digest, fit_to_family, fit_to_references,
                      generate_into, load, read_prompts, reference_weights, with_knob_options)
 from .control import ControlImage, ControlNet, ControlOptions, ControlScale, DepthFrom, DepthModel
