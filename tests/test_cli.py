@@ -84,7 +84,7 @@ BAD = {
     "unknown preset": (["a cat", "--preset", "nope"], "preset"),
     "missing prompts file": (["--prompts-file", "/no/such.txt"], "prompts-file"),
     "bad dtype": (["a cat", "--dtype", "fp8"], "dtype"),
-    "bad size": (["a cat", "--width", "30"], "multiples"),
+    "bad size": (["a cat", "--width", "30"], "--width must be a multiple of 8, got 30; pass 24 or 32"),
 }
 
 

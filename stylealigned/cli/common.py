@@ -291,8 +291,10 @@ def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int,
 
     check_numbers(steps=steps, guidance=guidance, width=width, height=height)
     lora_files(loras or [])  # fail before a slow load
-    if any(size is not None and size % 8 for size in (width, height)):
-        raise UserError(f"--width and --height must be positive multiples of 8, got {width}x{height}")
+    for flag, size in (("--width", width), ("--height", height)):
+        if size is not None and size % 8:
+            low = size - size % 8
+            raise UserError(f"{flag} must be a multiple of 8, got {size}; pass {low} or {low + 8}")
     state = PartialState()
     if device == "auto" and state.num_processes > 1:
         device = str(state.device)
