@@ -70,3 +70,19 @@ def test_chosen_attention_backend_compiles_as_one_graph(flux_pipe):
         compiled = latents(flux_pipe, PROMPTS)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
     assert compiled_graphs() == 1
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_the_compile_wrapper_form_works_too(request, family):
+    """`pipe.unet = torch.compile(pipe.unet)`, as diffusers' docs write it: StyleAligned installs on the wrapped
+    module and reads the call's layout from it, so the wrapper traces one graph too."""
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    name, config = ("unet", TRANSFER) if family == "sd" else ("transformer", SHIFTED)
+    run = unet_latents if family == "sd" else (lambda pipe: latents(pipe, PROMPTS))
+    with sa.apply(pipe, config):
+        eager = run(pipe)
+    setattr(pipe, name, torch.compile(getattr(pipe, name), fullgraph=True, backend="eager"))
+    with sa.apply(pipe, config):
+        compiled = run(pipe)
+    assert compiled_graphs() == 1
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)

@@ -33,6 +33,13 @@ def t5_length(max_sequence_length: int | None) -> dict:
     return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
+def component(pipe, name: str):
+    """The pipeline's component `name` (None if absent); the module itself under a torch.compile wrapper
+    (`pipe.unet = torch.compile(pipe.unet)`)."""
+    module = getattr(pipe, name, None)
+    return getattr(module, "_orig_mod", module)
+
+
 class Backbone:
     """One pipeline seen through its family. Subclasses set the class attributes and override the hooks."""
 
@@ -48,6 +55,7 @@ class Backbone:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        self._denoiser = component(pipe, self.denoiser_name)
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -55,7 +63,8 @@ class Backbone:
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        return getattr(self.pipe, self.denoiser_name)
+        """The pipeline's denoiser; under `pipe.unet = torch.compile(pipe.unet)` the module the wrapper compiles."""
+        return self._denoiser
 
     # attention layers
     def attention_layers(self) -> list[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..processors import JointAttentionProcessor
-from .base import Backbone, Conditioning, t5_length
+from .base import Backbone, Conditioning, component, t5_length
 
 
 class FluxBackbone(Backbone):
@@ -29,7 +29,7 @@ class FluxBackbone(Backbone):
     def matches(cls, pipe) -> bool:
         from diffusers.models.transformers.transformer_flux import FluxAttention
 
-        transformer = getattr(pipe, "transformer", None)
+        transformer = component(pipe, "transformer")
         return transformer is not None and hasattr(transformer, "single_transformer_blocks") and any(
             isinstance(module, FluxAttention) for module in transformer.modules())
 
@@ -120,7 +120,7 @@ class ChromaBackbone(FluxBackbone):
     def matches(cls, pipe) -> bool:
         from diffusers import ChromaTransformer2DModel
 
-        return isinstance(getattr(pipe, "transformer", None), ChromaTransformer2DModel)
+        return isinstance(component(pipe, "transformer"), ChromaTransformer2DModel)
 
     def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
         pipe, guided = self.pipe, guidance_scale > 1

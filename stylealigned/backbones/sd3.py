@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..processors import JointAttentionProcessor
-from .base import Backbone, Conditioning, t5_length
+from .base import Backbone, Conditioning, component, t5_length
 
 
 class SD3Backbone(Backbone):
@@ -25,7 +25,7 @@ class SD3Backbone(Backbone):
     def matches(cls, pipe) -> bool:
         from diffusers import SD3Transformer2DModel
 
-        return isinstance(getattr(pipe, "transformer", None), SD3Transformer2DModel)
+        return isinstance(component(pipe, "transformer"), SD3Transformer2DModel)
 
     def attention_layers(self):
         from diffusers.models.attention_processor import Attention

@@ -6,7 +6,7 @@ import torch
 
 from ..errors import UserError
 from ..processors import SelfAttentionProcessor, is_self_attention
-from .base import Backbone, Conditioning
+from .base import Backbone, Conditioning, component
 
 _SDXL_IMG2IMG_AESTHETIC_SCORES = (6.0, 2.5)  # the img2img pipeline's defaults (positive, negative)
 
@@ -22,13 +22,21 @@ class UNetBackbone(Backbone):
     def matches(cls, pipe) -> bool:
         from diffusers import UNet2DConditionModel
 
-        return isinstance(getattr(pipe, "unet", None), UNet2DConditionModel)
+        return isinstance(component(pipe, "unet"), UNet2DConditionModel)
 
     def attention_layers(self) -> list[str]:
         return [name for name, module in self.denoiser.named_modules() if is_self_attention(module)]
 
     def processor(self, name, config, state):
         return SelfAttentionProcessor(name, config, state)
+
+    def guidance_groups(self):
+        """The SD/SDXL pipelines' do_classifier_free_guidance, with the denoiser's config read here rather than
+        through `pipe.unet` (a torch.compile wrapper there would be traced into its own graph)."""
+        scale = getattr(self.pipe, "_guidance_scale", None)
+        if scale is None:  # outside a pipeline call
+            return 1
+        return 2 if scale > 1 and self.denoiser.config.time_cond_proj_dim is None else 1
 
     def wrap_output(self, sample, return_dict):
         from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
