@@ -131,7 +131,8 @@ def test_a_failed_generation_is_a_message_and_the_server_stays_up(client, app, m
 
 def join(app, origin, content_type="application/json"):
     """POST a job to the queue as a page from `origin` would; the status code."""
-    body = json.dumps({"data": [PROMPTS], "fn_index": 0, "session_hash": "x", "trigger_id": None}).encode()
+    body = json.dumps({"data": ["text-to-image"], "fn_index": 0,  # event 0: the preset radio's change
+                       "session_hash": "x", "trigger_id": None}).encode()
     request = urllib.request.Request(f"{app.local_url}gradio_api/queue/join", data=body, method="POST",
                                      headers={"Content-Type": content_type, "Origin": origin})
     try:
