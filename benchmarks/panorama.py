@@ -72,6 +72,7 @@ def release_outputs(handle, conditioning, reference_conditioning, guidance_scale
     backbone, groups = handle.backbone, 2 if conditioning.guided else 1
     batches = {count: with_reference(conditioning, reference_conditioning, count)
                for count in batch_sizes(plan, view_batch_size)}
+    coverage = plan.count.to(backbone.pipe._execution_device)
 
     def outputs(reference, latents, t):
         last = {}
@@ -82,7 +83,7 @@ def release_outputs(handle, conditioning, reference_conditioning, guidance_scale
             return out[1:]
 
         with handle.layout(BATCH, groups):
-            out = averaged(predict, latents, plan, view_batch_size)
+            out = averaged(predict, latents, plan, view_batch_size, coverage)
         return last["reference"], out
 
     return outputs
@@ -91,8 +92,10 @@ def release_outputs(handle, conditioning, reference_conditioning, guidance_scale
 def plain_outputs(backbone, conditioning, guidance_scale, plan, view_batch_size):
     """Plain MultiDiffusion: the windows alone, nothing shared."""
     batches = {count: repeated(conditioning, count) for count in batch_sizes(plan, view_batch_size)}
+    coverage = plan.count.to(backbone.pipe._execution_device)
     return lambda reference, latents, t: (None, averaged(
-        lambda crops: backbone.predict(crops, t, batches[len(crops)], guidance_scale), latents, plan, view_batch_size))
+        lambda crops: backbone.predict(crops, t, batches[len(crops)], guidance_scale), latents, plan, view_batch_size,
+        coverage))
 
 
 @torch.no_grad()

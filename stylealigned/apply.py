@@ -20,9 +20,9 @@ from torch import nn
 
 from .backbones import Backbone, backbone_for
 from .config import StyleAlignedConfig
+from .attention import attention_kernel
 from .errors import UserError
 from .norms import shared_group_norm
-from .attention import attention_kernel
 from .processors import BATCH, RECORD, REPLAY, SharedState, backend_kernel
 
 HOOK = "stylealigned"
@@ -120,9 +120,7 @@ class DenoiserHook(ModelHook):
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode = mode
                 index = piece.reshape(-1)
-                chunk_args = take_rows(args, index, batch)
-                chunk_kwargs = {key: value if key in backbone.unbatched_inputs else take_rows(value, index, batch)
-                                for key, value in kwargs.items()}
+                chunk_args, chunk_kwargs = chunk_inputs(args, kwargs, index, batch, backbone.unbatched_inputs)
                 outputs.append((index, _first(forward(*chunk_args, **chunk_kwargs))))
         finally:
             state.mode = BATCH
@@ -142,6 +140,13 @@ def take_rows(value, index: torch.Tensor, batch: int):
     if isinstance(value, (list, tuple)):
         return type(value)(take_rows(item, index, batch) for item in value)
     return value
+
+
+def chunk_inputs(args: tuple, kwargs: dict, index: torch.Tensor, batch: int, unbatched: tuple[str, ...]):
+    """(args, kwargs) of a module call for rows `index` of its `batch`; keyword inputs named in `unbatched` (no
+    batch dimension) pass whole."""
+    return take_rows(args, index, batch), {key: value if key in unbatched else take_rows(value, index, batch)
+                                           for key, value in kwargs.items()}
 
 
 def _first(output):

@@ -21,7 +21,7 @@ import torch
 from diffusers.hooks import ModelHook
 from PIL import Image, ImageOps
 
-from .apply import _register, _unregister, take_rows  # the "stylealigned" hook, taken off as apply's are
+from .apply import _register, _unregister, chunk_inputs  # the "stylealigned" hook, taken off as apply's are
 from .backbones import Backbone, backbone_for
 from .errors import UserError
 from .io import load_image, to_rgb
@@ -107,9 +107,8 @@ class ControlNetHook(ModelHook):
         else:
             pieces = []
             for index in torch.arange(batch, device=sample.device).split(size):
-                pieces.append(forward(*take_rows(args, index, batch), **{
-                    key: value if key in backbone.unbatched_inputs else take_rows(value, index, batch)
-                    for key, value in kwargs.items()}))
+                chunk_args, chunk_kwargs = chunk_inputs(args, kwargs, index, batch, backbone.unbatched_inputs)
+                pieces.append(forward(*chunk_args, **chunk_kwargs))
             output = cat_rows(pieces)
         rows = [group * (batch // groups) + slot for group in range(groups) for slot in self.slots]
         return zero_rows(output, torch.tensor(rows, device=sample.device), batch) if rows else output

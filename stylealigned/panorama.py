@@ -139,9 +139,9 @@ def batch_sizes(plan: Plan, view_batch_size: int) -> set[int]:
 
 
 def averaged(predict: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, plan: Plan,
-             view_batch_size: int) -> torch.Tensor:
+             view_batch_size: int, coverage: torch.Tensor) -> torch.Tensor:
     """MultiDiffusion's step: `predict` every window of `latents` (1, C, rows, cols), `view_batch_size` windows per
-    call, and average the predictions where windows overlap."""
+    call, and average the predictions where windows overlap (`coverage`: `plan.count` on the latents' device)."""
     side, windows, latents = plan.side, plan.windows, plan.extended(latents)
     total = torch.zeros(latents.shape, device=latents.device)
     for start in range(0, len(windows), view_batch_size):
@@ -149,7 +149,7 @@ def averaged(predict: Callable[[torch.Tensor], torch.Tensor], latents: torch.Ten
         crops = torch.cat([latents[..., top:top + side, left:left + side] for top, left in batch])
         for (top, left), out in zip(batch, predict(crops)):
             total[..., top:top + side, left:left + side] += out
-    return plan.folded(total) / plan.count.to(latents.device)
+    return plan.folded(total) / coverage
 
 
 def shared_outputs(handle, conditioning: Conditioning, reference_conditioning: Conditioning, guidance_scale: float,
@@ -157,13 +157,14 @@ def shared_outputs(handle, conditioning: Conditioning, reference_conditioning: C
     """Per step: the reference once (RECORD), then the windows `view_batch_size` at a time against it (REPLAY)."""
     backbone, groups = handle.backbone, 2 if conditioning.guided else 1
     batches = {count: repeated(conditioning, count) for count in batch_sizes(plan, view_batch_size)}
+    coverage = plan.count.to(backbone.pipe._execution_device)  # moved once, not every step
 
     def outputs(reference, latents, t):
         with handle.layout(RECORD, groups):
             reference_out = backbone.predict(reference, t, reference_conditioning, guidance_scale)
         with handle.layout(REPLAY, groups):
             out = averaged(lambda crops: backbone.predict(crops, t, batches[len(crops)], guidance_scale), latents,
-                           plan, view_batch_size)
+                           plan, view_batch_size, coverage)
         return reference_out, out
 
     return outputs
