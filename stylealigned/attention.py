@@ -195,11 +195,13 @@ class Reference:
     """One layer's view of the references: the shared keys and values, and the AdaIN statistics of targets."""
 
     key: Tensor | None  # (G, H, R, D): the references' image-token keys side by side, rotated where targets see
-    value: Tensor | None  # them; both None where targets do not attend to them (share_attention off, cached)
+    value: Tensor | None  # them; both None where targets do not attend to them (share_attention off) or in a cache
     query_stats: Stats | None
     key_stats: Stats | None
     value_stats: Stats | None
     key_bias: Tensor | None = None  # (R,): log of the weight of each shared key's reference; None for one reference
+    inputs: Tensor | None = None  # (G, [K,] R, C): in a cache, the layer's input at the kept references' image
+    # tokens, which key and value are projected from again (half their size)
 
 
 def mixture_stats(x: Tensor, weights: Tensor) -> Stats:
@@ -213,24 +215,40 @@ def mixture_stats(x: Tensor, weights: Tensor) -> Stats:
     return mixed, var.sqrt()
 
 
+def kept(weights: tuple[float, ...]) -> int | list[int]:
+    """The references of non-zero weight, as an index into the reference axis: an int (the axis dropped) for one."""
+    index = [i for i, weight in enumerate(weights) if weight > 0]
+    return index[0] if len(index) == 1 else index
+
+
+def shared_tokens(k: Tensor, v: Tensor, rotate_shared: Rotation = None) -> tuple[Tensor, Tensor]:
+    """The keys and values targets attend to, from the kept references' image-token keys and values (before RoPE):
+    (G, H, R, D) for one reference; (G, K, H, R, D) for several, laid side by side as (G, H, K R, D)."""
+    key = rotated(k, rotate_shared)
+    if k.ndim == 4:
+        return key, v
+    return tuple(x.transpose(1, 2).flatten(2, 3) for x in (key, v))
+
+
 def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, image: slice = ALL,
-                   rotate_shared: Rotation = None, weights: tuple[float, ...] = (1.0,)) -> Reference:
+                   rotate_shared: Rotation = None, weights: tuple[float, ...] = (1.0,),
+                   keys: bool = True) -> Reference:
     """Collect what targets need from the K references' (G, K, H, N, D) queries, keys and values (before RoPE),
     mixed by `weights` (K non-negative numbers, normalised here); (G, H, N, D) stands for one reference.
+    `keys` False leaves the shared keys and values out (a cache that keeps the layer's input instead).
 
     References of weight 0 drop out exactly; with one left, this is the single-reference method to the bit.
     """
     if q.ndim == 4:
         q, k, v = q[:, None], k[:, None], v[:, None]
-    kept = [i for i, weight in enumerate(weights) if weight > 0]
-    index = kept[0] if len(kept) == 1 else kept
+    index = kept(weights)
     q, k, v = (x[:, index][..., image, :] for x in (q, k, v))
-    key, value, stats, bias = rotated(k, rotate_shared), v, token_stats, None
-    if len(kept) > 1:
-        w = torch.tensor([weights[i] for i in kept], dtype=torch.float64)
+    stats, bias = token_stats, None
+    if not isinstance(index, int):
+        w = torch.tensor([weights[i] for i in index], dtype=torch.float64)
         w = (w / w.sum()).to(q.device, q.dtype)
         stats, bias = partial(mixture_stats, weights=w), w.log().repeat_interleave(k.shape[-2])
-        key, value = (x.transpose(1, 2).flatten(2, 3) for x in (key, v))  # (G, H, K R, D): side by side
+    key, value = shared_tokens(k, v, rotate_shared) if keys else (None, None)
     return Reference(
         key=key, value=value,
         query_stats=stats(q) if config.adain_queries else None,

@@ -15,14 +15,15 @@ from .processors import BATCH, RECORD, SharedState
 Moments = tuple[Tensor, Tensor]
 
 
-def group_moments(x: Tensor, groups: int) -> Moments:
-    """Mean and biased variance per image and channel group of x (batch, channels, ...), in fp32 or wider.
+def normalised(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Moments]:
+    """x (batch, channels, ...) normalised by its own statistics per image and channel group (no affine), in fp32
+    or wider, and those moments: mean and biased variance, (batch, groups) each.
 
-    Two plain passes: torch.var_mean runs a scalar float64 loop on CPUs, several times slower than GroupNorm.
+    One fused GroupNorm pass: separate passes over the features (moments, centring, scaling) cost several times it.
     """
-    x = x.reshape(x.shape[0], groups, -1).to(torch.promote_types(x.dtype, torch.float32))
-    mean = x.mean(-1, keepdim=True)
-    return mean, (x - mean).square_().mean(-1, keepdim=True)
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    y, mean, rstd = torch.native_group_norm(wide, None, None, x.shape[0], x.shape[1], wide[0, 0].numel(), groups, eps)
+    return y, (mean, rstd.square().reciprocal_().sub_(eps))
 
 
 def joint_moments(own: Moments, ref: Moments) -> Moments:
@@ -31,31 +32,31 @@ def joint_moments(own: Moments, ref: Moments) -> Moments:
     return (mean + ref_mean) / 2, (var + ref_var) / 2 + ((mean - ref_mean) / 2) ** 2
 
 
-def normalise(x: Tensor, norm: nn.GroupNorm, moments: Moments) -> Tensor:
-    """GroupNorm of x with the given moments instead of its own: (x - mean) * (weight / std) + bias, in the
-    moments' precision, in two passes."""
-    mean, var = moments
+def renormalised(x: Tensor, y: Tensor, norm: nn.GroupNorm, own: Moments, moments: Moments) -> Tensor:
+    """GroupNorm of x with `moments` instead of its `own`, from y, x normalised by its own (`normalised`):
+    (x - mean) / std * weight + bias = y * (std_own / std) * weight + ((mean_own - mean) / std * weight + bias),
+    one multiply and one add per feature, in y's place (an addcmul broadcast along the features is slower on CPUs)."""
     shape, groups = x.shape, norm.num_groups
-    grouped = x.reshape(shape[0], groups, shape[1] // groups, -1).to(mean.dtype)
-    scale = torch.rsqrt(var + norm.eps)[..., None]
-    centred = grouped - mean[..., None]
-    if not norm.affine:
-        return (centred * scale).reshape(shape).to(x.dtype)
-    weight, bias = (p.view(1, groups, -1, 1).to(mean.dtype) for p in (norm.weight, norm.bias))
-    return torch.addcmul(bias, centred, scale * weight).reshape(shape).to(x.dtype)
+    inv_std = torch.rsqrt(moments[1] + norm.eps)
+    scale, shift = (inv_std * torch.sqrt(own[1] + norm.eps))[..., None], ((own[0] - moments[0]) * inv_std)[..., None]
+    if norm.affine:
+        weight, bias = (p.view(1, groups, -1).to(y.dtype) for p in (norm.weight, norm.bias))
+        scale, shift = scale * weight, torch.addcmul(bias, shift, weight)
+    grouped = y.view(shape[0], groups, shape[1] // groups, -1)
+    return grouped.mul_(scale[..., None]).add_(shift[..., None]).view(shape).to(x.dtype)
 
 
 def shared_group_norm(norm: nn.GroupNorm, name: str, state: SharedState, x: Tensor) -> Tensor:
     """GroupNorm of x whose statistics are shared with the reference according to `state`."""
+    if state.mode == RECORD:  # the references alone: their own statistics, kept for the targets
+        state.cache[name] = normalised(x, norm.num_groups, norm.eps)[1]
+        return nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
     per_group = state.split(x.shape[0])
-    moments = group_moments(x, norm.num_groups)
-    if state.mode == RECORD:
-        state.cache[name] = moments
-        return normalise(x, norm, moments)
-    mean, var = (m.view(state.groups, per_group, *m.shape[1:]) for m in moments)
+    y, own = normalised(x, norm.num_groups, norm.eps)
+    mean, var = (m.view(state.groups, per_group, -1) for m in own)
     if state.mode == BATCH:
         ref = (mean[:, :1], var[:, :1])
     else:
-        ref = tuple(m.view(state.groups, 1, *m.shape[1:]) for m in state.cache[name])
-    joint = joint_moments((mean, var), ref)
-    return normalise(x, norm, tuple(m.reshape(x.shape[0], *m.shape[2:]) for m in joint))
+        ref = tuple(m.view(state.groups, 1, -1) for m in state.cache[name])
+    joint = tuple(m.reshape(x.shape[0], -1) for m in joint_moments((mean, var), ref))
+    return renormalised(x, y, norm, own, joint)

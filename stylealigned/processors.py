@@ -7,13 +7,15 @@ batch is laid out, and `apply.py` calls them from a hook on each shared attentio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .attention import ALL, Reference, align_targets, make_reference, reference_attention, shared_attention
+from .attention import (ALL, Reference, align_targets, kept, make_reference, reference_attention, shared_attention,
+                        shared_tokens)
 from .config import StyleAlignedConfig
 
 BATCH, RECORD, REPLAY = "batch", "record", "replay"
@@ -57,16 +59,31 @@ class SharedAttention:
         self.name, self.config, self.state = name, config, state
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, image: slice = ALL, rotate=None, rotate_shared=None,
-               mask: Tensor | None = None) -> Tensor:
+               mask: Tensor | None = None, inputs: Tensor | None = None, project: Projection | None = None) -> Tensor:
+        """`inputs` (batch, image tokens, C): the layer's input at the image tokens, which `project` turns into
+        keys and values: what a RECORD pass keeps, and REPLAY passes project the shared keys and values from."""
         mode = self.state.mode
         if mode == BATCH:  # q, k, v are this layer's own projections: the targets' are overwritten, not copied
             return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask, overwrite=True,
                                     weights=self.state.weights)
         if mode == RECORD:
-            self.state.cache[self.name] = stored(make_reference(q, k, v, self.config, image, rotate_shared,
-                                                                self.state.weights), self.config)
+            self.state.cache[self.name] = self.stored(make_reference(q, k, v, self.config, image, rotate_shared,
+                                                                     self.state.weights, keys=False), inputs)
             return reference_attention(q, k, v, rotate, mask)
-        return align_targets(q, k, v, self.state.cache[self.name], self.config, image, rotate, mask, overwrite=True)
+        ref = self.state.cache[self.name]
+        if ref.inputs is not None:
+            key, value = shared_tokens(*project(ref.inputs), rotate_shared)
+            ref = replace(ref, key=key, value=value)
+        return align_targets(q, k, v, ref, self.config, image, rotate, mask, overwrite=True)
+
+    def stored(self, ref: Reference, inputs: Tensor) -> Reference:
+        """What the cache keeps of a layer's references for later passes: the AdaIN statistics and, where targets
+        attend to the references, the layer's input at their image tokens (a copy of its own), half the size of
+        the keys and values it is projected to again."""
+        if not self.config.share_attention:
+            return ref
+        rows = inputs.unflatten(0, (self.state.groups, -1))[:, kept(self.state.weights)]
+        return replace(ref, inputs=rows.clone(memory_format=torch.contiguous_format))
 
     def grouped(self, x: Tensor) -> Tensor:
         """(batch, tokens, heads, dim) -> (groups, per group, heads, tokens, dim)."""
@@ -78,18 +95,22 @@ class SharedAttention:
         return x.transpose(2, 3).flatten(0, 1).flatten(2)
 
 
-def stored(ref: Reference, config: StyleAlignedConfig) -> Reference:
-    """What the cache keeps of a layer's references for later chunks: only what targets read (no keys and values
-    where they do not attend to them), each tensor on a storage of its own."""
-    if not config.share_attention:
-        return replace(ref, key=None, value=None)
-    return replace(ref, key=alone(ref.key), value=alone(ref.value))
+Projection = Callable[[Tensor], tuple[Tensor, Tensor]]  # inputs (..., tokens, C) -> keys, values (..., H, N, D)
 
 
-def alone(x: Tensor) -> Tensor:
-    """x, copied where it is a view into a larger tensor (the whole projection, text tokens and all, would stay
-    alive with it)."""
-    return x.clone() if x.untyped_storage().nbytes() > x.numel() * x.element_size() else x
+def split_heads(x: Tensor, proj, heads: int, norm=None) -> Tensor:
+    """proj(x) as (..., tokens, heads, dim), normalised by `norm` (over dim) if given."""
+    x = proj(x).unflatten(-1, (heads, -1))
+    return x if norm is None else norm(x)
+
+
+def projection(to_k, to_v, heads: int, norm_k=None) -> Projection:
+    """A layer's keys and values (..., heads, tokens, dim), before RoPE, from its input (..., tokens, C)."""
+
+    def project(x: Tensor) -> tuple[Tensor, Tensor]:
+        return split_heads(x, to_k, heads, norm_k).transpose(-2, -3), split_heads(x, to_v, heads).transpose(-2, -3)
+
+    return project
 
 
 class SelfAttentionProcessor(SharedAttention):
@@ -107,11 +128,11 @@ class SelfAttentionProcessor(SharedAttention):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        q, k, v = (self.grouped(proj(hidden_states).unflatten(-1, (attn.heads, -1)))
-                   for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        hidden_states = self.ungrouped(self.attend(q, k, v)).to(q.dtype)
+        q, k, v = (self.grouped(split_heads(hidden_states, proj, attn.heads, norm)) for proj, norm in
+                   ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None)))
+        out = self.attend(q, k, v, inputs=hidden_states,
+                          project=projection(attn.to_k, attn.to_v, attn.heads, attn.norm_k))
+        hidden_states = self.ungrouped(out).to(q.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         if len(input_shape) == 4:
             hidden_states = hidden_states.transpose(1, 2).reshape(input_shape)
@@ -135,7 +156,7 @@ class JointAttentionProcessor(SharedAttention):
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
                  attention_mask: Tensor | None = None, image_rotary_emb=None, **kwargs) -> Tensor | tuple:
         q, k, v = self._project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
-        text_tokens = 0
+        text_tokens, inputs = 0, hidden_states
         if encoder_hidden_states is not None:
             text_tokens = encoder_hidden_states.shape[1]
             text = self._project(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
@@ -143,6 +164,7 @@ class JointAttentionProcessor(SharedAttention):
             q, k, v = (torch.cat([t, x] if self.text_first else [x, t], dim=-2) for x, t in zip((q, k, v), text))
         elif self.text_first:
             text_tokens = self.state.text_tokens
+            inputs = hidden_states[:, text_tokens:]
         image_tokens = q.shape[-2] - text_tokens
         image = slice(text_tokens, None) if self.text_first else slice(0, image_tokens)
 
@@ -151,7 +173,9 @@ class JointAttentionProcessor(SharedAttention):
             rotate = _rotation(image_rotary_emb)
             rotate_shared = _rotation(self.state.reference_rotary)
         mask = None if attention_mask is None else self.grouped_mask(attention_mask)
-        out = self.ungrouped(self.attend(q, k, v, image, rotate, rotate_shared, mask)).to(q.dtype)
+        out = self.attend(q, k, v, image, rotate, rotate_shared, mask, inputs,
+                          projection(attn.to_k, attn.to_v, attn.heads, attn.norm_k))
+        out = self.ungrouped(out).to(q.dtype)
 
         if encoder_hidden_states is None:
             if getattr(attn, "pre_only", False):  # FLUX single-stream: the block projects the output itself
@@ -165,12 +189,8 @@ class JointAttentionProcessor(SharedAttention):
         return image_out, text_out
 
     def _project(self, attn, x: Tensor, to_q, to_k, to_v, norm_q, norm_k) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = (proj(x).unflatten(-1, (attn.heads, -1)) for proj in (to_q, to_k, to_v))
-        if norm_q is not None:
-            q = norm_q(q)
-        if norm_k is not None:
-            k = norm_k(k)
-        return self.grouped(q), self.grouped(k), self.grouped(v)
+        return tuple(self.grouped(split_heads(x, proj, attn.heads, norm))
+                     for proj, norm in ((to_q, norm_q), (to_k, norm_k), (to_v, None)))
 
     def grouped_mask(self, mask: Tensor) -> Tensor:
         """The model's (batch, 1, N, N) attention mask as (groups, per group, 1, N, N)."""

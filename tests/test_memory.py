@@ -15,7 +15,7 @@ import torch
 import stylealigned as sa
 from benchmarks.common import LiveTensorBytes
 from stylealigned.config import StyleAlignedConfig
-from stylealigned.processors import RECORD, REPLAY, SharedAttention, SharedState
+from stylealigned.processors import RECORD, REPLAY, SharedAttention, SharedState, projection
 from stylealigned.sets import generate_set
 
 SUBJECTS = "cat dog house tree car bird".split()
@@ -55,22 +55,38 @@ def test_one_batch_set_memory_grows_with_set_size(sd_pipe):
 
 
 def test_the_cache_keeps_only_what_targets_read():
-    """A layer's cached reference holds tensors on storages of their own (a view of the image tokens would keep the
-    whole joined text + image projection alive), statistics only for the AdaIN knobs on, and no keys or values
-    where targets do not attend to them."""
+    """A layer's cached reference holds the layer's input at the references' image tokens on a storage of its own
+    (a view would keep the whole joined text + image input alive), half the size of the keys and values, which a
+    REPLAY pass projects again exactly; statistics only for the AdaIN knobs on; no input where targets do not
+    attend to the references."""
     groups, heads, text, image, dim = 2, 2, 5, 12, 8
-    q, k, v = (torch.randn(groups, 1, heads, text + image, dim) for _ in range(3))
+    to_k, to_v = (torch.nn.Linear(heads * dim, heads * dim) for _ in range(2))
+    project = projection(to_k, to_v, heads)
+    x = torch.randn(groups, text + image, heads * dim)  # RECORD: one reference per guidance group
+    k, v = (t[:, None] for t in project(x))  # (G, 1, H, N, D)
+    q = torch.randn_like(k)
     state = SharedState(groups=groups, mode=RECORD)
-    SharedAttention("layer", StyleAlignedConfig(adain_queries=False), state).attend(q, k, v, slice(text, None))
+    layer = SharedAttention("layer", StyleAlignedConfig(adain_queries=False), state)
+    layer.attend(q, k, v, slice(text, None), inputs=x[:, text:], project=project)
     ref = state.cache["layer"]
-    torch.testing.assert_close(ref.value, v[:, 0, :, text:], rtol=0, atol=0)
-    tensors = [ref.key, ref.value, *ref.key_stats]
-    assert sum(t.untyped_storage().nbytes() for t in tensors) == sum(t.numel() * t.element_size() for t in tensors)
-    assert ref.key.shape == (groups, heads, image, dim) and ref.query_stats is None and ref.value_stats is None
+    assert ref.key is None and ref.value is None and ref.query_stats is None and ref.value_stats is None
+    assert ref.inputs.shape == (groups, image, heads * dim)
+    assert ref.inputs.untyped_storage().nbytes() == ref.inputs.numel() * ref.inputs.element_size()
+    assert 2 * ref.inputs.numel() == k[..., text:, :].numel() + v[..., text:, :].numel()
 
-    SharedAttention("layer", StyleAlignedConfig(share_attention=False), state).attend(q, k, v, slice(text, None))
+    seen = {}
+    state.mode = REPLAY
+    replayed = layer.attend(q.clone(), k.clone(), v.clone(), slice(text, None), inputs=x,
+                            project=lambda t: seen.setdefault("kv", project(t)))
+    for again, recorded in zip(seen["kv"], (k, v)):
+        torch.testing.assert_close(again, recorded[:, 0, :, text:], rtol=0, atol=1e-6)  # projected from fewer rows
+    assert replayed.shape == q.shape
+
+    state.mode = RECORD
+    SharedAttention("layer", StyleAlignedConfig(share_attention=False), state).attend(
+        q, k, v, slice(text, None), inputs=x[:, text:], project=project)
     ref = state.cache["layer"]
-    assert ref.key is None and ref.value is None and ref.query_stats is not None and ref.key_stats is not None
+    assert ref.inputs is None and ref.key is None and ref.query_stats is not None and ref.key_stats is not None
 
 
 def test_the_cache_lives_for_one_denoiser_call(sd_pipe):
