@@ -6,6 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from stylealigned import StyleAlignedConfig
 from stylealigned.attention import (adain, attend_with_reference, make_reference, shared_attention,
@@ -54,13 +56,13 @@ def test_reference_attends_as_if_alone(config):
 
 @pytest.mark.parametrize("copies", [2, 3, 5])
 def test_shift_log_k_equals_k_copies_of_reference(copies):
-    q, k, v = qkv(1, 3, 2, 12, 8, seed=3)
+    q, k, v = qkv(1, 3, 2, 12, 8, seed=3, dtype=torch.float64)
     shifted = fast(q, k, v, 1, StyleAlignedConfig(adain_queries=False, adain_keys=False,
                                                    shared_score_shift=math.log(copies)))
     for n in (1, 2):
         keys = torch.cat([k[n]] + [k[0]] * copies, dim=-2)
         values = torch.cat([v[n]] + [v[0]] * copies, dim=-2)
-        torch.testing.assert_close(shifted[n], oracle.softmax_attention(q[n], keys, values), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(shifted[n], oracle.softmax_attention(q[n], keys, values), atol=1e-12, rtol=1e-12)
 
 
 def test_targets_change_when_sharing():
@@ -99,22 +101,34 @@ def test_record_then_replay_equals_one_batch():
     torch.testing.assert_close(torch.cat(chunks, dim=1), one_batch[:, 1:], atol=1e-6, rtol=1e-6)
 
 
-def test_bias_is_not_materialised_per_query():
-    """The shift travels as one broadcast row of biases, never a (batch, heads, queries, keys) tensor."""
+class OutputShapes(TorchDispatchMode):
+    """The shapes of every op's tensor outputs inside the block."""
+
+    def __enter__(self):
+        self.shapes = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+@pytest.mark.parametrize("per_key", [False, True])
+def test_bias_is_not_materialised_per_query(per_key):
+    """A shift (and per-key biases: several references) travels as one broadcast row of biases, never a
+    (queries x keys) tensor, and gives the formula."""
     q, k, v = (t.view(1, 3, *t.shape[1:]) for t in qkv(1, 3, 2, 10, 8))
-    seen = {}
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def spy(*args, attn_mask=None, **kwargs):
-        seen["mask"] = attn_mask
-        return original(*args, attn_mask=attn_mask, **kwargs)
-
-    torch.nn.functional.scaled_dot_product_attention = spy
-    try:
-        attend_with_reference(q[:, 1:], k[:, 1:], v[:, 1:], k[:, 0], v[:, 0], score_shift=0.5)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-    assert seen["mask"].shape == (1, 1, 1, 20)
+    bias = torch.zeros(10) if per_key else None
+    with OutputShapes() as outputs:
+        out = attend_with_reference(q[:, 1:], k[:, 1:], v[:, 1:], k[:, 0], v[:, 0], score_shift=0.5,
+                                    shared_bias=bias)
+    assert not any(shape[-2:] == (10, 20) for shape in outputs.shapes)
+    assert (1, 1, 1, 20) in outputs.shapes
+    keys, values = (torch.cat([x[0, 1:], x[0, :1].expand(2, -1, -1, -1)], dim=-2) for x in (k, v))
+    biased = torch.cat([torch.zeros(10), torch.full((10,), 0.5)])
+    expected = torch.softmax(q[0, 1:] @ keys.transpose(-1, -2) / 8**0.5 + biased, -1) @ values
+    torch.testing.assert_close(out[0], expected, atol=1e-5, rtol=1e-5)
 
 
 class _Attn(torch.nn.Module):
