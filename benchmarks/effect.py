@@ -271,8 +271,35 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_tradeoff(summary: dict, path: Path) -> None:
+    """The layer sweep as the consistency-diversity trade-off: style agreement against diversity, a point per arm,
+    the fractions joined in order, 95% intervals both ways."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    fractions = [name for name in summary if name.startswith("layers-")]
+    for names, style in ((fractions, "o-"), ([name for name in summary if name not in fractions], "s")):
+        rows = [summary[name] for name in names]
+        x, y = (np.array([row[key] for row in rows]) for key in ("diversity", "style_agrees"))
+        axis.errorbar(x[:, 0], y[:, 0], xerr=[x[:, 0] - x[:, 1], x[:, 2] - x[:, 0]],
+                      yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]], fmt=style, capsize=2)
+        for name, px, py in zip(names, x[:, 0], y[:, 0]):
+            axis.annotate(name.removeprefix("layers-"), (px, py), textcoords="offset points", xytext=(5, 4),
+                          fontsize=8)
+    axis.set_xlabel("diversity among targets (1 - cosine, classifier features)")
+    axis.set_ylabel("style agreement")
+    axis.set_title("Shared layers: consistency against diversity")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
-    """Judge what is on disk with the shipped classifier; write effect.md, effect.json and effect.png."""
+    """Judge what is on disk with the shipped classifier; write effect.md, effect.json and effect.png (and, for
+    the layer sweep, tradeoff.png)."""
     records = judge_sets(out, toy_sets, load_judge(), args.variants, args.seed)
     summary = summarise(records)
     extra = checks(summary)
@@ -287,6 +314,8 @@ def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
     (out / "effect.md").write_text(text)
     write_json_atomic(out / "effect.json", summary)
     plot(summary.get("by_kind", summary), out / "effect.png")
+    if args.experiment == "layer-sweep" and records:
+        plot_tradeoff(summary, out / "tradeoff.png")
     return text
 
 
