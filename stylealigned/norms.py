@@ -15,14 +15,17 @@ from .processors import BATCH, RECORD, SharedState
 Moments = tuple[Tensor, Tensor]
 
 
-def normalised(x: Tensor, groups: int, eps: float) -> tuple[Tensor, Moments]:
-    """x (batch, channels, ...) normalised by its own statistics per image and channel group (no affine), in fp32
-    or wider, and those moments: mean and biased variance, (batch, groups) each.
+def normalised(x: Tensor, groups: int, eps: float, weight: Tensor | None = None,
+               bias: Tensor | None = None) -> tuple[Tensor, Moments]:
+    """x (batch, channels, ...) normalised by its own statistics per image and channel group (then scaled by
+    `weight` and shifted by `bias` if given: GroupNorm itself), in fp32 or wider, and those moments: mean and
+    biased variance, (batch, groups) each.
 
     One fused GroupNorm pass: separate passes over the features (moments, centring, scaling) cost several times it.
     """
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    y, mean, rstd = torch.native_group_norm(wide, None, None, x.shape[0], x.shape[1], wide[0, 0].numel(), groups, eps)
+    weight, bias = (None if p is None else p.to(wide.dtype) for p in (weight, bias))
+    y, mean, rstd = torch.native_group_norm(wide, weight, bias, x.shape[0], x.shape[1], wide[0, 0].numel(), groups, eps)
     return y, (mean, rstd.square().reciprocal_().sub_(eps))
 
 
@@ -49,8 +52,8 @@ def renormalised(x: Tensor, y: Tensor, norm: nn.GroupNorm, own: Moments, moments
 def shared_group_norm(norm: nn.GroupNorm, name: str, state: SharedState, x: Tensor) -> Tensor:
     """GroupNorm of x whose statistics are shared with the reference according to `state`."""
     if state.mode == RECORD:  # the references alone: their own statistics, kept for the targets
-        state.cache[name] = normalised(x, norm.num_groups, norm.eps)[1]
-        return nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        out, state.cache[name] = normalised(x, norm.num_groups, norm.eps, norm.weight, norm.bias)
+        return out.to(x.dtype)
     per_group = state.split(x.shape[0])
     y, own = normalised(x, norm.num_groups, norm.eps)
     mean, var = (m.view(state.groups, per_group, -1) for m in own)
