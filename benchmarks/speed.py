@@ -64,6 +64,7 @@ from stylealigned.models import resolve_device, resolve_dtype  # noqa: E402
 
 STYLE = "in watercolor style"
 SUBJECTS = "house cat dog tree car bird boat chair lamp flower mountain castle apple horse clock bridge".split()
+COLOURS = "red blue green golden".split()
 
 
 @dataclass(frozen=True)
@@ -94,8 +95,10 @@ TARGET = 0.03  # ours may cost this much more than the floor in the same layout
 
 
 def set_prompts(size: int) -> list[str]:
-    """The reference prompt and size - 1 target prompts, all in one style."""
-    return [f"a {SUBJECTS[i % len(SUBJECTS)]} {STYLE}" for i in range(size)]
+    """The reference prompt and size - 1 target prompts, all in one style, distinct up to 64 (so no two share
+    their text embeddings, as in a real set)."""
+    return [f"a {COLOURS[i // len(SUBJECTS) % len(COLOURS)]} {SUBJECTS[i % len(SUBJECTS)]} {STYLE}"
+            for i in range(size)]
 
 
 def build(args, device: torch.device, dtype: torch.dtype):

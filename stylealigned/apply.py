@@ -24,6 +24,7 @@ from .attention import attention_kernel
 from .errors import UserError
 from .norms import shared_group_norm
 from .processors import BATCH, RECORD, REPLAY, SharedState, backend_kernel
+from .prompts import untagged
 
 HOOK = "stylealigned"
 
@@ -112,18 +113,18 @@ class DenoiserHook(ModelHook):
         batch = sample.shape[0]
         references = state.references
         if handle.batch_size is None or state.split(batch) - references <= handle.batch_size:
-            return forward(*args, **kwargs)
+            return forward(*args, **untagged(handle.pipe, kwargs))
         rows = torch.arange(batch, device=sample.device).view(state.groups, -1)
         pieces = [rows[:, :references]] + list(rows[:, references:].split(handle.batch_size, dim=1))
         outputs = []
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
-                state.mode = mode
+                state.mode, state.last = mode, piece is pieces[-1]
                 index = piece.reshape(-1)
                 chunk_args, chunk_kwargs = chunk_inputs(args, kwargs, index, batch, backbone.unbatched_inputs)
-                outputs.append((index, _first(forward(*chunk_args, **chunk_kwargs))))
+                outputs.append((index, _first(forward(*chunk_args, **untagged(handle.pipe, chunk_kwargs)))))
         finally:
-            state.mode = BATCH
+            state.mode, state.last = BATCH, False
             state.cache.clear()
         merged = outputs[0][1].new_empty(batch, *outputs[0][1].shape[1:])
         for index, out in outputs:

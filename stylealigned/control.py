@@ -26,6 +26,7 @@ from .backbones import Backbone, backbone_for
 from .errors import UserError
 from .io import load_image, to_rgb
 from .models import HUB_ID, hub_call
+from .prompts import untagged
 
 DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"  # transformers depth-estimation model (Apache-2.0)
 
@@ -43,8 +44,8 @@ def control_inputs(pipe, control_images, count: int, height: int, width: int, re
 
     `control_images`: one image (a path or a PIL image) for every target; a list with one per target; or a list
     with one per position, references first, where a reference's entry may be None (no control). Images are fitted
-    (center crop, resize) to width x height. Within the context the ControlNet runs `batch_size` images at a time
-    and adds nothing to the uncontrolled references.
+    (center crop, resize) to width x height. Within the context the ControlNet runs `batch_size` images at a time,
+    adds nothing to the uncontrolled references and reads tagged prompts (`prompts.untagged`).
     """
     if control_images is None:
         return {}, contextlib.nullcontext()
@@ -58,7 +59,7 @@ def control_inputs(pipe, control_images, count: int, height: int, width: int, re
     free = [slot for slot in range(references) if images[slot] is None]
     blank = Image.new("RGB", (width, height))
     inputs = {control_argument(pipe): [blank if image is None else image for image in images]}
-    return inputs, guided(pipe, free, batch_size) if free or batch_size else contextlib.nullcontext()
+    return inputs, guided(pipe, free, batch_size)
 
 
 def position_images(control_images, count: int, references: int, height: int, width: int) -> list:
@@ -103,12 +104,12 @@ class ControlNetHook(ModelHook):
         groups = 1 if kwargs.get("guess_mode") else backbone.guidance_groups()
         size = batch if self.batch_size is None else self.batch_size * groups
         if size >= batch:
-            output = forward(*args, **kwargs)
+            output = forward(*args, **untagged(backbone.pipe, kwargs))
         else:
             pieces = []
             for index in torch.arange(batch, device=sample.device).split(size):
                 chunk_args, chunk_kwargs = chunk_inputs(args, kwargs, index, batch, backbone.unbatched_inputs)
-                pieces.append(forward(*chunk_args, **chunk_kwargs))
+                pieces.append(forward(*chunk_args, **untagged(backbone.pipe, chunk_kwargs)))
             output = cat_rows(pieces)
         rows = [group * (batch // groups) + slot for group in range(groups) for slot in self.slots]
         return zero_rows(output, torch.tensor(rows, device=sample.device), batch) if rows else output

@@ -60,6 +60,6 @@ def shared_group_norm(norm: nn.GroupNorm, name: str, state: SharedState, x: Tens
     if state.mode == BATCH:
         ref = (mean[:, :1], var[:, :1])
     else:
-        ref = tuple(m.view(state.groups, 1, -1) for m in state.cache[name])
+        ref = tuple(m.view(state.groups, 1, -1) for m in state.cached(name))
     joint = tuple(m.reshape(x.shape[0], -1) for m in joint_moments((mean, var), ref))
     return renormalised(x, y, norm, own, joint)

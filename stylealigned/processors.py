@@ -27,7 +27,8 @@ class SharedState:
 
     mode BATCH: each of `groups` guidance groups starts with its `references` reference images.
     mode RECORD: the batch holds only the references; layers store what targets need in `cache`.
-    mode REPLAY: the batch holds only targets; layers use the references stored by the last RECORD pass.
+    mode REPLAY: the batch holds only targets; layers use the references stored by the last RECORD pass, and take
+    them out of the cache in the call's `last` chunk, freeing each as soon as its last reader is done.
     `text_tokens`: text tokens at the front of a joined [text, image] sequence (FLUX single-stream blocks).
     `reference_rotary`: the rotary embedding the shared reference keys are rotated with (RoPE models).
     `weights`: one per reference, how much targets take from each (normalised; `StyleAlignedHandle.set_weights`).
@@ -36,6 +37,7 @@ class SharedState:
     groups: int = 1
     mode: str = BATCH
     cache: dict[str, Any] = field(default_factory=dict)
+    last: bool = False
     text_tokens: int = 0
     reference_rotary: Any = None
     weights: tuple[float, ...] = (1.0,)
@@ -44,6 +46,10 @@ class SharedState:
     def references(self) -> int:
         """Reference images at the start of each guidance group."""
         return len(self.weights)
+
+    def cached(self, name: str):
+        """What the RECORD pass kept for layer `name`; taken out of the cache in the last chunk."""
+        return self.cache.pop(name) if self.last else self.cache[name]
 
     def split(self, batch: int) -> int:
         """Images per guidance group for a batch of this size."""
@@ -70,7 +76,7 @@ class SharedAttention:
             self.state.cache[self.name] = self.stored(make_reference(q, k, v, self.config, image, rotate_shared,
                                                                      self.state.weights, keys=False), inputs)
             return reference_attention(q, k, v, rotate, mask)
-        ref = self.state.cache[self.name]
+        ref = self.state.cached(self.name)
         if ref.inputs is not None:
             key, value = shared_tokens(*project(ref.inputs), rotate_shared)
             ref = replace(ref, key=key, value=value)

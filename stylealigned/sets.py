@@ -7,9 +7,9 @@ its position: any subset of positions (a resumed run, one process of several) re
 bit for bit.
 
 Each wave denoises up to `wave_size` targets together with the reference through the pipeline's own call; the
-denoiser (UNet or transformer) runs the reference once per step and the targets `batch_size` at a time against its
-stored keys, values and statistics (`StyleAlignedHandle.chunked`). Latents are decoded `batch_size` at a time at the
-end of a wave, by the model family's backbone.
+denoiser (UNet or transformer) runs the reference once per step and the targets `batch_size` at a time against what
+that pass kept (`StyleAlignedHandle.chunked`), and the call keeps each distinct prompt embedding once
+(`prompts.py`). Latents are decoded `batch_size` at a time at the end of a wave, by the model family's backbone.
 
 Per-image pipeline inputs (an init image, a mask, a control image, a strength: any argument listed once per set
 position) are split with the prompts, so each wave's call gets its positions' entries; inside the denoiser every
@@ -31,6 +31,7 @@ from .config import StyleAlignedConfig
 from .control import control_inputs
 from .errors import UserError
 from .inversion import Trajectory
+from .prompts import tagged_prompts
 from .strengths import check_strengths, wave_strengths
 
 PER_IMAGE_INPUTS = ("image", "mask_image", "control_image", "strength")  # a list of these must match the set
@@ -137,7 +138,8 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             starts = _start_inputs(pipe, backbone, positions, seed, height, width, trajectories, offset)
             wave_inputs = {key: [values[i] for i in positions] for key, values in per_image.items()}
             wave_strength = None if strengths is None else [strengths[i] for i in positions]
-            with wave_strengths(pipe, wave_strength, [seed + i for i in positions], kwargs) as call_kwargs:
+            with wave_strengths(pipe, wave_strength, [seed + i for i in positions], kwargs) as call_kwargs, \
+                    tagged_prompts(pipe):
                 latents = pipe([set_prompts[i] for i in positions], **starts, **wave_inputs, **call_kwargs).images
             rows = list(range(0 if wave.start == 0 else count, len(positions)))  # references from wave 0 only
             for start in range(0, len(rows), batch_size or len(rows)):

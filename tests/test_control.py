@@ -2,7 +2,6 @@
 its own control image, chunks equal one batch, an uncontrolled reference is the plain pipeline's image, removal is
 exact; the forms control images come in, loading ControlNets, and depth maps."""
 
-import contextlib
 
 import huggingface_hub
 import numpy as np
@@ -15,6 +14,7 @@ from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil,
 
 import stylealigned as sa
 from stylealigned import sets
+from stylealigned.apply import HOOK
 from stylealigned.backbones import backbone_for
 from stylealigned.control import control_inputs, depth_maps
 from stylealigned.errors import UserError
@@ -274,7 +274,8 @@ def test_the_forms_control_images_come_in(request, tmp_path):
         assert len(listed) == 4 and all(image.size == (SIZE, SIZE) and image.mode == "RGB" for image in listed)
         assert [np.asarray(image).tolist() for image in listed[4 - len(expected):]] == [
             np.asarray(image).tolist() for image in expected]
-        assert isinstance(context, contextlib.nullcontext) is not zeroed
+        with context:  # the ControlNet is hooked (it reads tagged prompts), zeroing the reference where uncontrolled
+            assert pipe.controlnet._diffusers_hook.hooks[HOOK].slots == ([0] if zeroed else [])
     fitted = control_inputs(pipe, tmp_path / "big.png", 3, 16, 24)[0]["image"]
     assert fitted[1] is fitted[2] and fitted[1].size == (24, 16)  # loaded once, center-cropped to width x height
     assert np.asarray(fitted[0]).max() == 0  # the reference's placeholder
