@@ -51,7 +51,7 @@ class Section:
 
 PLANS = {
     "cpu": [Section("One denoising step, SD1.5 UNet", "sd15", 256, (2, 4, 8), repeats=3),
-            Section("One denoising step, SD1.5 UNet", "sd15", 512, (2, 4, 8)),
+            Section("One denoising step, SD1.5 UNet", "sd15", 512, (2, 4, 8), repeats=3),
             Section("Large sets: generate_set, SD1.5 UNet", "sd15", 256, (16, 64), sets=True)],
     "cuda": [Section("One denoising step, SDXL UNet, fp16", "sdxl", 1024, (2, 4, 8)),
              Section("One denoising step, FLUX.1-dev transformer (19 + 38 blocks), bf16", "flux", 1024, (2, 4, 8)),
