@@ -2,7 +2,7 @@
 
 With classifier-free guidance a pipeline call keeps its prompts' embeddings three times over for the whole call:
 the negative ones, the positive ones, and both joined for the denoiser (a wave of 33 SD1.5 prompts: 22 MiB in fp32;
-SD3's 333 joint text tokens: 260 MiB in bf16). Inside `tagged_prompts(pipe)` the pipeline's `encode_prompt` keeps
+SD3's 333 joint text tokens: 258 MiB in bf16). Inside `tagged_prompts(pipe)` the pipeline's `encode_prompt` keeps
 each distinct row of every token sequence it returns once, in a `PromptRows` table (one row for a wave's shared
 negative prompt), and returns a tag per row in its place: one token of `TAG_WIDTH` channels, the row's index in
 the table. The pipeline repeats, joins and slices the tags as it would the embeddings; the hooks in front of the

@@ -86,3 +86,18 @@ def test_the_compile_wrapper_form_works_too(request, family):
         compiled = run(pipe)
     assert compiled_graphs() == 1
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+
+
+def test_a_chunked_set_compiles_without_graph_breaks_and_equals_eager(sd_pipe, decoded):
+    """generate_set in chunks: the reference pass, the target chunks and the tagged prompts' lookup all trace
+    with fullgraph=True."""
+    def run():
+        decoded.clear()
+        sa.generate_set(sd_pipe, ["a cat", "a dog", "a house", "a tree", "a car"], seed=1, batch_size=2,
+                        num_inference_steps=2, guidance_scale=5.0, height=32, width=32)
+        return torch.cat(decoded.take())
+
+    eager = run()
+    sd_pipe.unet.compile(fullgraph=True, backend="eager")
+    torch.testing.assert_close(run(), eager, atol=1e-4, rtol=0)
+    assert compiled_graphs() >= 1

@@ -3,16 +3,19 @@
 What is measured: the peak total size of the tensor storages alive at the same time while `generate_set` runs,
 counted by `benchmarks.common.LiveTensorBytes`, a TorchDispatchMode that adds up every new op output until its
 storage is freed. That is the memory that grows with the batch (activations, attention inputs, the reference's
-cached keys and values, latents, decoded images) and nothing else: weights made before the block, the interpreter
+cached layer inputs, prompt embeddings, latents, decoded images) and nothing else: weights made before the block, the interpreter
 and the allocator's caches are left out, whereas they dominate the RSS of a tiny model. The count is exact and
 deterministic, and each measurement sees only tensors created inside it, so no fresh process is needed to keep
 runs apart. Images are 64x64 pixels (32x32 latents, 1024 tokens in the first attention layers) so activations
 outweigh the per-image constants such as text embeddings.
 """
 
+import contextlib
+
 import torch
 
 import stylealigned as sa
+from stylealigned import sets
 from benchmarks.common import LiveTensorBytes
 from stylealigned.config import StyleAlignedConfig
 from stylealigned.processors import RECORD, REPLAY, SharedAttention, SharedState, projection
@@ -47,6 +50,14 @@ def test_live_tensor_bytes_counts_new_storages_until_freed():
 def test_chunked_set_memory_does_not_grow_with_set_size(sd_pipe):
     four, sixteen = peak_bytes(sd_pipe, 4, batch_size=4), peak_bytes(sd_pipe, 16, batch_size=4)
     assert sixteen <= 1.3 * four, f"16 images took {sixteen / four:.2f}x the peak memory of 4 with batch_size=4"
+
+
+def test_tagged_prompts_lower_a_chunked_sets_peak(sd_pipe, monkeypatch):
+    """The pipeline call keeping one-token tags instead of its prompt embeddings three times over shows in the peak
+    (the same images: tests/test_prompts.py)."""
+    tagged = peak_bytes(sd_pipe, 16, batch_size=4)
+    monkeypatch.setattr(sets, "tagged_prompts", lambda pipe: contextlib.nullcontext())
+    assert tagged < peak_bytes(sd_pipe, 16, batch_size=4)
 
 
 def test_one_batch_set_memory_grows_with_set_size(sd_pipe):
