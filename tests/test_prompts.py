@@ -27,9 +27,10 @@ def test_tags_stand_for_each_distinct_row_once_in_any_dtype():
     assert torch.equal(rows.lookup(torch.cat([second, first])[[4, 0]]), embeds[[2, 1]])  # tags move like rows
 
     many = PromptRows()  # more rows than one tag channel counts: two base-256 digits survive bf16
-    distinct = torch.arange(3 * BASE, dtype=torch.bfloat16).view(-1, 1, 1).expand(-1, 2, 3).contiguous()
+    distinct = torch.randn(3 * BASE, 2, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     tags = many.tag(distinct)
-    assert tags.dtype == torch.bfloat16 and torch.equal(many.lookup(tags), distinct)
+    assert len(many.table) == 3 * BASE and tags.dtype == torch.bfloat16 and tags.max() == BASE - 1
+    assert torch.equal(many.lookup(tags), distinct)
     other = torch.randn(2, 5, 16)  # a sequence of another length than the table's passes through untagged
     assert rows.tag(other) is other
 
