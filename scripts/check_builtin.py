@@ -2,9 +2,10 @@
 
     python scripts/check_builtin.py --per-pair 2 --per-object 12 --grid runs/check_grid.png
 
-Styled prompts ("a star in neon style", every object x style pair): object and style accuracy, overall and per style
-(targets >= 0.9). Unstyled prompts ("a star"): the share of each style among the samples; the largest should be
-<= 0.3 (a balanced mixture, not a collapsed model). Prints the numbers, optionally as JSON, and can save a labelled grid to check by eye.
+Styled prompts ("a star in neon style", every object x style pair): object and style accuracy, overall and per
+style (targets >= 0.9). Unstyled prompts ("a star"): the share of each style among the samples; the largest should
+be <= 0.3 (a balanced mixture, not a collapsed model). Prints the numbers, optionally as JSON, and can save a
+labelled grid to check by eye.
 """
 
 from __future__ import annotations

@@ -3,10 +3,10 @@
 What is measured: the peak total size of the tensor storages alive at the same time while `generate_set` runs,
 counted by `benchmarks.common.LiveTensorBytes`, a TorchDispatchMode that adds up every new op output until its
 storage is freed. That is the memory that grows with the batch (activations, attention inputs, the reference's
-cached layer inputs, prompt embeddings, latents, decoded images) and nothing else: weights made before the block, the interpreter
-and the allocator's caches are left out, whereas they dominate the RSS of a tiny model. The count is exact and
-deterministic, and each measurement sees only tensors created inside it, so no fresh process is needed to keep
-runs apart. Images are 64x64 pixels (32x32 latents, 1024 tokens in the first attention layers) so activations
+cached layer inputs, prompt embeddings, latents, decoded images) and nothing else: weights made before the block,
+the interpreter and the allocator's caches are left out, whereas they dominate the RSS of a tiny model. The count
+is exact and deterministic, and each measurement sees only tensors created inside it, so no fresh process is
+needed to keep runs apart. Images are 64x64 pixels (32x32 latents, 1024 tokens in the first attention layers) so activations
 outweigh the per-image constants such as text embeddings.
 """
 
