@@ -2,7 +2,6 @@
 its own control image, chunks equal one batch, an uncontrolled reference is the plain pipeline's image, removal is
 exact; the forms control images come in, loading ControlNets, and depth maps."""
 
-
 import huggingface_hub
 import numpy as np
 import pytest
