@@ -7,15 +7,17 @@ Batch: 2 guidance groups x (1 reference + 4 targets). Shapes: SDXL's self-attent
 4096 tokens x 10 heads of 64 (64x64 latents) and 1024 tokens x 20 heads of 64 (32x32 latents). Timed per call:
   vanilla   F.scaled_dot_product_attention over the batch, no sharing (what diffusers runs);
   ours      stylealigned.attention.shared_attention with the default (text-to-image) config, and with the transfer
-            preset, whose log 2 score shift goes into the fused kernel (`key_biased_attention`, table below);
+            preset, whose log 2 score shift reaches a fused kernel (`attend_with_reference`, table below);
   oracle    tests/oracle.py's loop-per-image implementation of the paper's equations (explicit logits).
 The bound is the attention work itself: targets attend to twice the keys (their own + the reference's), the
 references to their own only, so no implementation can go below (1 + 2 x 4) / 5 = 1.8x vanilla.
 
-A second table times the ways a per-key logit bias (the score shift) can reach the kernel, for the targets'
-attention over their own + the reference's keys: no bias (shift 0, the floor), the broadcast mask row, the padded
-head channel, an explicit (queries x keys) mask, and the one `key_biased_attention` chooses here; with the SDPA
-kernel each one runs (torch._fused_sdp_choice) and its max error against the explicit softmax formula in float64.
+A second table times the ways the score shift can reach the kernel, for the targets' attention over their own + the
+reference's keys, each from the same inputs: no bias (shift 0, the floor: one call over the keys side by side), the
+broadcast mask row, the padded head channel, an explicit (queries x keys) mask, on the CPU the log-sum-exp merge of
+two flash calls (`merged_attention`, also without the shift), and the one `attend_with_reference` chooses here;
+with the SDPA kernel each one runs (torch._fused_sdp_choice) and its max error against the explicit softmax formula
+in float64.
 `--only bias` runs that table alone, `--only shared` the first; `--shape 32x32` one shape.
 """
 
@@ -33,8 +35,8 @@ from torch.nn.attention import SDPBackend
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.oracle and benchmarks.common
 
 from benchmarks.common import median_ms  # noqa: E402
-from stylealigned.attention import (attention, bias_in_channel, channel_bias, key_biased_attention,  # noqa: E402
-                                    shared_attention)
+from stylealigned.attention import (attend_with_reference, attention, bias_in_channel, channel_bias,  # noqa: E402
+                                    merges, shared_attention, merged_attention)
 from stylealigned.config import StyleAlignedConfig  # noqa: E402
 from stylealigned.models import resolve_device, resolve_dtype  # noqa: E402
 from tests.oracle import self_attention as oracle_attention  # noqa: E402
@@ -86,21 +88,39 @@ def sdpa_kernel_name(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return SDPBackend(choice).name.lower().removesuffix("_attention")
 
 
-def bias_methods(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> dict:
-    """{method: (run, kernel name)} for targets' (batch, heads, N, D) queries over N' keys with a (N',) bias."""
+def bias_methods(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref_k: torch.Tensor, ref_v: torch.Tensor,
+                 shift: float) -> dict:
+    """{method: (run, kernel name)} for targets' (G, T, H, N, D) queries over their own keys and their group's
+    shared ones (G, H, N, D), `shift` added toward those; every run starts from these inputs (concatenating keys where
+    it needs them, as the model would) and returns (G x T, H, N, D)."""
+    def joined(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, ref[:, None].expand_as(x)], dim=-2).flatten(0, 1)
+
+    flat = q.flatten(0, 1)
+    keys, values = joined(k, ref_k), joined(v, ref_v)  # for the kernel names only
+    bias = torch.zeros(keys.shape[-2], device=q.device, dtype=q.dtype)
+    bias[k.shape[-2]:] = shift
     row = bias.view(1, 1, 1, -1)
-    full = row.expand(q.shape[0], 1, q.shape[-2], -1).contiguous()
+    full = row.expand(flat.shape[0], 1, flat.shape[-2], -1).contiguous()
     dim, pad = q.shape[-1], 8 - q.shape[-1] % 8
-    padded = [F.pad(x, (0, pad)) for x in (q, keys, values)]
-    chosen = "head channel" if channel_bias(q) else "mask row"
+    padded = [F.pad(x, (0, pad)) for x in (flat, keys, values)]
     methods = {
-        "no bias (floor)": (lambda: attention(q, keys, values), sdpa_kernel_name(q, keys, values)),
-        "mask row": (lambda: attention(q, keys, values, row), sdpa_kernel_name(q, keys, values, row)),
-        "head channel": (lambda: bias_in_channel(q, keys, values, bias),
+        "no bias (floor)": (lambda: attention(flat, joined(k, ref_k), joined(v, ref_v)),
+                            sdpa_kernel_name(flat, keys, values)),
+        "mask row": (lambda: attention(flat, joined(k, ref_k), joined(v, ref_v), row),
+                     sdpa_kernel_name(flat, keys, values, row)),
+        "head channel": (lambda: bias_in_channel(flat, joined(k, ref_k), joined(v, ref_v), bias),
                          sdpa_kernel_name(*padded, scale=dim**-0.5)),
-        "full mask": (lambda: attention(q, keys, values, full), sdpa_kernel_name(q, keys, values, full)),
+        "full mask": (lambda: attention(flat, joined(k, ref_k), joined(v, ref_v), full),
+                      sdpa_kernel_name(flat, keys, values, full)),
     }
-    methods[f"chosen: {chosen}"] = (lambda: key_biased_attention(q, keys, values, bias), methods[chosen][1])
+    if q.device.type == "cpu":  # the log-sum-exps come from the CPU's flash kernel (text-to-image runs it unshifted)
+        methods["merge, no shift"] = (lambda: merged_attention(q, k, v, ref_k, ref_v).flatten(0, 1), "flash")
+        methods["log-sum-exp merge"] = (lambda: merged_attention(q, k, v, ref_k, ref_v, shift).flatten(0, 1),
+                                        "flash")
+    chosen = "log-sum-exp merge" if merges(q) else "head channel" if channel_bias(q) else "mask row"
+    methods[f"chosen: {chosen}"] = (
+        lambda: attend_with_reference(q, k, v, ref_k, ref_v, score_shift=shift).flatten(0, 1), methods[chosen][1])
     return methods
 
 
@@ -113,25 +133,21 @@ def explicit_biased(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, b
 def print_bias_methods(label: str, tokens: int, heads: int, args, device: torch.device, dtype: torch.dtype) -> None:
     """Time each key-bias method at one shape (a log 2 shift toward the reference's keys) and print the table."""
     q, k, v = qkv(tokens, heads, device, dtype)
-
-    def with_reference(x: torch.Tensor) -> torch.Tensor:
-        """Targets' own tokens, then their group's reference's: (targets, heads, 2 x tokens, dim)."""
-        return torch.cat([x[:, 1:], x[:, :1].expand_as(x[:, 1:])], dim=-2).flatten(0, 1)
-
-    q, keys, values = q[:, 1:].flatten(0, 1), with_reference(k), with_reference(v)
-    bias = torch.zeros(2 * tokens, device=device, dtype=dtype)
-    bias[tokens:] = math.log(2)
-    methods = bias_methods(q, keys, values, bias)
+    methods = bias_methods(q[:, 1:], k[:, 1:], v[:, 1:], k[:, 0], v[:, 0], math.log(2))
     outputs = {}
     runs = {name: (lambda n=name, run=run: outputs.__setitem__(n, run())) for name, (run, _) in methods.items()}
     with torch.inference_mode():
         timings = median_ms(runs, args.repeats, device, warmup=args.warmup)
-        check = explicit_biased(q[:1, :, :256], keys[:1], values[:1], bias)
+        keys, values = (torch.cat([x[0, 1], x[0, 0]], dim=-2)[None] for x in (k, v))  # the first target's
+        bias = torch.zeros(2 * tokens, device=device, dtype=dtype)
+        bias[tokens:] = math.log(2)
+        check = explicit_biased(q[0, 1:2, :, :256], keys, values, bias)
     floor = timings["no bias (floor)"]
-    print(f"\n{label}: key-bias methods, {q.shape[0]} targets x {heads} heads, {tokens} queries over {2 * tokens} keys")
+    print(f"\n{label}: key-bias methods, {GROUPS * TARGETS} targets x {heads} heads, {tokens} queries over "
+          f"{2 * tokens} keys")
     print(f"  {'method':<22} {'ms':>10} {'x floor':>8} {'kernel':>10} {'max |err| vs formula':>21}")
     for name, ms in timings.items():
-        err = "" if name.startswith("no bias") else \
+        err = "" if "no " in name else \
             f"{(outputs[name][:1, :, :256].double() - check).abs().max().item():.1e}"
         print(f"  {name:<22} {ms:10.1f} {ms / floor:8.2f} {methods[name][1]:>10} {err:>21}")
 

@@ -50,7 +50,7 @@ class Section:
 
 
 PLANS = {
-    "cpu": [Section("One denoising step, SD1.5 UNet", "sd15", 256, (2, 4, 8), repeats=3),
+    "cpu": [Section("One denoising step, SD1.5 UNet", "sd15", 256, (2, 4, 8), repeats=5),
             Section("One denoising step, SD1.5 UNet", "sd15", 512, (2, 4, 8), repeats=3),
             Section("Large sets: generate_set, SD1.5 UNet", "sd15", 256, (16, 64), sets=True)],
     "cuda": [Section("One denoising step, SDXL UNet, fp16", "sdxl", 1024, (2, 4, 8)),

@@ -223,14 +223,16 @@ def peak_bytes(method: str, pipe, prompts: list[str], args, device: torch.device
 
 
 def benchmark(pipe, args, device: torch.device, methods=METHODS) -> dict[tuple[int, str], Measurement]:
-    """Medians over repeats for every (size, method), methods taking turns so load drifts hit all alike."""
+    """Medians over repeats for every (size, method), methods taking turns (each repeat starting one method later)
+    so load drifts hit all alike and none always runs right after the same one."""
     results = {}
     for size in args.sizes:
         prompts = set_prompts(size)
         peaks = {method: peak_bytes(method, pipe, prompts, args, device) for method in methods}
         runs = {method: [] for method in methods}
-        for _ in range(args.repeats):
-            for method in methods:
+        for repeat in range(args.repeats):
+            start = repeat % len(methods)
+            for method in methods[start:] + methods[:start]:
                 runs[method].append(timed(method, pipe, prompts, args, device))
         for method, times in runs.items():
             denoiser, attention, total = (list(column) for column in zip(*times))

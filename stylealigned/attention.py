@@ -115,12 +115,15 @@ def attend_with_reference(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v:
     """Targets (G, T, H, N, D) attend to their own tokens and to their group's shared reference tokens (G, H, R, D).
 
     The reference keys are multiplied by `score_scale`; `score_shift`, and `shared_bias` (R,) per shared key if
-    given, are added to the logits toward them (`key_biased_attention`: no logits tensor is built here). `mask`
-    (G, T, 1, N, N), boolean (True attends) or additive, masks the targets' own keys; the shared keys are never
-    masked.
+    given, are added to the logits toward them (no logits tensor is built). On the CPU without a mask or per-key
+    biases this is `merged_attention`, else one fused call over the keys side by side (`key_biased_attention`).
+    `mask` (G, T, 1, N, N), boolean (True attends) or additive, masks the targets' own keys; the shared keys are
+    never masked.
     """
     groups, targets = q.shape[:2]
     ref_k = ref_k * score_scale if score_scale != 1.0 else ref_k
+    if shared_bias is None and mask is None and merges(q, k, v, ref_k, ref_v):
+        return merged_attention(q, k, v, ref_k, ref_v, score_shift)
     keys = torch.cat([k, ref_k[:, None].expand(groups, targets, *ref_k.shape[1:])], dim=-2)
     values = torch.cat([v, ref_v[:, None].expand(groups, targets, *ref_v.shape[1:])], dim=-2)
     key_bias = None
@@ -153,6 +156,42 @@ def key_biased_attention(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tens
     if key_bias is not None:
         bias = bias + key_bias
     return attention(q, keys, values, bias)
+
+
+def merges(*tensors: Tensor) -> bool:
+    """Whether targets' attention over their own and the shared keys runs as `merged_attention`: on the CPU under
+    torch's SDPA, whose flash kernel also returns each query's log-sum-exp, unless autograd records (that output
+    carries no gradient)."""
+    recording = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    return _kernel is None and tensors[0].device.type == "cpu" and not recording
+
+
+def merged_attention(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v: Tensor, shift: float = 0.0) -> Tensor:
+    """Targets (G, T, H, N, D) attend to their own keys and to their group's shared keys (G, H, R, D), `shift` added
+    to every logit toward the shared ones: exactly, as two fused calls merged by their log-sum-exps,
+    own + sigmoid(lse_shared + shift - lse_own) * (shared - own), in float32 or wider.
+
+    No keys are concatenated (the shared ones are expanded over the targets, not copied) and no mask is read: on the
+    CPU both cost more than the second call and the merge (benchmarks/attention.py). No autograd (`merges`).
+    """
+    groups, targets = q.shape[:2]
+    own, own_lse = _cpu_flash(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1))
+    own, own_lse = own.unflatten(0, (groups, targets)), own_lse.unflatten(0, (groups, targets))
+    in_place = own.dtype == own_lse.dtype
+    merged = []
+    for group in range(groups):
+        shared, shared_lse = _cpu_flash(q[group], *(x[group].expand(targets, *x.shape[1:]) for x in (ref_k, ref_v)))
+        weight = torch.sigmoid(shared_lse - own_lse[group] + shift)[..., None]
+        if in_place:  # float32 and wider: into the own attention's output
+            own[group].lerp_(shared, weight)
+        else:  # half precision: merged in float32
+            merged.append(torch.lerp(own[group].to(weight.dtype), shared.to(weight.dtype), weight).to(q.dtype))
+    return own if in_place else torch.stack(merged)
+
+
+def _cpu_flash(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """SDPA's CPU flash kernel over (batch, heads, tokens, head_dim): the output and each query's log-sum-exp."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
 
 
 def channel_bias(q: Tensor) -> bool:

@@ -116,15 +116,16 @@ class OutputShapes(TorchDispatchMode):
 
 @pytest.mark.parametrize("per_key", [False, True])
 def test_bias_is_not_materialised_per_query(per_key):
-    """A shift (and per-key biases: several references) travels as one broadcast row of biases, never a
-    (queries x keys) tensor, and gives the formula."""
+    """A shift alone is merged in on the CPU (no mask row, no keys concatenated: `merged_attention`); per-key
+    biases (several references) travel as one broadcast row; never a (queries x keys) tensor; both give the formula."""
     q, k, v = (t.view(1, 3, *t.shape[1:]) for t in qkv(1, 3, 2, 10, 8))
     bias = torch.zeros(10) if per_key else None
     with OutputShapes() as outputs:
         out = attend_with_reference(q[:, 1:], k[:, 1:], v[:, 1:], k[:, 0], v[:, 0], score_shift=0.5,
                                     shared_bias=bias)
     assert not any(shape[-2:] == (10, 20) for shape in outputs.shapes)
-    assert (1, 1, 1, 20) in outputs.shapes
+    assert ((1, 1, 1, 20) in outputs.shapes) == per_key
+    assert any(shape[-2:] == (20, 8) for shape in outputs.shapes) == per_key
     keys, values = (torch.cat([x[0, 1:], x[0, :1].expand(2, -1, -1, -1)], dim=-2) for x in (k, v))
     biased = torch.cat([torch.zeros(10), torch.full((10,), 0.5)])
     expected = torch.softmax(q[0, 1:] @ keys.transpose(-1, -2) / 8**0.5 + biased, -1) @ values

@@ -1,4 +1,5 @@
-"""The score shift reaches a fast SDPA kernel exactly: as a broadcast mask row or as a padded head channel.
+"""The score shift reaches a fast SDPA kernel exactly: merged by log-sum-exps (the CPU), as a broadcast mask row or as
+a padded head channel.
 
 No GPU was lent to this work: the CUDA choice (the head channel, so that flash attention runs in fp16/bf16) is
 exercised on the CPU through `attention_kernel` with a kernel that refuses masks, and the kernel-restricted test runs
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from stylealigned.attention import (attention_kernel, attend_with_reference, bias_in_channel, channel_bias,
-                                    key_biased_attention)
+                                    key_biased_attention, merged_attention)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}  # ~ output rounding
@@ -88,12 +89,19 @@ def test_a_kernel_without_masks_gets_the_head_channel(monkeypatch, dtype):
     torch.testing.assert_close(out.double(), explicit(q, keys, values, bias), atol=TOLERANCE[dtype], rtol=0)
 
 
-def test_zero_shift_passes_no_mask(monkeypatch):
-    """shared_score_shift = 0: plain SDPA without a mask, which flash attention takes in fp16/bf16."""
+def test_zero_shift_passes_no_mask():
+    """shared_score_shift = 0 off the CPU's merge (a GPU, a chosen backend): one call without a mask, which flash
+    attention takes in fp16/bf16."""
     q, k, v = (torch.randn(1, 2, 3, 16, 8) for _ in "qkv")
-    spy = MaskSpy(monkeypatch)
-    attend_with_reference(q, k, v, k[:, 0], v[:, 0])
-    assert spy.masks == [None]
+    masks = []
+
+    def kernel(q, k, v, attn_mask=None, scale=None):
+        masks.append(attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    with attention_kernel(kernel):
+        attend_with_reference(q, k, v, k[:, 0], v[:, 0])
+    assert masks == [None]
 
 
 @pytest.mark.parametrize("shift", [0.0, math.log(2)])
@@ -117,3 +125,69 @@ def test_model_mask_with_bias_equals_the_formula(dtype):
     out = key_biased_attention(q, keys, values, bias, mask.to(DEVICE))
     torch.testing.assert_close(out.double(), explicit(q, keys, values, bias, mask.to(DEVICE)),
                                atol=TOLERANCE[dtype], rtol=0)
+
+
+def grouped_inputs(dim: int, dtype: torch.dtype, seed: int = 0):
+    """Targets' q, k, v (2 groups, 3 targets, 2 heads, 24 tokens) and each group's shared keys and values (16)."""
+    generator = torch.Generator().manual_seed(seed)
+    own = [torch.randn(2, 3, 2, 24, dim, generator=generator, dtype=torch.float64) for _ in "qkv"]
+    shared = [torch.randn(2, 2, 16, dim, generator=generator, dtype=torch.float64) for _ in "kv"]
+    return [x.to(dtype) for x in own + shared]
+
+
+def explicit_shifted(q, k, v, ref_k, ref_v, shift):
+    """The formula per group: each target over its own keys and its group's shared ones, `shift` toward those."""
+    bias = torch.cat([torch.zeros(k.shape[-2]), torch.full((ref_k.shape[-2],), shift, dtype=torch.float64)])
+    return torch.stack([explicit(q[g], *(torch.cat([x[g], r[g].expand(q.shape[1], -1, -1, -1)], dim=-2)
+                                         for x, r in ((k, ref_k), (v, ref_v))), bias) for g in range(q.shape[0])])
+
+
+@pytest.mark.parametrize("shift", [0.0, math.log(2), -1.3, 4.0])
+@pytest.mark.parametrize("dim", [8, 40, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_log_sum_exp_merge_equals_the_formula(dim, dtype, shift):
+    """Exact up to rounding: each half leaves the kernel rounded to the dtype, so in half precision the merged
+    output may be off by twice its rounding."""
+    inputs = grouped_inputs(dim, dtype, seed=dim)
+    out = merged_attention(*inputs, shift)
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    tolerance = TOLERANCE[dtype] * (2 if dtype in (torch.float16, torch.bfloat16) else 1)
+    torch.testing.assert_close(out.double(), explicit_shifted(*inputs, shift), atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("shift", [0.0, math.log(2)])
+def test_the_cpu_merges_without_a_mask(monkeypatch, shift):
+    """Under torch's SDPA on the CPU targets take no mask and no SDPA call: the two flash calls, merged."""
+    spy = MaskSpy(monkeypatch)
+    inputs = grouped_inputs(40, torch.float32)
+    out = attend_with_reference(*inputs, score_shift=shift)
+    assert spy.masks == []
+    torch.testing.assert_close(out.double(), explicit_shifted(*inputs, shift), atol=2e-6, rtol=0)
+
+
+def test_autograd_gets_one_call_and_the_formula_s_gradients():
+    """The kernel's log-sum-exp carries no gradient, so where autograd records targets take the single fused call."""
+    inputs = [x.requires_grad_() for x in grouped_inputs(8, torch.float64)]
+    attend_with_reference(*inputs, score_shift=math.log(2)).sum().backward()
+    grads = [x.grad for x in inputs]
+    for x in inputs:
+        x.grad = None
+    explicit_shifted(*inputs, math.log(2)).sum().backward()
+    for grad, x in zip(grads, inputs):
+        torch.testing.assert_close(grad, x.grad, atol=1e-10, rtol=0)
+
+
+def test_a_chosen_kernel_still_gets_the_shift(monkeypatch):
+    """A user's attention backend holds under a shift: it runs the attention, with the shift as a mask row."""
+    calls = []
+
+    def kernel(q, k, v, attn_mask=None, scale=None):
+        calls.append(attn_mask.shape)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+
+    kernel.takes_masks = True
+    inputs = grouped_inputs(40, torch.float32)
+    with attention_kernel(kernel):
+        out = attend_with_reference(*inputs, score_shift=math.log(2))
+    assert calls == [(1, 1, 1, 40)]
+    torch.testing.assert_close(out.double(), explicit_shifted(*inputs, math.log(2)), atol=2e-6, rtol=0)
