@@ -145,11 +145,11 @@ def print_bias_methods(label: str, tokens: int, heads: int, args, device: torch.
     floor = timings["no bias (floor)"]
     print(f"\n{label}: key-bias methods, {GROUPS * TARGETS} targets x {heads} heads, {tokens} queries over "
           f"{2 * tokens} keys")
-    print(f"  {'method':<22} {'ms':>10} {'x floor':>8} {'kernel':>10} {'max |err| vs formula':>21}")
+    print(f"  {'method':<26} {'ms':>10} {'x floor':>8} {'kernel':>10} {'max |err| vs formula':>21}")
     for name, ms in timings.items():
         err = "" if "no " in name else \
             f"{(outputs[name][:1, :, :256].double() - check).abs().max().item():.1e}"
-        print(f"  {name:<22} {ms:10.1f} {ms / floor:8.2f} {methods[name][1]:>10} {err:>21}")
+        print(f"  {name:<26} {ms:10.1f} {ms / floor:8.2f} {methods[name][1]:>10} {err:>21}")
 
 
 def main() -> None:
