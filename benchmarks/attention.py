@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: t
 
 from benchmarks.common import median_ms  # noqa: E402
 from stylealigned.attention import (attend_with_reference, attention, bias_in_channel, channel_bias,  # noqa: E402
-                                    merges, shared_attention, merged_attention)
+                                    merged_attention, merges, shared_attention)
 from stylealigned.config import StyleAlignedConfig  # noqa: E402
 from stylealigned.models import resolve_device, resolve_dtype  # noqa: E402
 from tests.oracle import self_attention as oracle_attention  # noqa: E402

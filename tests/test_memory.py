@@ -6,8 +6,8 @@ storage is freed. That is the memory that grows with the batch (activations, att
 cached layer inputs, prompt embeddings, latents, decoded images) and nothing else: weights made before the block,
 the interpreter and the allocator's caches are left out, whereas they dominate the RSS of a tiny model. The count
 is exact and deterministic, and each measurement sees only tensors created inside it, so no fresh process is
-needed to keep runs apart. Images are 64x64 pixels (32x32 latents, 1024 tokens in the first attention layers) so activations
-outweigh the per-image constants such as text embeddings.
+needed to keep runs apart. Images are 64x64 pixels (32x32 latents, 1024 tokens in the first attention layers) so
+activations outweigh the per-image constants such as text embeddings.
 """
 
 import contextlib
@@ -15,8 +15,8 @@ import contextlib
 import torch
 
 import stylealigned as sa
-from stylealigned import sets
 from benchmarks.common import LiveTensorBytes
+from stylealigned import sets
 from stylealigned.config import StyleAlignedConfig
 from stylealigned.processors import RECORD, REPLAY, SharedAttention, SharedState, projection
 from stylealigned.sets import generate_set
