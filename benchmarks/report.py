@@ -51,7 +51,7 @@ class Section:
 
 PLANS = {
     "cpu": [Section("One denoising step, SD1.5 UNet", "sd15", 256, (2, 4, 8), repeats=5),
-            Section("One denoising step, SD1.5 UNet", "sd15", 512, (2, 4, 8), repeats=3),
+            Section("One denoising step, SD1.5 UNet", "sd15", 512, (2, 4, 8), repeats=5),
             Section("Large sets: generate_set, SD1.5 UNet", "sd15", 256, (16, 64), sets=True)],
     "cuda": [Section("One denoising step, SDXL UNet, fp16", "sdxl", 1024, (2, 4, 8)),
              Section("One denoising step, FLUX.1-dev transformer (19 + 38 blocks), bf16", "flux", 1024, (2, 4, 8)),
@@ -166,7 +166,7 @@ def main(argv: list[str]) -> None:
     options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     options.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     options.add_argument("--repeats", type=int, default=None,
-                         help="timed runs per method, for every table (default: 3 for CPU steps at 256², else 1)")
+                         help="timed runs per method, for every table (default: 5 for CPU steps, else 1)")
     options.add_argument("--quick", action="store_true", help="tiny settings, to check the command in a few minutes")
     options.add_argument("--out", type=Path, default=DOCS / "performance.md")
     args = options.parse_args(argv)

@@ -26,7 +26,8 @@ Time: the denoiser's (UNet's or transformer's) forward calls per denoising step,
 `--repeats` runs with the methods taking turns; also the whole run (text encoding and decoding included). Memory: the
 peak above what was allocated before the run, in one extra untimed 1-step run per method and size that also warms
 up (every step peaks alike): CUDA's allocator statistics on a GPU, live tensor storages on CPU (benchmarks/common.py),
-so one process measures every run without them polluting each other or the timings.
+so one process measures every run without them polluting each other or the timings. Freed CPU memory is kept in
+the process for every method, as the CLI does (`stylealigned.keep_freed_memory`; benchmarks/allocator.py times it).
 
 Models have random weights, which cost the same as trained ones. `sdxl` (the GPU default): SDXL-base's UNet, VAE and
 both text encoders at full size. `sd15-lite` (the CPU default): SD1.5's UNet with half the channels and one layer per
@@ -60,6 +61,7 @@ from benchmarks.floor import check, floor  # noqa: E402
 from stylealigned.apply import layers_to_share  # noqa: E402
 from stylealigned.backbones import backbone_for  # noqa: E402
 from stylealigned.config import StyleAlignedConfig  # noqa: E402
+from stylealigned.cpu_memory import freed_memory_kept  # noqa: E402
 from stylealigned.models import resolve_device, resolve_dtype  # noqa: E402
 
 STYLE = "in watercolor style"
@@ -303,7 +305,8 @@ def describe(pipe, args, device: torch.device, dtype: torch.dtype) -> str:
     layers = backbone.attention_layers()
     shared = layers_to_share(backbone, StyleAlignedConfig())
     depth = f" at depth {args.depth}" if args.depth else ""
-    threads = "" if device.type != "cpu" else f", {torch.get_num_threads()} threads"
+    threads = "" if device.type != "cpu" else f", {torch.get_num_threads()} threads, freed memory " + (
+        "kept (stylealigned.keep_freed_memory)" if freed_memory_kept() else "not kept")
     text = f", T5 max_sequence_length {args.max_sequence_length}" if args.max_sequence_length else ""
     return (f"model: {args.model}{depth}, random weights: {MODELS[args.model].description}; "
             f"{type(backbone.denoiser).__name__} {params:.0f}M parameters; StyleAligned shares {len(shared)} of its "
@@ -373,6 +376,7 @@ def parsed(argv: list[str]) -> tuple[argparse.Namespace, torch.device, torch.dty
 
 
 def main() -> None:
+    sa.keep_freed_memory()  # as the CLI does; every method alike (benchmarks/allocator.py: what it saves)
     if sys.argv[1:2] == ["--panorama"]:  # panoramas have their own measurement and options
         from benchmarks.panorama import main as panorama
         return panorama(sys.argv[2:])

@@ -8,6 +8,7 @@ logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: "r
 
 from .apply import StyleAlignedHandle, apply
 from .config import StyleAlignedConfig
+from .cpu_memory import keep_freed_memory
 from .errors import UserError
 from .inversion import Trajectory, invert
 from .models import load_pipeline
@@ -15,5 +16,5 @@ from .panorama import generate_panorama
 from .sets import generate_set
 
 __all__ = ["StyleAlignedConfig", "StyleAlignedHandle", "Trajectory", "UserError", "apply", "generate_panorama",
-           "generate_set", "invert", "load_pipeline"]
+           "generate_set", "invert", "keep_freed_memory", "load_pipeline"]
 __version__ = "0.1.0"

@@ -9,6 +9,7 @@ try:  # typer >= 0.29 ships its own copy of click
 except ImportError:
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 
+from ..cpu_memory import keep_freed_memory
 from ..errors import UserError
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ from .common import Interrupted  # noqa: E402
 
 def main() -> None:
     """Run the CLI; a UserError or a bad option becomes one line on stderr and exit status 2, with no traceback."""
+    keep_freed_memory()  # CPU steps without page faults (stylealigned/cpu_memory.py)
     try:
         sys.exit(app(standalone_mode=False) or 0)
     except NoArgsIsHelpError as error:
