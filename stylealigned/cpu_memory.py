@@ -2,7 +2,7 @@
 
 glibc hands every allocation above its mmap threshold (at most 32 MiB) fresh pages from the kernel and gives them
 back on free, so each large activation of a denoising step on the CPU page-faults its way in again, zero-filled:
-a million minor faults in one SD1.5 step at 256² with 4 images, 14 million at 512² with 8 (benchmarks/allocator.py).
+a million minor faults in one SD1.5 step at 256² with 4 images (benchmarks/allocator.py), 14 million at 512² with 8.
 Keeping freed memory in glibc's heap instead (no mmap for allocations, no trimming of the heap's top) makes those
 faults go away.
 """
