@@ -23,11 +23,13 @@ does), so the VAE costs the same everywhere. StyleAligned is judged against its 
 is ours within 3 % of the floor.
 
 Time: the denoiser's (UNet's or transformer's) forward calls per denoising step, GPU-synchronised, medians of
-`--repeats` runs with the methods taking turns; also the whole run (text encoding and decoding included). Memory: the
-peak above what was allocated before the run, in one extra untimed 1-step run per method and size that also warms
-up (every step peaks alike): CUDA's allocator statistics on a GPU, live tensor storages on CPU (benchmarks/common.py),
-so one process measures every run without them polluting each other or the timings. Freed CPU memory is kept in
-the process for every method, as the CLI does (`stylealigned.keep_freed_memory`; benchmarks/allocator.py times it).
+`--repeats` runs with the methods taking turns (each repeat is a round in which every method runs once); a time's
+ratio to vanilla or to the floor is the median over rounds of the ratio within each round, so load drifting between
+rounds cancels; also the whole run (text encoding and decoding included). Memory: the peak above what was allocated
+before the run, in one extra untimed 1-step run per method and size that also warms up (every step peaks alike):
+CUDA's allocator statistics on a GPU, live tensor storages on CPU (benchmarks/common.py), so one process measures
+every run without them polluting each other or the timings. Freed CPU memory is kept in the process for every
+method, as the CLI does (`stylealigned.keep_freed_memory`; benchmarks/allocator.py times it).
 
 Models have random weights, which cost the same as trained ones. `sdxl` (the GPU default): SDXL-base's UNet, VAE and
 both text encoders at full size. `sd15-lite` (the CPU default): SD1.5's UNet with half the channels and one layer per
@@ -190,11 +192,29 @@ class ForwardClock:
 
 @dataclass
 class Measurement:
-    denoiser_seconds: float  # median over repeats, all steps of the run
-    attention_seconds: float  # the same for the shared attention layers' forward calls
-    total_seconds: float
-    spread: float            # (max - min) / median of the denoiser seconds over repeats
+    denoiser_runs: list[float]   # each repeat's denoiser seconds (all steps of the run), in repeat order
+    attention_runs: list[float]  # the same for the shared attention layers' forward calls
+    total_seconds: float         # median over repeats of the whole run
     peak_bytes: int
+
+    @property
+    def denoiser_seconds(self) -> float:
+        return statistics.median(self.denoiser_runs)
+
+    @property
+    def attention_seconds(self) -> float:
+        return statistics.median(self.attention_runs)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median of the denoiser seconds over repeats."""
+        return (max(self.denoiser_runs) - min(self.denoiser_runs)) / self.denoiser_seconds
+
+
+def paired_ratio(ours: list[float], base: list[float]) -> float:
+    """The median over repeats of ours / base within each repeat: both were timed in the same round, so a load
+    drift between rounds, which moves both, cancels."""
+    return statistics.median(a / b for a, b in zip(ours, base, strict=True))
 
 
 @torch.no_grad()
@@ -238,9 +258,7 @@ def benchmark(pipe, args, device: torch.device, methods=METHODS) -> dict[tuple[i
                 runs[method].append(timed(method, pipe, prompts, args, device))
         for method, times in runs.items():
             denoiser, attention, total = (list(column) for column in zip(*times))
-            median = statistics.median(denoiser)
-            results[size, method] = Measurement(median, statistics.median(attention), statistics.median(total),
-                                                (max(denoiser) - min(denoiser)) / median, peaks[method])
+            results[size, method] = Measurement(denoiser, attention, statistics.median(total), peaks[method])
     return results
 
 
@@ -253,6 +271,10 @@ def labels(args) -> dict[str, str]:
 
 def ratio(value: float, base: float | None) -> str:
     return f"{value / base:.3f}" if base else ""
+
+
+def time_ratio(ours: list[float], base: list[float] | None) -> str:
+    return f"{paired_ratio(ours, base):.3f}" if base else ""
 
 
 def report(results: dict[tuple[int, str], Measurement], args, methods=METHODS) -> list[str]:
@@ -269,19 +291,19 @@ def report(results: dict[tuple[int, str], Measurement], args, methods=METHODS) -
             bound = results[size, floors[method]] if method in floors else None
             step = m.denoiser_seconds / args.steps
             lines.append(f"| {size} | {names[method]} | {step:.3f} | {1000 * step / size:.1f} | {100 * m.spread:.1f} % "
-                         f"| {ratio(m.denoiser_seconds, base.denoiser_seconds)} "
-                         f"| {ratio(m.denoiser_seconds, bound and bound.denoiser_seconds)} "
+                         f"| {time_ratio(m.denoiser_runs, base.denoiser_runs)} "
+                         f"| {time_ratio(m.denoiser_runs, bound and bound.denoiser_runs)} "
                          f"| {1000 * m.attention_seconds / args.steps:.1f} "
-                         f"| {ratio(m.attention_seconds, base.attention_seconds)} "
-                         f"| {ratio(m.attention_seconds, bound and bound.attention_seconds)} | {m.total_seconds:.2f} "
+                         f"| {time_ratio(m.attention_runs, base.attention_runs)} "
+                         f"| {time_ratio(m.attention_runs, bound and bound.attention_runs)} | {m.total_seconds:.2f} "
                          f"| {m.peak_bytes / MIB:.1f} | {ratio(m.peak_bytes, base.peak_bytes)} "
                          f"| {ratio(m.peak_bytes, bound and bound.peak_bytes)} |")
     lines += ["", f"ours against the floor in the same layout (target: within {TARGET:.0%}):", ""]
     for size in args.sizes:
         for method, bound in floors.items():
             ours, lowest = results[size, method], results[size, bound]
-            time_over = ours.denoiser_seconds / lowest.denoiser_seconds - 1
-            attention_over = ours.attention_seconds / lowest.attention_seconds - 1
+            time_over = paired_ratio(ours.denoiser_runs, lowest.denoiser_runs) - 1
+            attention_over = paired_ratio(ours.attention_runs, lowest.attention_runs) - 1
             memory_over = ours.peak_bytes / lowest.peak_bytes - 1
             verdict = f"within {TARGET:.0%}" if time_over <= TARGET else f"MORE than {TARGET:.0%} over"
             lines.append(f"- set {size}, {names[method]}: denoiser time {100 * time_over:+.1f} % ({verdict}; shared "
@@ -318,8 +340,9 @@ def describe(pipe, args, device: torch.device, dtype: torch.dtype) -> str:
 
 def legend(device: torch.device) -> str:
     return (f"peak memory: {peak_memory_method(device)}, above the loaded model; denoiser s/step: its forward calls "
-            "only; spread: (max - min) / median of those over repeats; shared attn: the forward calls of the attention "
-            "layers StyleAligned shares; total: the whole run")
+            "only, median over repeats; x vanilla, x floor of times: the median over repeats of the ratio within each "
+            "repeat; spread: (max - min) / median of the denoiser's over repeats; shared attn: the forward calls of "
+            "the attention layers StyleAligned shares; total: the whole run")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -1,0 +1,29 @@
+"""The speed benchmark's arithmetic: times against the floor are paired within each round of repeats."""
+
+import argparse
+
+import pytest
+
+from benchmarks.speed import Measurement, paired_ratio, report
+
+
+def test_paired_ratio_cancels_load_that_drifts_between_rounds():
+    floor = [10.0, 20.0, 30.0]  # the machine slows down round by round
+    assert paired_ratio([10.2, 20.4, 30.6], floor) == pytest.approx(1.02)
+    assert paired_ratio([10.2, 40.0, 30.6], floor) == pytest.approx(1.02)  # one disturbed run does not move it
+    with pytest.raises(ValueError):
+        paired_ratio([1.0, 2.0], floor)  # runs of different rounds never pair
+
+
+def test_report_judges_ours_by_paired_ratios():
+    # Medians alone would say ours is 20 % over the floor (12 against 10); round by round it is 1 % over.
+    floor = Measurement([10.0, 20.0, 5.0], [1.0, 2.0, 0.5], 30.0, 100)
+    ours = Measurement([10.1, 20.2, 12.0], [1.01, 2.02, 0.6], 30.0, 100)
+    vanilla = Measurement([9.0, 18.0, 4.5], [0.9, 1.8, 0.45], 30.0, 100)
+    results = {(2, "vanilla"): vanilla, (2, "floor"): floor, (2, "apply"): ours}
+    args = argparse.Namespace(sizes=[2], steps=1, batch_size="B")
+    lines = report(results, args, ("vanilla", "floor", "apply"))
+    verdict = next(line for line in lines if line.startswith("- set 2, apply"))
+    assert "denoiser time +1.0 % (within 3%; shared attention layers +1.0 %)" in verdict
+    row = next(line for line in lines if line.startswith("| 2 | apply"))
+    assert "| 12.000 | 6000.0 | 84.2 % | 1.122 | 1.010 |" in row
