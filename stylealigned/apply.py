@@ -23,7 +23,7 @@ from .config import StyleAlignedConfig
 from .attention import attention_kernel
 from .errors import UserError
 from .norms import shared_group_norm
-from .processors import BATCH, RECORD, REPLAY, SharedState, backend_kernel
+from .processors import BATCH, RECORD, REPLAY, SharedProcessor, SharedState, backend_kernel
 from .prompts import untagged
 
 HOOK = "stylealigned"
@@ -186,7 +186,8 @@ class StyleAlignedHandle:
         denoiser = backbone.denoiser
         modules = dict(denoiser.named_modules())
         self._hooks: list[tuple[nn.Module, ModelHook]] = [(denoiser, DenoiserHook(self))]
-        self._hooks += [(modules[name], AttentionHook(backbone.processor(name, config, self.state)))
+        self._hooks += [(modules[name], AttentionHook(SharedProcessor(name, config, self.state,
+                                                                      backbone.attention_kind(name))))
                         for name in layers]
         if config.share_group_norm:
             self._hooks += [(module, GroupNormHook(name, self.state)) for name, module in modules.items()

@@ -112,7 +112,8 @@ def on_tokens(x: Tensor, tokens: slice, fn: Callable[[Tensor, Tensor | None], Te
 def attend_with_reference(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v: Tensor,
                           score_scale: float = 1.0, score_shift: float = 0.0, mask: Tensor | None = None,
                           shared_bias: Tensor | None = None) -> Tensor:
-    """Targets (G, T, H, N, D) attend to their own tokens and to their group's shared reference tokens (G, H, R, D).
+    """Targets (G, T, H, N, D) attend to their own tokens and to their group's shared reference tokens (G, H, R, D),
+    or each target to its own (G, T, H, R, D) (`per_target`).
 
     The reference keys are multiplied by `score_scale`; `score_shift`, and `shared_bias` (R,) per shared key if
     given, are added to the logits toward them (no logits tensor is built). On the CPU without a mask or per-key
@@ -120,17 +121,23 @@ def attend_with_reference(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v:
     `mask` (G, T, 1, N, N), boolean (True attends) or additive, masks the targets' own keys; the shared keys are
     never masked.
     """
-    groups, targets = q.shape[:2]
+    targets = q.shape[1]
     ref_k = ref_k * score_scale if score_scale != 1.0 else ref_k
     if shared_bias is None and mask is None and merges(q, k, v, ref_k, ref_v):
         return merged_attention(q, k, v, ref_k, ref_v, score_shift)
-    keys = torch.cat([k, ref_k[:, None].expand(groups, targets, *ref_k.shape[1:])], dim=-2)
-    values = torch.cat([v, ref_v[:, None].expand(groups, targets, *ref_v.shape[1:])], dim=-2)
+    keys = torch.cat([k, per_target(ref_k, targets)], dim=-2)
+    values = torch.cat([v, per_target(ref_v, targets)], dim=-2)
     key_bias = None
     if score_shift != 0.0 or shared_bias is not None:
         key_bias = torch.zeros(keys.shape[-2], dtype=q.dtype, device=q.device)
         key_bias[k.shape[-2]:] = score_shift if shared_bias is None else shared_bias + score_shift
     return key_biased_attention(q, keys, values, key_bias, mask)
+
+
+def per_target(shared: Tensor, targets: int) -> Tensor:
+    """Shared keys or values (G, H, R, D), the same for every target, or (G, T, H, R, D), each target's own (keys
+    rotated at each target's positions), as a (G, T, H, R, D) view."""
+    return shared if shared.ndim == 5 else shared[:, None].expand(shared.shape[0], targets, *shared.shape[1:])
 
 
 def key_biased_attention(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tensor | None = None,
@@ -167,7 +174,7 @@ def merges(*tensors: Tensor) -> bool:
 
 
 def merged_attention(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v: Tensor, shift: float = 0.0) -> Tensor:
-    """Targets (G, T, H, N, D) attend to their own keys and to their group's shared keys (G, H, R, D), `shift` added
+    """Targets (G, T, H, N, D) attend to their own keys and to their group's shared keys (`per_target`), `shift` added
     to every logit toward the shared ones: exactly, as two fused calls merged by their log-sum-exps,
     own + sigmoid(lse_shared + shift - lse_own) * (shared - own), in float32 or wider.
 
@@ -180,7 +187,7 @@ def merged_attention(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v: Tens
     in_place = own.dtype == own_lse.dtype
     merged = []
     for group in range(groups):
-        shared, shared_lse = _cpu_flash(q[group], *(x[group].expand(targets, *x.shape[1:]) for x in (ref_k, ref_v)))
+        shared, shared_lse = _cpu_flash(q[group], *(per_target(x, targets)[group] for x in (ref_k, ref_v)))
         weight = torch.sigmoid(shared_lse - own_lse[group] + shift)[..., None]
         if in_place:  # float32 and wider: into the own attention's output
             own[group].lerp_(shared, weight)

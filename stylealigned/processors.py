@@ -1,8 +1,10 @@
-"""Attention with a shared reference, per attention kind: a UNet's self-attention and a transformer's joint attention.
+"""The one shared-attention processor, for every family: a backbone's attention primitives around the method.
 
-Each processor projects, reshapes and puts outputs back exactly as diffusers' own processor for that kind does;
-the method's math lives in `attention.py`. They know nothing about pipelines: `SharedState` tells them how the
-batch is laid out, and `apply.py` calls them from a hook on each shared attention module.
+The processor asks the layer's `AttentionKind` (`backbones/layers.py`, supplied by the family's backbone) to
+project, attends with the reference per the three modes below (the math lives in `attention.py`), and asks the
+kind to finish the output exactly as diffusers' own processor for that module does. It knows nothing about
+families or pipelines: `SharedState` tells it how the batch is laid out, and `apply.py` calls it from a hook on
+each shared attention module.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ class SharedState:
     mode RECORD: the batch holds only the references; layers store what targets need in `cache`.
     mode REPLAY: the batch holds only targets; layers use the references stored by the last RECORD pass, and take
     them out of the cache in the call's `last` chunk, freeing each as soon as its last reader is done.
-    `text_tokens`: text tokens at the front of a joined [text, image] sequence (FLUX single-stream blocks).
-    `reference_rotary`: the rotary embedding the shared reference keys are rotated with (RoPE models).
+    `call`: this denoiser call's layout facts, as its backbone's `begin_call` reads them from the call's inputs
+    and its attention kinds read them back (a single-stream block's text length, shared-key positions, ...).
     `weights`: one per reference, how much targets take from each (normalised; `StyleAlignedHandle.set_weights`).
     """
 
@@ -38,8 +40,7 @@ class SharedState:
     mode: str = BATCH
     cache: dict[str, Any] = field(default_factory=dict)
     last: bool = False
-    text_tokens: int = 0
-    reference_rotary: Any = None
+    call: dict[str, Any] = field(default_factory=dict)
     weights: tuple[float, ...] = (1.0,)
 
     @property
@@ -92,8 +93,8 @@ class SharedAttention:
         return replace(ref, inputs=rows.clone(memory_format=torch.contiguous_format))
 
     def grouped(self, x: Tensor) -> Tensor:
-        """(batch, tokens, heads, dim) -> (groups, per group, heads, tokens, dim)."""
-        return x.unflatten(0, (self.state.groups, self.state.split(x.shape[0]))).transpose(2, 3)
+        """(batch, ...) -> (groups, per group, ...)."""
+        return x.unflatten(0, (self.state.groups, self.state.split(x.shape[0])))
 
     @staticmethod
     def ungrouped(x: Tensor) -> Tensor:
@@ -104,113 +105,33 @@ class SharedAttention:
 Projection = Callable[[Tensor], tuple[Tensor, Tensor]]  # inputs (..., tokens, C) -> keys, values (..., H, N, D)
 
 
-def split_heads(x: Tensor, proj, heads: int, norm=None) -> Tensor:
-    """proj(x) as (..., tokens, heads, dim), normalised by `norm` (over dim) if given."""
-    x = proj(x).unflatten(-1, (heads, -1))
-    return x if norm is None else norm(x)
+class SharedProcessor(SharedAttention):
+    """One shared attention layer of any family, composed from its backbone's primitives (`backbones.layers`):
+    the kind projects the module's call into tokens, the method attends, the kind finishes the output exactly as
+    the module's own processor does.
 
-
-def projection(to_k, to_v, heads: int, norm_k=None) -> Projection:
-    """A layer's keys and values (..., heads, tokens, dim), before RoPE, from its input (..., tokens, C)."""
-
-    def project(x: Tensor) -> tuple[Tensor, Tensor]:
-        return split_heads(x, to_k, heads, norm_k).transpose(-2, -3), split_heads(x, to_v, heads).transpose(-2, -3)
-
-    return project
-
-
-class SelfAttentionProcessor(SharedAttention):
-    """A UNet's self-attention (diffusers `Attention` with AttnProcessor2_0), every token an image token."""
-
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, temb: Tensor | None = None, **kwargs) -> Tensor:
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError(f"{self.name}: StyleAligned shares a UNet's self-attention only, without masks")
-        residual, input_shape = hidden_states, hidden_states.shape
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:
-            hidden_states = hidden_states.flatten(2).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        q, k, v = (self.grouped(split_heads(hidden_states, proj, attn.heads, norm)) for proj, norm in
-                   ((attn.to_q, attn.norm_q), (attn.to_k, attn.norm_k), (attn.to_v, None)))
-        out = self.attend(q, k, v, inputs=hidden_states,
-                          project=projection(attn.to_k, attn.to_v, attn.heads, attn.norm_k))
-        hidden_states = self.ungrouped(out).to(q.dtype)
-        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if len(input_shape) == 4:
-            hidden_states = hidden_states.transpose(1, 2).reshape(input_shape)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
-
-
-class JointAttentionProcessor(SharedAttention):
-    """A transformer's attention over text and image tokens (FLUX.1's FluxAttention, SD3's joint `Attention`).
-
-    `text_first`: the joint sequence is [text, image] (FLUX) rather than [image, text] (SD3). Called without
-    `encoder_hidden_states` the layer sees one sequence: FLUX single-stream blocks' joined [text, image]
-    (`state.text_tokens` long text part), or SD3.5's image-only `attn2`.
+    The keyword arguments are named because diffusers' attention modules pass a processor only the keywords its
+    signature names; positional ones are named by the kind's `positional`, as the module passes them.
     """
 
-    def __init__(self, name: str, config: StyleAlignedConfig, state: SharedState, text_first: bool):
+    def __init__(self, name: str, config: StyleAlignedConfig, state: SharedState, kind):
         super().__init__(name, config, state)
-        self.text_first = text_first
+        self.kind = kind
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, image_rotary_emb=None, **kwargs) -> Tensor | tuple:
-        q, k, v = self._project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
-        text_tokens, inputs = 0, hidden_states
-        if encoder_hidden_states is not None:
-            text_tokens = encoder_hidden_states.shape[1]
-            text = self._project(attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
-                                 getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None))
-            q, k, v = (torch.cat([t, x] if self.text_first else [x, t], dim=-2) for x, t in zip((q, k, v), text))
-        elif self.text_first:
-            text_tokens = self.state.text_tokens
-            inputs = hidden_states[:, text_tokens:]
-        image_tokens = q.shape[-2] - text_tokens
-        image = slice(text_tokens, None) if self.text_first else slice(0, image_tokens)
-
-        rotate = rotate_shared = None
-        if image_rotary_emb is not None:
-            rotate = _rotation(image_rotary_emb)
-            rotate_shared = _rotation(self.state.reference_rotary)
-        mask = None if attention_mask is None else self.grouped_mask(attention_mask)
-        out = self.attend(q, k, v, image, rotate, rotate_shared, mask, inputs,
-                          projection(attn.to_k, attn.to_v, attn.heads, attn.norm_k))
-        out = self.ungrouped(out).to(q.dtype)
-
-        if encoder_hidden_states is None:
-            if getattr(attn, "pre_only", False):  # FLUX single-stream: the block projects the output itself
-                return out
-            return attn.to_out[1](attn.to_out[0](out))
-        text_out, image_out = (out[:, :text_tokens], out[:, text_tokens:]) if self.text_first else \
-            (out[:, image_tokens:], out[:, :image_tokens])
-        image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
-        if not getattr(attn, "context_pre_only", False):
-            text_out = attn.to_add_out(text_out.contiguous())
-        return image_out, text_out
-
-    def _project(self, attn, x: Tensor, to_q, to_k, to_v, norm_q, norm_k) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(self.grouped(split_heads(x, proj, attn.heads, norm))
-                     for proj, norm in ((to_q, norm_q), (to_k, norm_k), (to_v, None)))
-
-    def grouped_mask(self, mask: Tensor) -> Tensor:
-        """The model's (batch, 1, N, N) attention mask as (groups, per group, 1, N, N)."""
-        return mask.unflatten(0, (self.state.groups, self.state.split(mask.shape[0])))
-
-
-def _rotation(rotary_emb):
-    """Apply a (cos, sin) rotary embedding, as the stock FLUX processor does, to (..., heads, tokens, dim)."""
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    def rotate(x: Tensor) -> Tensor:
-        return apply_rotary_emb(x.reshape(-1, *x.shape[-3:]), rotary_emb, sequence_dim=2).view(x.shape)
-
-    return rotate
+    def __call__(self, attn, hidden_states: Tensor, *args, encoder_hidden_states=None, attention_mask=None,
+                 encoder_hidden_states_mask=None, image_rotary_emb=None, rotary_emb=None, freqs_cis=None,
+                 temb=None, **kwargs):
+        given = dict(encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                     encoder_hidden_states_mask=encoder_hidden_states_mask, image_rotary_emb=image_rotary_emb,
+                     rotary_emb=rotary_emb, freqs_cis=freqs_cis, temb=temb)
+        kwargs.update((key, value) for key, value in given.items() if value is not None)
+        kwargs.update(zip(self.kind.positional, args))
+        tokens = self.kind.project(attn, self.state, hidden_states, **kwargs)
+        q, k, v = (self.grouped(x) for x in (tokens.q, tokens.k, tokens.v))
+        mask = None if tokens.mask is None else self.grouped(tokens.mask)
+        out = self.attend(q, k, v, tokens.image, tokens.rotate, tokens.rotate_shared, mask, tokens.inputs,
+                          lambda x: self.kind.reproject(attn, x))
+        return self.kind.finish(attn, self.ungrouped(out).to(tokens.q.dtype), tokens)
 
 
 MASKED_BACKENDS = ("native", "_native_math", "_native_efficient")  # diffusers backends that take an additive mask
@@ -241,7 +162,7 @@ class DispatchedAttention:
 
 def backend_kernel(processor) -> DispatchedAttention | None:
     """The attention kernel a module's own `processor` runs, for ours to run too: the dispatcher with the user's
-    backend where the processor goes through it (FLUX.1, Chroma) and a backend was chosen (`set_attention_backend`
+    backend where the processor goes through it (the transformers' processors) and a backend was chosen (`set_attention_backend`
     on the model, or a non-native active backend), else None: torch's SDPA, what the processor calls then (and
     what UNet and SD3 processors always call)."""
     if not hasattr(processor, "_attention_backend"):
@@ -253,9 +174,3 @@ def backend_kernel(processor) -> DispatchedAttention | None:
             return None
     return DispatchedAttention(processor._attention_backend)
 
-
-def is_self_attention(module) -> bool:
-    """True for a UNet's diffusers Attention modules that attend within the image (not to text)."""
-    from diffusers.models.attention_processor import Attention
-
-    return isinstance(module, Attention) and not module.is_cross_attention

@@ -12,7 +12,8 @@ from torch.utils._pytree import tree_leaves
 from stylealigned import StyleAlignedConfig
 from stylealigned.attention import (adain, attend_with_reference, make_reference, shared_attention,
                                     token_stats)
-from stylealigned.processors import RECORD, REPLAY, SelfAttentionProcessor, SharedState
+from stylealigned.backbones.layers import SelfAttention
+from stylealigned.processors import RECORD, REPLAY, SharedProcessor, SharedState
 from tests import oracle
 
 KNOBS = ("share_attention", "adain_queries", "adain_keys", "adain_values", "full_attention_share")
@@ -147,7 +148,7 @@ def test_processor_modes_agree():
     torch.manual_seed(0)
     attn, config = _Attn(), StyleAlignedConfig.transfer()
     state = SharedState(groups=2)
-    processor = SelfAttentionProcessor("layer", config, state)
+    processor = SharedProcessor("layer", config, state, SelfAttention())
     x = torch.randn(2 * 4, 12, 16)
     expected = oracle.OracleProcessor(config, groups=2)(attn, x)
     torch.testing.assert_close(processor(attn, x), expected, atol=1e-5, rtol=1e-5)

@@ -18,7 +18,8 @@ import stylealigned as sa
 from benchmarks.common import LiveTensorBytes
 from stylealigned import sets
 from stylealigned.config import StyleAlignedConfig
-from stylealigned.processors import RECORD, REPLAY, SharedAttention, SharedState, projection
+from stylealigned.backbones.layers import heads_of
+from stylealigned.processors import RECORD, REPLAY, SharedAttention, SharedState
 from stylealigned.sets import generate_set
 
 SUBJECTS = "cat dog house tree car bird".split()
@@ -72,7 +73,9 @@ def test_the_cache_keeps_only_what_targets_read():
     attend to the references."""
     groups, heads, text, image, dim = 2, 2, 5, 12, 8
     to_k, to_v = (torch.nn.Linear(heads * dim, heads * dim) for _ in range(2))
-    project = projection(to_k, to_v, heads)
+    def project(x):
+        return heads_of(to_k(x), heads), heads_of(to_v(x), heads)
+
     x = torch.randn(groups, text + image, heads * dim)  # RECORD: one reference per guidance group
     k, v = (t[:, None] for t in project(x))  # (G, 1, H, N, D)
     q = torch.randn_like(k)

@@ -71,8 +71,8 @@ class Backbone:
         """Names (in the denoiser) of the attention modules that can share, in network order."""
         raise NotImplementedError
 
-    def processor(self, name: str, config, state):
-        """The processor that runs layer `name` with a shared reference."""
+    def attention_kind(self, name: str):
+        """The attention primitives (`layers.AttentionKind`) of layer `name`, which the shared processor composes."""
         raise NotImplementedError
 
     def check_config(self, config) -> None:
@@ -99,7 +99,7 @@ class Backbone:
             return 1
 
     def begin_call(self, state, config, kwargs: dict) -> None:
-        """Read per-call layout facts (text length, positions) from the denoiser's inputs into `state`."""
+        """Read per-call layout facts (text length, positions) from the denoiser's inputs into `state.call`."""
 
     def wrap_output(self, sample: torch.Tensor, return_dict: bool):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput

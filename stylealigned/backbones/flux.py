@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..processors import JointAttentionProcessor
 from .base import Backbone, Conditioning, component, t5_length
+from .layers import JointAttention, real_rotation
 
 
 class FluxBackbone(Backbone):
@@ -38,8 +38,8 @@ class FluxBackbone(Backbone):
 
         return [name for name, module in self.denoiser.named_modules() if isinstance(module, FluxAttention)]
 
-    def processor(self, name, config, state):
-        return JointAttentionProcessor(name, config, state, text_first=True)
+    def attention_kind(self, name):
+        return JointAttention(text_first=True, rotations=_rotations)
 
     @property
     def embedded_guidance(self):
@@ -52,11 +52,11 @@ class FluxBackbone(Backbone):
         """Text length and the rotary embedding of the shared reference keys, from this call's position ids."""
         txt_ids, img_ids = (kwargs[name][0] if kwargs[name].ndim == 3 else kwargs[name]
                             for name in ("txt_ids", "img_ids"))
-        state.text_tokens = txt_ids.shape[0]
+        state.call["text_tokens"] = txt_ids.shape[0]
         if config.reference_positions == "shifted":  # beside the image: columns moved by the latent width
             img_ids = img_ids.clone()
             img_ids[:, 2] += int(img_ids[:, 2].max()) + 1
-        state.reference_rotary = self.denoiser.pos_embed(img_ids)
+        state.call["reference_rotary"] = self.denoiser.pos_embed(img_ids)
 
     def latent_shape(self, height, width):
         factor = self.pipe.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 packing
@@ -108,6 +108,11 @@ class FluxBackbone(Backbone):
             negative = velocity(conditioning.negative)
             out = negative + guidance_scale * (out - negative)
         return out
+
+
+def _rotations(attn, state, kwargs, text_tokens, image_tokens):
+    """The call's (cos, sin) rotary embedding over [text, image]; the shared keys' from `begin_call`."""
+    return real_rotation(kwargs.get("image_rotary_emb")), real_rotation(state.call["reference_rotary"])
 
 
 class ChromaBackbone(FluxBackbone):

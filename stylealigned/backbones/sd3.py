@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..processors import JointAttentionProcessor
 from .base import Backbone, Conditioning, component, t5_length
+from .layers import JointAttention
 
 
 class SD3Backbone(Backbone):
@@ -33,8 +33,8 @@ class SD3Backbone(Backbone):
         return [name for name, module in self.denoiser.named_modules()
                 if isinstance(module, Attention) and name.rsplit(".", 1)[-1] in ("attn", "attn2")]
 
-    def processor(self, name, config, state):
-        return JointAttentionProcessor(name, config, state, text_first=False)
+    def attention_kind(self, name):
+        return JointAttention(text_first=False)
 
     def begin_call(self, state, config, kwargs):
         """Skip-layer guidance's extra call runs the conditional half alone: one group."""

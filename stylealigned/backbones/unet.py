@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..processors import SelfAttentionProcessor, is_self_attention
 from .base import Backbone, Conditioning, component
+from .layers import SelfAttention
 
 _SDXL_IMG2IMG_AESTHETIC_SCORES = (6.0, 2.5)  # the img2img pipeline's defaults (positive, negative)
 
@@ -25,10 +25,14 @@ class UNetBackbone(Backbone):
         return isinstance(component(pipe, "unet"), UNet2DConditionModel)
 
     def attention_layers(self) -> list[str]:
-        return [name for name, module in self.denoiser.named_modules() if is_self_attention(module)]
+        """The diffusers Attention modules that attend within the image (not to text)."""
+        from diffusers.models.attention_processor import Attention
 
-    def processor(self, name, config, state):
-        return SelfAttentionProcessor(name, config, state)
+        return [name for name, module in self.denoiser.named_modules()
+                if isinstance(module, Attention) and not module.is_cross_attention]
+
+    def attention_kind(self, name):
+        return SelfAttention()
 
     def guidance_groups(self):
         """The SD/SDXL pipelines' do_classifier_free_guidance, with the denoiser's config read here rather than
