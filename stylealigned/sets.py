@@ -140,7 +140,8 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             wave_strength = None if strengths is None else [strengths[i] for i in positions]
             with wave_strengths(pipe, wave_strength, [seed + i for i in positions], kwargs) as call_kwargs, \
                     tagged_prompts(pipe):
-                latents = pipe([set_prompts[i] for i in positions], **starts, **wave_inputs, **call_kwargs).images
+                latents = pipe(prompt=[set_prompts[i] for i in positions], **starts, **wave_inputs,
+                               **call_kwargs).images
             rows = list(range(0 if wave.start == 0 else count, len(positions)))  # references from wave 0 only
             for start in range(0, len(rows), batch_size or len(rows)):
                 part = rows[start:start + (batch_size or len(rows))]  # fixed chunks, so decoding matches too
@@ -190,7 +191,7 @@ def _start_inputs(pipe, backbone, positions: list[int], seed: int, height: int, 
         noise = backbone.initial_noise(positions, seed, height, width)
         for slot, trajectory in trajectories.items():
             noise[slot] = trajectory.latents[offset].to(noise.device, noise.dtype)
-        starts["latents"] = noise
+        starts["latents"] = backbone.start_latents(noise, height, width)
     return starts
 
 

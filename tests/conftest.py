@@ -1,4 +1,5 @@
-"""Tiny random-weight SD1-, SDXL-, FLUX.1-, Chroma- and SD3.5-style pipelines, saved once, loaded by load_pipeline."""
+"""Tiny random-weight SD1-, SDXL-, FLUX.1-, Chroma-, SD3.5- and FLUX.2-klein-style pipelines, saved once, loaded by
+load_pipeline."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from stylealigned.models import load_pipeline
 from stylealigned.toy.vocab import word_level_tokenizer
 from tests.dit_pipelines import WORDS, build_chroma, build_flux, build_sd3
+from tests.flux2_pipelines import build_flux2_klein
 
 # One thread per test process: tiny models gain nothing from more, and `pytest -n` runs processes side by side.
 torch.set_num_threads(1)
@@ -104,7 +106,8 @@ def loaded(path: str):
     return pipe
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "chroma": build_chroma}
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "chroma": build_chroma,
+            "flux2": build_flux2_klein}
 
 
 def pipeline_fixtures(name: str, build):
@@ -153,18 +156,23 @@ class Decoded(list):
 def decoded(monkeypatch) -> Decoded:
     """Record the latents every Backbone.decode call receives and tag each decoded image with its latent
     (`image.info["latent"]`), so comparisons are made before 8-bit rounding."""
-    from stylealigned.backbones import Backbone
+    from stylealigned.backbones import FAMILIES, Backbone
 
-    seen, original = Decoded(), Backbone.decode
+    seen = Decoded()
 
-    def spy(backbone, latents, height, width):
-        seen.append(latents.clone())
-        images = original(backbone, latents, height, width)
-        for latent, image in zip(latents, images):  # whole chunks are decoded: tag each image with its latent
-            image.info["latent"] = latent.clone()
-        return images
+    def spying(original):
+        def spy(backbone, latents, height, width):
+            seen.append(latents.clone())
+            images = original(backbone, latents, height, width)
+            for latent, image in zip(latents, images):  # whole chunks are decoded: tag each image with its latent
+                image.info["latent"] = latent.clone()
+            return images
 
-    monkeypatch.setattr(Backbone, "decode", spy)
+        return spy
+
+    for family in (Backbone, *FAMILIES):  # every class with a decode of its own
+        if "decode" in vars(family):
+            monkeypatch.setattr(family, "decode", spying(vars(family)["decode"]))
     return seen
 
 

@@ -1,4 +1,4 @@
-"""`apply` and `generate_set` on the tiny FLUX.1 and SD3.5 pipelines: exact removal, the reference, chunks and
+"""`apply` and `generate_set` on the tiny FLUX.1, SD3.5 and FLUX.2-klein pipelines: exact removal, the reference, chunks and
 subsets, the shared layers, refused knobs, reference positions, replacing, and composing with a foreign hook."""
 
 import pytest
@@ -11,16 +11,20 @@ import stylealigned as sa
 from stylealigned import sets
 from stylealigned.apply import HOOK, hooked_layers, layers_to_share
 from stylealigned.backbones import backbone_for
+from tests import flux2_pipelines
 from tests.dit_pipelines import FLUX_SIZE, PROMPT_KWARGS, SD3_SIZE
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a car"]
 STEPS = 3
-SIZES = {"flux": FLUX_SIZE, "sd3": SD3_SIZE}
-# FLUX.1-dev embeds its guidance (the pipeline's default, 3.5); SD3 batches classifier-free guidance.
-GUIDANCE = {"flux": {}, "sd3": {"guidance_scale": 5.0}}
+SIZES = {"flux": (FLUX_SIZE, FLUX_SIZE), "sd3": (SD3_SIZE, SD3_SIZE),
+         "flux2": (flux2_pipelines.HEIGHT, flux2_pipelines.WIDTH)}  # (height, width)
+# FLUX.1-dev embeds its guidance (the pipeline's default, 3.5); SD3 batches classifier-free guidance; klein runs it
+# in two calls.
+GUIDANCE = {"flux": {}, "sd3": {"guidance_scale": 5.0}, "flux2": {"guidance_scale": 4.0}}
+TEXT = {"flux": PROMPT_KWARGS, "sd3": PROMPT_KWARGS, "flux2": flux2_pipelines.PROMPT_KWARGS}
 
 
-@pytest.fixture(params=["flux", "sd3"])
+@pytest.fixture(params=["flux", "sd3", "flux2"])
 def pipe(request):
     return request.getfixturevalue(f"{request.param}_pipe")
 
@@ -29,19 +33,25 @@ def family(pipe) -> str:
     return backbone_for(pipe).family
 
 
+def calls_per_step(pipe) -> int:
+    """Transformer calls per denoising step: klein runs the negative prompt in a call of its own."""
+    return 2 if family(pipe) == "flux2" else 1
+
+
 def settings(pipe, **kwargs) -> dict:
-    size = SIZES[family(pipe)]
-    return dict(num_inference_steps=STEPS, height=size, width=size, **PROMPT_KWARGS) | GUIDANCE[family(pipe)] | kwargs
+    height, width = SIZES[family(pipe)]
+    return dict(num_inference_steps=STEPS, height=height, width=width, **TEXT[family(pipe)]) | GUIDANCE[
+        family(pipe)] | kwargs
 
 
 def initial_noise(pipe, count, seed=0):
-    size = SIZES[family(pipe)]
-    return backbone_for(pipe).initial_noise(range(count), seed, size, size)
+    backbone, size = backbone_for(pipe), SIZES[family(pipe)]
+    return backbone.start_latents(backbone.initial_noise(range(count), seed, *size), *size)
 
 
 def latents(pipe, prompts, seed=0, **kwargs):
     """The pipeline's final latents (its own layout), image i starting from the noise seeded seed + i."""
-    return pipe(prompts, latents=initial_noise(pipe, len(prompts), seed), output_type="latent",
+    return pipe(prompt=prompts, latents=initial_noise(pipe, len(prompts), seed), output_type="latent",
                 **settings(pipe, **kwargs)).images
 
 
@@ -84,6 +94,9 @@ REFERENCE_CASES = [
     pytest.param("sd3_pipe", {"guidance_scale": 5.0}, {}, id="sd3-cfg"),
     pytest.param("sd3_pipe", {"guidance_scale": 5.0}, dict(adain_values=True, shared_score_shift=0.7),
                  id="sd3-cfg-adain-values"),
+    pytest.param("flux2_pipe", {"guidance_scale": 4.0}, {}, id="flux2-cfg"),
+    pytest.param("flux2_pipe", {"guidance_scale": 1.0}, dict(shared_layers=1.0, adain_values=True),
+                 id="flux2-every-layer"),
 ]
 
 
@@ -115,8 +128,8 @@ def set_latents(pipe, prompts, decoded, seed=7, **kwargs) -> dict[int, torch.Ten
     found = {}
     images = sets.generate_set(pipe, prompts, seed=seed, **settings(pipe), **kwargs,
                                on_image=lambda i, image: found.setdefault(i, image.info["latent"]))
-    size = SIZES[family(pipe)]
-    assert len(images) == len(found) and all(image.size == (size, size) for image in images)
+    height, width = SIZES[family(pipe)]
+    assert len(images) == len(found) and all(image.size == (width, height) for image in images)
     return found
 
 
@@ -159,13 +172,14 @@ def test_chunked_apply_runs_the_reference_once_then_targets_in_chunks(pipe):
     recorder = RecordBatches()
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(recorder, "recorder")
     groups = 2 if family(pipe) == "sd3" else 1  # SD3 batches [uncond..., cond...]
+    calls = calls_per_step(pipe)
     with sa.apply(pipe) as handle, handle.chunked(2):
         latents(pipe, PROMPTS)
-    assert recorder.batches == [groups * 1, groups * 2, groups * 2] * STEPS  # [reference], [t1, t2], [t3, t4]
+    assert recorder.batches == [groups * 1, groups * 2, groups * 2] * calls * STEPS  # [reference], [t1, t2], [t3, t4]
     recorder.batches.clear()
     with sa.apply(pipe) as handle, handle.chunked(4):  # all targets fit: one call
         latents(pipe, PROMPTS)
-    assert recorder.batches == [groups * len(PROMPTS)] * STEPS
+    assert recorder.batches == [groups * len(PROMPTS)] * calls * STEPS
 
 
 # which layers share
@@ -194,7 +208,7 @@ def test_default_shared_layers_per_family(flux_pipe, sd3_pipe):
                  {"flux": ["single_transformer_blocks.1.attn"], "sd3": ["transformer_blocks.0.attn2"]}, id="filter"),
 ])
 def test_shared_layers_fraction_and_name_filter(pipe, shared_layers, expected):
-    name = family(pipe)
+    name = "flux" if family(pipe) == "flux2" else family(pipe)  # FLUX.2's blocks are named as FLUX.1's
     shared_layers = shared_layers[name] if isinstance(shared_layers, dict) else shared_layers
     vanilla = latents(pipe, PROMPTS[:3])
     with sa.apply(pipe, sa.StyleAlignedConfig(shared_layers=shared_layers)) as handle:
@@ -276,7 +290,7 @@ def test_a_foreign_hook_on_the_transformer_keeps_running_and_stays(pipe, order):
     vanilla = latents(pipe, PROMPTS[:3])
     with sa.apply(pipe):
         expected = latents(pipe, PROMPTS[:3])
-    counter = CountCalls()
+    counter, steps = CountCalls(), STEPS * calls_per_step(pipe)
 
     def register():
         registry = HookRegistry.check_if_exists_or_initialize(pipe.transformer)
@@ -285,24 +299,24 @@ def test_a_foreign_hook_on_the_transformer_keeps_running_and_stays(pipe, order):
 
     if order == "before":
         registry = register()
-        assert torch.equal(latents(pipe, PROMPTS[:3]), vanilla) and counter.calls == STEPS
+        assert torch.equal(latents(pipe, PROMPTS[:3]), vanilla) and counter.calls == steps
     with sa.apply(pipe) as handle:
         if order == "after":
             registry = register()
         assert list(registry.hooks) == (["counter", HOOK] if order == "before" else [HOOK, "counter"])
         calls = counter.calls
-        assert torch.equal(latents(pipe, PROMPTS[:3]), expected) and counter.calls == calls + STEPS
+        assert torch.equal(latents(pipe, PROMPTS[:3]), expected) and counter.calls == calls + steps
         with handle.chunked(1):  # [reference], [t1], [t2]
             torch.testing.assert_close(latents(pipe, PROMPTS[:3]), expected, atol=1e-4, rtol=1e-4)
-        assert counter.calls == calls + STEPS + (3 if order == "before" else 1) * STEPS
+        assert counter.calls == calls + steps + (3 if order == "before" else 1) * steps
 
     calls = counter.calls
     assert pipe.transformer._diffusers_hook is registry and registry.hooks == {"counter": counter}
     assert hooked_layers(pipe.transformer) == []
     assert [name for name, module in pipe.transformer.named_modules() if hasattr(module, "_diffusers_hook")] == [""]
-    assert torch.equal(latents(pipe, PROMPTS[:3]), vanilla) and counter.calls == calls + STEPS
+    assert torch.equal(latents(pipe, PROMPTS[:3]), vanilla) and counter.calls == calls + steps
     registry.remove_hook("counter")
-    assert torch.equal(latents(pipe, PROMPTS[:3]), vanilla) and counter.calls == calls + STEPS
+    assert torch.equal(latents(pipe, PROMPTS[:3]), vanilla) and counter.calls == calls + steps
 
 
 def test_a_foreign_hook_on_a_shared_attention_layer_keeps_running(pipe):
@@ -311,7 +325,7 @@ def test_a_foreign_hook_on_a_shared_attention_layer_keeps_running(pipe):
     HookRegistry.check_if_exists_or_initialize(pipe.transformer.get_submodule(name)).register_hook(counter, "counter")
     with sa.apply(pipe):
         latents(pipe, PROMPTS[:3])
-    assert counter.calls == STEPS
+    assert counter.calls == STEPS * calls_per_step(pipe)
 
 
 def test_sd3_skip_layer_guidance_runs_its_extra_call_as_one_group(sd3_pipe):

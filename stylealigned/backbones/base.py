@@ -118,14 +118,19 @@ class Backbone:
         return self.pipe.vae.config.latent_channels, height // factor, width // factor
 
     def packed_shape(self, height: int, width: int) -> tuple[int, ...]:
-        """The shape of one image's latent in the pipeline's layout (what `latents=` takes per image)."""
+        """The shape of one image's latent in the denoising loop's layout (`pack`)."""
         return tuple(self.pack(torch.empty(1, *self.latent_shape(height, width)), height, width).shape[1:])
 
     def pack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Unpacked [B, C, h, w] latents -> the layout the pipeline's `latents=` takes."""
+        """Unpacked [B, C, h, w] latents -> the layout of the pipeline's denoising loop (its step-end callback's)."""
         return latents
 
     def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return latents
+
+    def start_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Latents in the denoising loop's layout (`pack`'s) -> what the pipeline's `latents=` takes, where the two
+        differ (FLUX.2 takes a grid of patches and makes tokens of it)."""
         return latents
 
     def initial_noise(self, positions, seed: int, height: int, width: int) -> torch.Tensor:
@@ -147,15 +152,20 @@ class Backbone:
         height, width = (size * self.pipe.vae_scale_factor for size in latents.shape[-2:])
         return self.pack((latents - offset) * scale, height, width), height, width
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
-        """Latents -> PIL images as the pipeline decodes them (fp32 VAE where fp16 would overflow)."""
-        vae = self.pipe.vae
+        """What the pipeline returns with `output_type="latent"` -> PIL images, as the pipeline decodes them."""
         latents = self.unpack(latents, height, width)
+        scale, offset = self._latent_scaling(latents)
+        return self.decode_vae(latents / scale + offset)
+
+    @torch.no_grad()
+    def decode_vae(self, latents: torch.Tensor) -> list[Image.Image]:
+        """The VAE's latents -> PIL images (an fp32 VAE where fp16 would overflow), safety-checked if the pipeline
+        checks."""
+        vae = self.pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         with _vae_in_fp32(vae) if upcast else contextlib.nullcontext():
-            scale, offset = self._latent_scaling(latents)
-            images = vae.decode((latents / scale + offset).to(vae.dtype), return_dict=False)[0]
+            images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         if getattr(self.pipe, "safety_checker", None) is not None:
             images, _ = self.pipe.run_safety_checker(images, self.pipe._execution_device, latents.dtype)
         return self.pipe.image_processor.postprocess(images, output_type="pil")

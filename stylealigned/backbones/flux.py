@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .base import Backbone, Conditioning, component, t5_length
-from .layers import JointAttention, real_rotation
+from .layers import JointAttention, call_rotations
 
 
 class FluxBackbone(Backbone):
@@ -39,7 +39,7 @@ class FluxBackbone(Backbone):
         return [name for name, module in self.denoiser.named_modules() if isinstance(module, FluxAttention)]
 
     def attention_kind(self, name):
-        return JointAttention(text_first=True, rotations=_rotations)
+        return JointAttention(text_first=True, rotations=call_rotations)
 
     @property
     def embedded_guidance(self):
@@ -108,11 +108,6 @@ class FluxBackbone(Backbone):
             negative = velocity(conditioning.negative)
             out = negative + guidance_scale * (out - negative)
         return out
-
-
-def _rotations(attn, state, kwargs, text_tokens, image_tokens):
-    """The call's (cos, sin) rotary embedding over [text, image]; the shared keys' from `begin_call`."""
-    return real_rotation(kwargs.get("image_rotary_emb")), real_rotation(state.call["reference_rotary"])
 
 
 class ChromaBackbone(FluxBackbone):

@@ -109,6 +109,18 @@ def joined(*parts: tuple[Rotation, int]) -> Rotation:
     return rotate
 
 
+def image_slice(state, start: int, image_tokens: int) -> slice:
+    """The image tokens of the set among `image_tokens` from `start`: all of them, or the first
+    `state.call["image_tokens"]` where the image stream also holds others (FLUX.2's conditioning images)."""
+    return slice(start, start + state.call.get("image_tokens", image_tokens))
+
+
+def call_rotations(attn, state, kwargs, text_tokens, image_tokens) -> tuple[Rotation, Rotation]:
+    """The call's own (cos, sin) rotary embedding over its tokens, and the shared keys' one that the backbone's
+    `begin_call` put in `state.call["reference_rotary"]` (FLUX.1, FLUX.2)."""
+    return real_rotation(kwargs.get("image_rotary_emb")), real_rotation(state.call["reference_rotary"])
+
+
 class SelfAttention(AttentionKind):
     """A UNet's self-attention (diffusers `Attention` with AttnProcessor2_0): every token an image token."""
 
@@ -143,7 +155,7 @@ class JointAttention(AttentionKind):
 
     `text_first`: the joined order is [text, image] (else [image, text]). Called without `encoder_hidden_states`
     the module sees one sequence: a single-stream block's [text, image] (`state.call["text_tokens"]` long text)
-    or an image-only attention. `rotations(attn, state, kwargs, text, image)` gives (rotate, rotate_shared) for a
+    or an image-only attention. Only the set's image tokens are shared (`image_slice`). `rotations(attn, state, kwargs, text, image)` gives (rotate, rotate_shared) for a
     call with that many text and image tokens (None, None without RoPE).
     """
 
@@ -152,20 +164,20 @@ class JointAttention(AttentionKind):
 
     def project(self, attn, state, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         q, k, v = self.image_streams(attn, hidden_states)
-        text_tokens, inputs = 0, hidden_states
+        text_tokens = 0
         if encoder_hidden_states is not None:
             text_tokens = encoder_hidden_states.shape[1]
             text = self.text_streams(attn, encoder_hidden_states)
             q, k, v = (torch.cat([t, x] if self.text_first else [x, t], dim=-2) for x, t in zip((q, k, v), text))
         elif self.text_first:
             text_tokens = state.call.get("text_tokens", 0)
-            inputs = hidden_states[:, text_tokens:]
         image_tokens = q.shape[-2] - text_tokens
-        image = slice(text_tokens, None) if self.text_first else slice(0, image_tokens)
+        image = image_slice(state, text_tokens if self.text_first else 0, image_tokens)
+        own = image if encoder_hidden_states is None else image_slice(state, 0, image_tokens)  # in hidden_states
         rotate, rotate_shared = (None, None) if self.rotations is None else self.rotations(
             attn, state, kwargs, text_tokens, image_tokens)
         mask = self.key_mask(attn, state, kwargs, attention_mask, text_tokens, image_tokens)
-        return Tokens(q, k, v, image, inputs, rotate, rotate_shared, mask,
+        return Tokens(q, k, v, image, hidden_states[:, own], rotate, rotate_shared, mask,
                       rest=(text_tokens, encoder_hidden_states is not None))
 
     def key_mask(self, attn, state, kwargs, attention_mask, text_tokens, image_tokens):
