@@ -44,11 +44,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stylealigned.backbones.unet import LAYER_GROUPS
 from stylealigned.config import StyleAlignedConfig
 from stylealigned.demo import GUIDANCE, TARGETS, ToySet, draw_reference, generate, judge, load_judge, random_sets
 from stylealigned.eval.ablations import CONFIGS
 from stylealigned.eval.degrade import DEGRADATIONS, LEVELS, degrade
-from stylealigned.eval.experiments import LAYER_FRACTIONS, MAX_SET_SIZE, SET_SIZES, UNET_GROUPS, fraction_name
+from stylealigned.eval.experiments import LAYER_FRACTIONS, MAX_SET_SIZE, SET_SIZES, fraction_name
 from stylealigned.eval.metrics import diversity
 from stylealigned.errors import UserError
 from stylealigned.io import save_png, write_json_atomic
@@ -98,7 +99,7 @@ def variants(experiment: str, set_sizes: list[int]) -> list[Variant]:
         return [Variant(f"size-{size}", full, targets=size - 1) for size in set_sizes]
     if experiment == "layer-sweep":
         return [Variant(fraction_name(f), _sharing(f)) for f in LAYER_FRACTIONS] + [
-            Variant(name, _sharing(layers)) for name, layers in UNET_GROUPS]
+            Variant(name, _sharing(layers)) for name, layers in LAYER_GROUPS]
     if experiment == "reference-choice":
         return [Variant(f"reference-{k}", full, reference=k) for k in range(TARGETS + 1)]
     if experiment == "reference-quality":

@@ -17,24 +17,18 @@ from diffusers import (
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
-    ControlNetModel,
     DDIMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    FluxControlNetModel,
-    FluxPipeline,
     PNDMScheduler,
-    StableDiffusion3Pipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 
-from .backbones import backbone_for
+from .backbones import FAMILIES, backbone_for
 from .errors import UserError
 
 BUILTIN_MODEL_DIR = Path(__file__).parent / "builtin"
@@ -51,15 +45,6 @@ SCHEDULERS = {
     "unipc": UniPCMultistepScheduler,
     "pndm": PNDMScheduler,
     "model": None,
-}
-CHECKPOINT_PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline,
-                        "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
-# Per family: the ControlNet class, and the config entries in which a ControlNet must agree with the denoiser
-CONTROLNETS = {
-    "unet": (ControlNetModel, ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
-                               "addition_embed_type")),
-    "flux": (FluxControlNetModel, ("num_attention_heads", "attention_head_dim", "joint_attention_dim",
-                                   "pooled_projection_dim")),
 }
 DTYPES = {
     "fp16": torch.float16, "float16": torch.float16,
@@ -93,10 +78,9 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def checkpoint_kind(path) -> str:
-    """Tell "flux", "sd3", "sdxl", "sd2" or "sd1" from the tensor names of an original-format checkpoint (no weights
-    are read). FLUX.1 and SD3 files may hold the transformer alone, with or without the "model.diffusion_model."
-    prefix."""
+def checkpoint_kind(path) -> tuple[str, type]:
+    """(kind, pipeline class) of an original-format checkpoint, told from its tensor names by the families'
+    backbones (no weights are read): "sd1", "sd2", "sdxl", "flux" or "sd3"."""
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
@@ -107,18 +91,12 @@ def checkpoint_kind(path) -> str:
             keys = list(state.get("state_dict", state))
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as error:
         raise UserError(f"cannot read checkpoint {path}: {error}".splitlines()[0]) from None
-    denoiser_keys = [key.removeprefix("model.diffusion_model.") for key in keys]
-    if any(key.startswith("double_blocks.") for key in denoiser_keys):
-        return "flux"
-    if any(key.startswith("joint_blocks.") for key in denoiser_keys):
-        return "sd3"
-    if not any(key.startswith("model.diffusion_model.") for key in keys):
-        raise UserError(f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model weights)")
-    if any(key.startswith("conditioner.embedders.") for key in keys):
-        return "sdxl"
-    if any(key.startswith("cond_stage_model.model.") for key in keys):
-        return "sd2"
-    return "sd1"
+    for family in FAMILIES:
+        found = family.single_file(keys)
+        if found is not None:
+            return found
+    raise UserError(f"{path} is not a single-file checkpoint of a supported model (SD 1.x/2.x, SDXL, FLUX.1 or "
+                    "SD3); pass a diffusers folder or hub id")
 
 
 def _from_pretrained(model: str, dtype: torch.dtype, config) -> DiffusionPipeline:
@@ -135,7 +113,7 @@ def _from_pretrained(model: str, dtype: torch.dtype, config) -> DiffusionPipelin
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise UserError(f"{path} is not a .safetensors or .ckpt checkpoint nor a diffusers folder")
-        pipeline_class = CHECKPOINT_PIPELINES[checkpoint_kind(path)]
+        _, pipeline_class = checkpoint_kind(path)
         fix = "connect once, or pass config= a local diffusers folder of the same architecture"
         load = partial(pipeline_class.from_single_file, path, config=config, dtype=dtype)
         return hub_call(f"the config of {path.name}", fix, load)
@@ -195,9 +173,9 @@ def load_controlnet(model: str, pipe: DiffusionPipeline):
     single file, in the denoiser's dtype on the pipeline's device; one that does not fit the denoiser is a
     UserError."""
     backbone = backbone_for(pipe)
-    if backbone.family not in CONTROLNETS:
+    if backbone.controlnet() is None:
         raise UserError(f"ControlNet sets run on SD 1.x/2.x, SDXL and FLUX.1 models, not on a {backbone.label}")
-    model_class, shared = CONTROLNETS[backbone.family]
+    model_class, shared = backbone.controlnet()
     path, dtype = Path(model).expanduser(), backbone.denoiser.dtype
     fix = f"download it once with network (`hf download {model}`) or pass a local ControlNet folder"
     if path.is_dir():

@@ -98,7 +98,7 @@ def plan_panorama(pipe, width: int | None = None, height: int | None = None, win
                   stride: int | None = None, circular: bool = False) -> Plan:
     """Check the panorama's sizes against the pipeline: defaults are the model's side for the window (and the
     height), 4 windows for the width, window / 8 for the stride. Bad sizes are one-line UserErrors."""
-    backbone = _unet(pipe)
+    backbone = _panorama_backbone(pipe)
     window = window or backbone.native_size()[1]
     height, width = height or window, width or 4 * window
     stride = stride or max(8, window // 64 * 8)
@@ -114,9 +114,9 @@ def plan_panorama(pipe, width: int | None = None, height: int | None = None, win
     return Plan(height, width, window, stride, circular, pipe.vae_scale_factor)
 
 
-def _unet(pipe) -> Backbone:
+def _panorama_backbone(pipe) -> Backbone:
     backbone = backbone_for(pipe)
-    if backbone.family != "unet":
+    if not backbone.supports_panorama:
         raise UserError(f"panoramas need a UNet pipeline (SD 1.x/2.x or SDXL), not {type(pipe).__name__}; "
                         "load a Stable Diffusion or SDXL model")
     return backbone
@@ -235,7 +235,7 @@ def generate_panorama(pipe, prompt: str, config: StyleAlignedConfig | None = Non
         raise UserError("give the panorama a prompt (text)")
     check_options(config, view_batch_size, num_inference_steps)
     plan = plan_panorama(pipe, width, height, window, stride, circular)
-    backbone = _unet(pipe)
+    backbone = _panorama_backbone(pipe)
     guidance_scale = backbone.default_guidance() if guidance_scale is None else guidance_scale
     side = plan.window
     conditioning = backbone.conditioning(prompt, guidance_scale, side, side)

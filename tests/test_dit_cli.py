@@ -1,4 +1,4 @@
-"""`generate` and `transfer` on the tiny FLUX.1 and SD3.5 pipelines, and knobs a transformer refuses."""
+"""`generate` and `transfer` on the tiny FLUX.1, SD3.5 and FLUX.2-klein pipelines, and knobs a transformer refuses."""
 
 import csv
 import json
@@ -21,7 +21,7 @@ def one_error_line(err: str) -> str:
     return errors[0]
 
 
-@pytest.fixture(params=["flux", "sd3"])
+@pytest.fixture(params=["flux", "sd3", "flux2"])
 def model(request):
     return request.param, request.getfixturevalue(f"tiny_{request.param}_path")
 

@@ -118,7 +118,7 @@ def test_checkpoint_kind(tmp_path, text_key, kind, suffix):
     tensors = {UNET_KEY: torch.zeros(1), text_key: torch.zeros(1)}
     path = tmp_path / f"model{suffix}"
     save_file(tensors, path) if suffix == ".safetensors" else torch.save({"state_dict": tensors}, path)
-    assert checkpoint_kind(path) == kind
+    assert checkpoint_kind(path)[0] == kind
 
 
 @pytest.mark.parametrize("key, kind", [("double_blocks.0.img_attn.norm.key_norm.scale", "flux"),
@@ -126,12 +126,12 @@ def test_checkpoint_kind(tmp_path, text_key, kind, suffix):
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_transformer_checkpoint_kind(tmp_path, key, kind, prefix):
     save_file({prefix + key: torch.zeros(1)}, tmp_path / "model.safetensors")
-    assert checkpoint_kind(tmp_path / "model.safetensors") == kind
+    assert checkpoint_kind(tmp_path / "model.safetensors")[0] == kind
 
 
 def test_checkpoint_without_unet_is_refused(tmp_path):
     save_file({"encoder.weight": torch.zeros(1)}, tmp_path / "vae.safetensors")
-    with pytest.raises(UserError, match="not a Stable Diffusion checkpoint"):
+    with pytest.raises(UserError, match="not a single-file checkpoint of a supported model"):
         checkpoint_kind(tmp_path / "vae.safetensors")
 
 

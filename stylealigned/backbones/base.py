@@ -53,6 +53,14 @@ class Backbone:
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
     embedded_guidance = False   # the guidance scale is an input of the denoiser (FLUX.1-dev), not CFG
 
+    supports_panorama = False  # MultiDiffusion panoramas (`panorama.py`) run on this family
+
+    @classmethod
+    def single_file(cls, keys: list[str]) -> tuple[str, type] | None:
+        """(kind, pipeline class) of an original-format single-file checkpoint whose tensor names are `keys`, if
+        it holds this family's denoiser (None: not this family's, or no single-file loading for it)."""
+        return None
+
     def __init__(self, pipe):
         self.pipe = pipe
         self._denoiser = component(pipe, self.denoiser_name)
@@ -74,6 +82,14 @@ class Backbone:
     def attention_kind(self, name: str):
         """The attention primitives (`layers.AttentionKind`) of layer `name`, which the shared processor composes."""
         raise NotImplementedError
+
+    def controlnet(self) -> tuple[type, tuple[str, ...]] | None:
+        """(ControlNet model class, config entries it must share with the denoiser), or None: no ControlNet sets."""
+        return None
+
+    def layer_groups(self) -> list[tuple[str, str | tuple[str, ...]]]:
+        """The family's meaningful groups of attention layers as (name, shared_layers), for the layer sweep."""
+        return []
 
     def check_config(self, config) -> None:
         """Refuse knobs that mean nothing on this family, in one line."""

@@ -26,6 +26,14 @@ class FluxBackbone(Backbone):
     flow = True
 
     @classmethod
+    def single_file(cls, keys):
+        from diffusers import FluxPipeline
+
+        if any(key.removeprefix("model.diffusion_model.").startswith("double_blocks.") for key in keys):
+            return "flux", FluxPipeline
+        return None
+
+    @classmethod
     def matches(cls, pipe) -> bool:
         from diffusers.models.transformers.transformer_flux import FluxAttention
 
@@ -44,6 +52,17 @@ class FluxBackbone(Backbone):
     @property
     def embedded_guidance(self):
         return bool(self.denoiser.config.get("guidance_embeds", False))
+
+    def controlnet(self):
+        from diffusers import FluxControlNetModel
+
+        return FluxControlNetModel, ("num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                                     "pooled_projection_dim")
+
+    def layer_groups(self):
+        single = "single_transformer_blocks"
+        return [("double-stream", tuple(name for name in self.attention_layers() if single not in name)),
+                ("single-stream", single)]
 
     def guidance_groups(self):
         return 1  # the negative prompt (true CFG, Chroma) runs in a transformer call of its own

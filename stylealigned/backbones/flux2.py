@@ -49,6 +49,13 @@ class Flux2Backbone(FluxBackbone):
     default_shared_layers = "single_transformer_blocks"
 
     @classmethod
+    def single_file(cls, keys):
+        return None  # diffusers loads no FLUX.2 pipeline from one file
+
+    def controlnet(self):
+        return None
+
+    @classmethod
     def matches(cls, pipe) -> bool:
         from diffusers import Flux2Transformer2DModel
 

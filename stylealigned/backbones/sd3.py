@@ -22,6 +22,14 @@ class SD3Backbone(Backbone):
     flow = True
 
     @classmethod
+    def single_file(cls, keys):
+        from diffusers import StableDiffusion3Pipeline
+
+        if any(key.removeprefix("model.diffusion_model.").startswith("joint_blocks.") for key in keys):
+            return "sd3", StableDiffusion3Pipeline
+        return None
+
+    @classmethod
     def matches(cls, pipe) -> bool:
         from diffusers import SD3Transformer2DModel
 

@@ -9,6 +9,7 @@ from .base import Backbone, Conditioning, component
 from .layers import SelfAttention
 
 _SDXL_IMG2IMG_AESTHETIC_SCORES = (6.0, 2.5)  # the img2img pipeline's defaults (positive, negative)
+LAYER_GROUPS = (("down-blocks", "down_blocks"), ("mid-block", "mid_block"), ("up-blocks", "up_blocks"))
 
 
 class UNetBackbone(Backbone):
@@ -17,6 +18,21 @@ class UNetBackbone(Backbone):
     denoiser_name = "unet"
     sample_name = "sample"
     shares_norms = True
+
+    supports_panorama = True
+
+    @classmethod
+    def single_file(cls, keys):
+        """SD 1.x, SD 2.x or SDXL, told apart by their text encoders' tensor names."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        if not any(key.startswith("model.diffusion_model.input_blocks.") for key in keys):
+            return None
+        if any(key.startswith("conditioner.embedders.") for key in keys):
+            return "sdxl", StableDiffusionXLPipeline
+        if any(key.startswith("cond_stage_model.model.") for key in keys):
+            return "sd2", StableDiffusionPipeline
+        return "sd1", StableDiffusionPipeline
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -33,6 +49,15 @@ class UNetBackbone(Backbone):
 
     def attention_kind(self, name):
         return SelfAttention()
+
+    def controlnet(self):
+        from diffusers import ControlNetModel
+
+        return ControlNetModel, ("in_channels", "block_out_channels", "layers_per_block", "cross_attention_dim",
+                                 "addition_embed_type")
+
+    def layer_groups(self):
+        return list(LAYER_GROUPS)
 
     def guidance_groups(self):
         """The SD/SDXL pipelines' do_classifier_free_guidance, with the denoiser's config read here rather than

@@ -32,7 +32,6 @@ SET_SIZES = (4, 8, 12, 16)
 MAX_SET_SIZE = 64
 LAYER_FRACTIONS = tuple(step / 8 for step in range(9))
 # Named layer groups per backbone family: (condition name, shared_layers) pairs; a substring or a name filter.
-UNET_GROUPS = (("down-blocks", "down_blocks"), ("mid-block", "mid_block"), ("up-blocks", "up_blocks"))
 NO_GROUPS = "no named layer groups on this family (SD3: one stack of joint blocks); only the fractions ran"
 
 
@@ -76,17 +75,6 @@ def fraction_name(fraction: float) -> str:
     return f"layers-{fraction:.3f}"
 
 
-def layer_groups(backbone) -> list[tuple[str, str | tuple[str, ...]]]:
-    """The family's meaningful layer groups as (name, shared_layers), or [] (see NO_GROUPS)."""
-    if backbone.family == "unet":
-        return list(UNET_GROUPS)
-    if backbone.family in ("flux", "chroma"):
-        single = "single_transformer_blocks"
-        double = tuple(name for name in backbone.attention_layers() if single not in name)
-        return [("double-stream", double), ("single-stream", single)]
-    return []
-
-
 def conditions(name: str, backbone, configs: str | None = None, has_reference: bool = False,
                set_sizes: list[int] | None = None) -> list[Condition]:
     """The conditions of experiment `name` on this backbone (None: no backbone check, for early CLI errors)."""
@@ -126,7 +114,7 @@ def layer_conditions(backbone) -> list[Condition]:
     fractions = [Condition(fraction_name(f), _sharing(f), columns={"shared_layers": f, "layers_shared": round(
         f * count)}) for f in LAYER_FRACTIONS]
     groups = [Condition(name, _sharing(layers), columns={"shared_layers": name, "layers_shared": _group_size(
-        backbone, layers)}) for name, layers in (layer_groups(backbone) if backbone is not None else [])]
+        backbone, layers)}) for name, layers in (backbone.layer_groups() if backbone is not None else [])]
     return fractions + groups
 
 
