@@ -77,11 +77,13 @@ def test_a_trajectory_from_another_model_is_refused(tiny_flux_path, tiny_sd3_pat
     assert not (tmp_path / "b").exists()
 
 
-def test_eval_on_a_transformer_runs_the_configurations_that_apply(tmp_path, monkeypatch, capsys, tiny_sd3_path,
+@pytest.mark.parametrize("family", ["sd3", "flux2"])
+def test_eval_on_a_transformer_runs_the_configurations_that_apply(family, request, tmp_path, monkeypatch, capsys,
                                                                   tiny_clip_path, tiny_dino_path):  # noqa: F811
     noise_image(3, size=(32, 32)).save(tmp_path / "reference.png")
     out = tmp_path / "out"
-    args = eval_args(tiny_sd3_path, out, tiny_clip_path, tiny_dino_path, "--width", "32", "--height", "32",
+    path = request.getfixturevalue(f"tiny_{family}_path")
+    args = eval_args(path, out, tiny_clip_path, tiny_dino_path, "--width", "32", "--height", "32",
                      "--reference-image", str(tmp_path / "reference.png"), "--reference-prompt", "a cat",
                      "--reference-style", "watercolor")
     assert run_cli(monkeypatch, *args) in (0, None)
