@@ -271,3 +271,107 @@ def test_bad_numbers_are_one_line_and_write_nothing(tiny_sd_path, tmp_path, caps
     line = refused(capsys, command, *args, "--device", "cpu", f"--{option.replace('_', '-')}", value)
     assert option in line or option.replace("_", "-") in line, line
     assert snapshot(tmp_path) == before
+
+
+# issue 25: nothing lost, round two
+
+def test_save_trajectory_never_replaces_a_file_stylealigned_did_not_write(tiny_sd_path, tmp_path, capsys, painting):
+    victim = tmp_path / "victim.png"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(victim)
+    before = snapshot(tmp_path)
+    reference = ["--reference", painting, "--reference-prompt", "a red tree", "--save-trajectory", victim]
+    refused(capsys, *transfer_args(tiny_sd_path, tmp_path / "t1", *reference), "--overwrite",
+            expected="victim.png is a file stylealigned did not write")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_strength_without_denoising_steps_is_refused_before_the_earlier_set_is_touched(tiny_sd_path, earlier,
+                                                                                          capsys, painting):
+    before = snapshot(earlier)
+    for strength, steps in (("0.1", "3"), ("0.01", "50")):
+        refused(capsys, "generate", "a tree", "--model", tiny_sd_path, *FAST, "--steps", steps, "--init-image",
+                painting, "--strength", strength, "--out", earlier, "--overwrite",
+                expected=f"--strength {strength} leaves no denoising step of {steps}")
+        assert snapshot(earlier) == before
+
+
+def test_a_failure_after_the_checks_puts_the_earlier_set_back(tiny_sd_path, earlier, capsys, monkeypatch):
+    import stylealigned.sets
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the size of tensor a (0) must match")
+
+    before = snapshot(earlier)
+    monkeypatch.setattr(stylealigned.sets, "generate_set", broken)
+    with pytest.raises(RuntimeError, match="tensor a"):
+        cli(capsys, "generate", "a tree", "--model", tiny_sd_path, *FAST, "--out", earlier, "--overwrite")
+    assert snapshot(earlier) == before and not (earlier / ".stylealigned-earlier").exists()
+
+
+def test_resume_refuses_a_foreign_file_at_one_of_the_set_names(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["generate", "a cat", "a square", "--model", tiny_sd_path, "--out", out, *FAST]
+    assert cli(capsys, *args)[0] == 0
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(out / "01-a-square.png")  # the user's own PNG, no metadata
+    before = snapshot(out)
+    refused(capsys, *args, "--resume", expected="01-a-square.png is not the file this run wrote")
+    assert snapshot(out) == before
+
+
+def test_resume_refuses_one_of_our_images_edited_in_place(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["generate", "a cat", "a square", "--model", tiny_sd_path, "--out", out, *FAST]
+    assert cli(capsys, *args)[0] == 0
+    edited = Image.open(out / "01-a-square.png")
+    edited.load()
+    edited.putpixel((0, 0), (255, 0, 0))
+    edited.save(out / "01-a-square.png", pnginfo=_same_text(edited))  # our metadata kept, other pixels
+    before = snapshot(out)
+    refused(capsys, *args, "--resume", expected="01-a-square.png is not the file this run wrote")
+    assert snapshot(out) == before
+
+
+def _same_text(image):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in image.text.items():
+        info.add_text(key, value)
+    return info
+
+
+def test_resume_keeps_images_another_process_wrote(tiny_sd_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["generate", "a cat", "a square", "a tree", "--model", tiny_sd_path, "--out", out, *FAST]
+    assert cli(capsys, *args)[0] == 0
+    record = json.loads((out / "run.json").read_text())
+    del record["sha256"]["01-a-square.png"]  # as when another process wrote it and the run was cut
+    (out / "run.json").write_text(json.dumps(record))
+    (out / "02-a-tree.png").unlink()
+    before = snapshot(out)
+    assert cli(capsys, *args, "--resume")[0] == 0
+    after = snapshot(out)
+    assert after["01-a-square.png"] == before["01-a-square.png"] and "02-a-tree.png" in after
+
+
+def test_overwrite_refuses_a_listed_name_that_is_now_a_folder(tiny_sd_path, earlier, capsys):
+    (earlier / "01-a-dog.png").unlink()
+    (earlier / "01-a-dog.png").mkdir()
+    (earlier / "01-a-dog.png" / "keep.txt").write_text("the user's")
+    before = snapshot(earlier)
+    refused(capsys, "generate", "a tree", "--model", tiny_sd_path, *FAST, "--out", earlier, "--overwrite",
+            expected="01-a-dog.png was not written by stylealigned")
+    assert snapshot(earlier) == before and (earlier / "00-a-cat.png").exists()
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--overwrite"])
+def test_our_temporary_files_left_by_a_kill_are_cleaned(tiny_sd_path, tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    args = ["generate", "a cat", "a dog", "--model", tiny_sd_path, "--out", out, *FAST]
+    assert cli(capsys, *args)[0] == 0
+    (out / "01-a-dog.png").unlink()
+    (out / ".01-a-dog.png.k3j_x9ab.tmp").write_bytes(b"half a png")  # what a SIGKILL mid-write leaves
+    (out / ".notes.txt.abcdefgh.tmp").write_bytes(b"not ours")
+    assert cli(capsys, *args, flag)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == [".notes.txt.abcdefgh.tmp", "00-a-cat.png", "01-a-dog.png",
+                                                    "grid.png", "run.json"]
