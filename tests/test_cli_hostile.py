@@ -375,3 +375,30 @@ def test_our_temporary_files_left_by_a_kill_are_cleaned(tiny_sd_path, tmp_path, 
     assert cli(capsys, *args, flag)[0] == 0
     assert sorted(p.name for p in out.iterdir()) == [".notes.txt.abcdefgh.tmp", "00-a-cat.png", "01-a-dog.png",
                                                     "grid.png", "run.json"]
+
+
+# 6. any attention processor: nn.Module ones too, and removal restores the very objects
+
+def test_processors_that_are_modules_are_shared_and_restored(sd_pipe):
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    import stylealigned as sa
+    from tests.test_apply import PROMPTS, latents
+
+    class ModuleProcessor(torch.nn.Module, AttnProcessor2_0):  # as released handlers and adapters leave them
+        def forward(self, *args, **kwargs):
+            return AttnProcessor2_0.__call__(self, *args, **kwargs)
+
+    with sa.apply(sd_pipe):
+        expected = latents(sd_pipe, PROMPTS)  # with the stock processors
+    sd_pipe.unet.set_attn_processor(ModuleProcessor())
+    originals = dict(sd_pipe.unet.attn_processors)
+    names = [name for name, _ in sd_pipe.unet.named_modules()]
+    stock = latents(sd_pipe, PROMPTS)
+    with sa.apply(sd_pipe):
+        shared = latents(sd_pipe, PROMPTS)
+    assert torch.equal(shared, expected)
+    assert all(sd_pipe.unet.attn_processors[name] is own for name, own in originals.items())
+    assert [name for name, _ in sd_pipe.unet.named_modules()] == names
+    assert torch.equal(latents(sd_pipe, PROMPTS), stock)
