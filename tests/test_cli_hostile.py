@@ -402,3 +402,12 @@ def test_processors_that_are_modules_are_shared_and_restored(sd_pipe):
     assert all(sd_pipe.unet.attn_processors[name] is own for name, own in originals.items())
     assert [name for name, _ in sd_pipe.unet.named_modules()] == names
     assert torch.equal(latents(sd_pipe, PROMPTS), stock)
+
+
+# 10. the web app's --out is checked before the server starts
+
+def test_ui_refuses_an_out_that_is_a_file(tiny_sd_path, tmp_path, capsys):
+    (tmp_path / "file").write_text("the user's")
+    refused(capsys, "ui", "--out", tmp_path / "file", "--port", "0", "--model", tiny_sd_path, "--device", "cpu",
+            expected="--out")
+    assert (tmp_path / "file").read_text() == "the user's"
