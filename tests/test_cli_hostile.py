@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 import typing
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageFont
@@ -17,6 +18,8 @@ from stylealigned.cli import common, demo, evaluate, generate, transfer, ui
 from stylealigned.inversion import Trajectory
 from stylealigned.io import make_grid
 from tests.test_cli import FAST, cli
+from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
+from tests.test_control import controlnet_path  # noqa: F401 (fixture)
 from tests.test_transfer_cli import painting  # noqa: F401 (fixture)
 
 
@@ -411,3 +414,69 @@ def test_ui_refuses_an_out_that_is_a_file(tiny_sd_path, tmp_path, capsys):
     refused(capsys, "ui", "--out", tmp_path / "file", "--port", "0", "--model", tiny_sd_path, "--device", "cpu",
             expected="--out")
     assert (tmp_path / "file").read_text() == "the user's"
+
+
+# 12. a ControlNet folder that cannot load, or that does not fit, is refused before anything is written
+
+def test_a_broken_or_misfit_controlnet_is_one_line_before_writing(tiny_sd_path, controlnet_path, earlier, tmp_path,
+                                                                  capsys, painting):
+    from diffusers import ControlNetModel
+
+    from tests.conftest import loaded
+
+    source = Path(controlnet_path("sd"))
+    config_only, truncated, misfit = (tmp_path / name for name in ("config-only", "truncated", "misfit"))
+    config_only.mkdir()
+    shutil.copy(source / "config.json", config_only)
+    shutil.copytree(source, truncated)
+    weights = truncated / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    ControlNetModel.from_unet(loaded(tiny_sd_path).unet, conditioning_embedding_out_channels=(8, 16, 32)
+                              ).save_pretrained(misfit)  # control images scaled by 4, the latents by 2
+    before = snapshot(earlier)
+    for folder, expected in ((config_only, "weights are missing or damaged"),
+                             (truncated, "weights are missing or damaged"),
+                             (misfit, "conditioning_embedding_out_channels")):
+        refused(capsys, "generate", "a tree", "a car", "--model", tiny_sd_path, *FAST, "--controlnet", folder,
+                "--control-image", painting, "--out", earlier, "--overwrite", expected=expected)
+        assert snapshot(earlier) == before
+
+
+# 13. score with the CLIP and DINO models swapped: one line, no load report
+
+@pytest.mark.parametrize("swapped", ["dino", "both"])
+def test_score_with_a_model_of_the_wrong_kind_is_one_line(tmp_path, capsys, tiny_clip_path, tiny_dino_path, swapped):
+    from tests.test_eval_score import write_run
+
+    write_run(tmp_path / "run")
+    before = snapshot(tmp_path)
+    clip, dino = (tiny_dino_path, tiny_clip_path) if swapped == "both" else (tiny_clip_path, tiny_clip_path)
+    line = refused(capsys, "score", tmp_path / "run", "--clip-model", clip, "--dino-model", dino, "--device", "cpu",
+                   expected="model, not a")
+    assert ("--clip-model" if swapped == "both" else "--dino-model") in line
+    assert snapshot(tmp_path) == before
+
+
+# 16. a hub id that cannot be reached fails at once, in one line, for every kind of model
+
+def test_an_unreachable_hub_is_one_line_without_retries(tiny_sd_path, controlnet_path, tiny_dino_path, tmp_path,
+                                                        capsys, monkeypatch, painting):
+    from tests.test_eval_score import write_run
+
+    import huggingface_hub.constants as hub
+
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
+    monkeypatch.setattr(hub, "ENDPOINT", closed)
+    monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", closed + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    write_run(tmp_path / "run")
+    generate = ["generate", "a cat", "a dog", "--model", tiny_sd_path, "--out", tmp_path / "o", *FAST]
+    for args in ([*generate, "--controlnet", "nobody/controlnet", "--control-image", painting],
+                 [*generate, "--controlnet", controlnet_path("sd"), "--depth-from", painting, "--depth-model",
+                  "nobody/depth"],
+                 ["score", tmp_path / "run", "--clip-model", "nobody/clip", "--dino-model", tiny_dino_path]):
+        code, stdout, err = cli(capsys, *args)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and "not in the local Hugging Face cache" in errors[0], err
+        assert "Retry" not in err and "requesting" not in err, err
