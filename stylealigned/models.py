@@ -7,6 +7,7 @@ same architecture.
 
 import contextlib
 import json
+import math
 import pickle
 import re
 import zipfile
@@ -301,6 +302,9 @@ def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "auto"
     return pipe.to(device)
 
 
+MAX_LORA_SCALE = 100
+
+
 def parse_lora(spec: str) -> tuple[Path, float]:
     """`PATH[:SCALE]` -> (path, scale); the scale is 1 unless the text after the last ':' is a number."""
     head, _, tail = spec.rpartition(":")
@@ -313,6 +317,10 @@ def parse_lora(spec: str) -> tuple[Path, float]:
 def lora_files(specs: list[str]) -> list[tuple[Path, float]]:
     """(path, scale) of each `PATH[:SCALE]`; a path that does not exist is a UserError (checked before loading)."""
     loras = [parse_lora(spec) for spec in specs]
+    for spec, (_, scale) in zip(specs, loras):
+        if not (math.isfinite(scale) and abs(scale) <= MAX_LORA_SCALE):
+            raise UserError(f"--lora {spec}: the scale must lie in -{MAX_LORA_SCALE}..{MAX_LORA_SCALE}, got {scale}; "
+                            "pass PATH:SCALE with such a number (1 by default)")
     for path, _ in loras:
         if not path.exists():
             raise UserError(f"cannot load LoRA {path}: no such file or folder; pass a LoRA .safetensors file or "

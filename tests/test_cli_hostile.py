@@ -480,3 +480,87 @@ def test_an_unreachable_hub_is_one_line_without_retries(tiny_sd_path, controlnet
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert code == 2 and len(errors) == 1 and "not in the local Hugging Face cache" in errors[0], err
         assert "Retry" not in err and "requesting" not in err, err
+
+
+# 14. numbers that overflow, scales that blacken, empty reference prompts, sizes silently merged: refused
+
+PANORAMA = ["panorama", "a village", "--width", "64", "--steps", "2", "--device", "cpu"]
+SILENT = {
+    "huge weights": (["generate", "a house", "--reference-prompt", "a cat", "--reference-prompt", "a dog",
+                      "--reference-weight", "1e308", "--reference-weight", "1e308", *FAST],
+                     "--reference-weight must lie in 0..1000000, got 1e+308"),
+    "nan lora": (["generate", "a cat", "--lora", "{lora}:nan", *FAST], "the scale must lie in -100..100"),
+    "inf lora": (["generate", "a cat", "--lora", "{lora}:inf", *FAST], "the scale must lie in -100..100"),
+    "huge lora": (["generate", "a cat", "--lora", "{lora}:-1e30", *FAST], "the scale must lie in -100..100"),
+    "empty reference prompt": (["generate", "a cat", "--reference-prompt", " ", *FAST], "--reference-prompt is empty"),
+    "stride 0": ([*PANORAMA, "--stride", "0"], "--stride must lie in 8.."),
+    "window 0": ([*PANORAMA, "--window", "0"], "--window must lie in 8.."),
+    "set sizes twice": (["eval", "--experiment", "set-size", "--set-sizes", "4,4", *FAST], "names a size twice"),
+    "set sizes empty": (["eval", "--experiment", "set-size", "--set-sizes", ",", *FAST], "comma-separated"),
+}
+
+
+@pytest.mark.parametrize("case", SILENT, ids=list(SILENT))
+def test_values_once_silently_changed_are_refused(tiny_sd_path, tmp_path, capsys, case):
+    args, expected = SILENT[case]
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"never read: the scale is checked first")
+    out = tmp_path / "out"
+    refused(capsys, *[str(a).format(lora=lora) for a in args], "--model", tiny_sd_path, "--out", out,
+            expected=expected)
+    assert not out.exists()
+
+
+# 15. an overwritten set leaves no scores of the set before
+
+def test_overwrite_deletes_the_scores_of_the_earlier_set(tiny_sd_path, tmp_path, capsys, tiny_clip_path,
+                                                         tiny_dino_path):
+    out = tmp_path / "out"
+    assert cli(capsys, "generate", "a cat", "a dog", "--model", tiny_sd_path, "--out", out, *FAST)[0] == 0
+    assert cli(capsys, "score", out, "--clip-model", tiny_clip_path, "--dino-model", tiny_dino_path,
+               "--device", "cpu")[0] == 0
+    assert json.loads((out / "run.json").read_text())["files"][-1] == "scores.json"
+    assert cli(capsys, "generate", "a tree", "--model", tiny_sd_path, "--out", out, "--overwrite", *FAST)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00-a-tree.png", "grid.png", "run.json"]
+
+
+# 16. messages that say what happened and what to do
+
+@pytest.mark.parametrize("code, strerror, fix", [
+    (errno.ENOENT, "No such file or directory", "was removed or renamed meanwhile"),
+    (errno.EISDIR, "Is a directory", "move the folder"),
+    (errno.EPERM, "Operation not permitted", "allow writing to"),
+    (errno.ENOSPC, "No space left on device", "free some space"),
+])
+def test_a_failed_write_says_why_and_what_to_do(tiny_sd_path, tmp_path, capsys, monkeypatch, code, strerror, fix):
+    def fail(image, file, *args, **kwargs):
+        raise OSError(code, strerror)
+
+    monkeypatch.setattr(Image.Image, "save", fail)
+    line = refused(capsys, "generate", "a cat", "--model", tiny_sd_path, "--out", tmp_path / "o", *FAST,
+                   expected=strerror)
+    assert fix in line and ("free some space" in line) == (code == errno.ENOSPC), line
+
+
+def test_a_panorama_into_a_used_folder_does_not_suggest_resume(tiny_sd_path, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "run.json").write_text("{}")
+    line = refused(capsys, *PANORAMA, "--model", tiny_sd_path, "--out", tmp_path / "o", expected="--overwrite")
+    assert "--resume" not in line
+
+
+def test_an_interrupted_transfer_that_saves_its_trajectory_resumes(tiny_sd_path, tmp_path, capsys, monkeypatch,
+                                                                   painting):
+    saved, real_save = tmp_path / "t.safetensors", common.RunFolder.save
+    args = transfer_args(tiny_sd_path, tmp_path / "o", "a house", "--reference", painting, "--reference-prompt",
+                         "a red tree", "--save-trajectory", saved, "--batch-size", "1")
+
+    def save_then_stop(folder, position, image):
+        real_save(folder, position, image)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.RunFolder, "save", save_then_stop)
+    assert cli(capsys, *args)[0] == 130 and saved.exists()
+    monkeypatch.undo()
+    assert cli(capsys, *args, "--resume")[0] == 0
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["complete"]

@@ -39,6 +39,7 @@ LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and 
     "batch_size": (1, 4096), "offset": (0, 999), "inversion_guidance": (0, 100), "shared_score_scale": (0, 100),
     "shared_score_shift": (-100, 100), "port": (0, 65535), "sets": (1, 100), "threads": (1, 1024), "styles": (1, 100),
     "control_scale": (0, 10),  # 0 itself is refused by the ControlNet options (no control at all)
+    "reference_weight": (0, 10**6), "window": (8, MAX_SIZE), "stride": (8, MAX_SIZE),
     # the web app operator's limits on one job
     "max_prompts": (1, 1000), "max_steps": (1, 1000), "max_side": (8, MAX_SIZE), "max_upload_mb": (1, 10_000),
 }
@@ -155,8 +156,7 @@ def build_config(preset: str, no_share: bool, **knobs) -> StyleAlignedConfig:
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None, style: str | None) -> list[str]:
     """Prompts from the arguments and the file, with the style appended; none at all is a UserError."""
     prompts = list(prompts or [])
-    if not all(p.strip() for p in prompts):
-        raise UserError("a prompt argument is empty; write some text in every prompt, or leave it out")
+    check_not_empty(prompts, "a prompt argument")
     if prompts_file is not None:
         try:
             with open(prompts_file, "rb") as file:
@@ -170,6 +170,12 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None, style: st
     if not prompts:
         raise UserError("no prompts given; pass prompts as arguments or --prompts-file FILE")
     return [f"{p}, {style}" if style else p for p in prompts]
+
+
+def check_not_empty(texts: list[str], what: str) -> None:
+    """Every prompt must hold some text."""
+    if not all(text.strip() for text in texts):
+        raise UserError(f"{what} is empty; write some text in every prompt, or leave it out")
 
 
 def versions() -> dict:
@@ -404,6 +410,8 @@ def reference_weights(weights: list[float] | None, count: int) -> list[float] | 
 
     if not weights:
         return None
+    for weight in weights:
+        check_numbers(reference_weight=weight)
     if len(weights) != count:
         raise UserError(f"--reference-weight is given {len(weights)} times for {count} reference(s); give it once "
                         "per reference, in their order, or not at all")

@@ -50,7 +50,7 @@ def panorama(
     from ..backbones import backbone_for
     from ..panorama import check_options, generate_panorama, plan_panorama
 
-    check_numbers(seed=seed)
+    check_numbers(seed=seed, window=window, stride=stride)
     config = build_config(preset, no_share, **knobs)
     check_options(config, view_batch_size, steps)
     (panorama_prompt,) = read_prompts([prompt], None, style)
