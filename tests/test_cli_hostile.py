@@ -564,3 +564,24 @@ def test_an_interrupted_transfer_that_saves_its_trajectory_resumes(tiny_sd_path,
     monkeypatch.undo()
     assert cli(capsys, *args, "--resume")[0] == 0
     assert json.loads((tmp_path / "o" / "run.json").read_text())["complete"]
+
+
+# 17. chunks against one batch: the bound the README states, kept
+
+def test_a_chunked_set_is_within_one_level_of_one_batch_as_the_docs_say(tiny_sd_path, tmp_path, capsys):
+    import numpy as np
+
+    from tests.test_cli import pixels
+
+    root = Path(__file__).parents[1]
+    docs = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    assert any("equals one batch up to float rounding" in p.read_text() and "one level of 255" in p.read_text()
+               for p in docs if p.exists())
+    prompts = ["a cat", "a dog", "a house", "a tree", "a car"]
+    for name, batch in (("whole", []), ("chunked", ["--batch-size", "1"])):
+        assert cli(capsys, "generate", *prompts, "--model", tiny_sd_path, "--out", tmp_path / name, *FAST,
+                   *batch)[0] == 0
+    whole, chunked = pixels(tmp_path / "whole"), pixels(tmp_path / "chunked")
+    assert sorted(whole) == sorted(chunked)
+    for name in whole:
+        assert np.abs(whole[name].astype(int) - chunked[name].astype(int)).max() <= 1, name
