@@ -51,9 +51,17 @@ def test_a_subset_of_positions_reproduces_the_set(sd_pipe, decoded):
         torch.testing.assert_close(part[i], whole[i], atol=1e-4, rtol=1e-4)
 
 
-def test_images_are_pil_in_order(sd_pipe):
-    images = sets.generate_set(sd_pipe, PROMPTS[:3], **SETTINGS)
-    assert [im.size for im in images] == [(32, 32)] * 3
+def test_images_are_pil_in_order(sd_pipe, decoded):
+    """The list holds image i at index i: the image made for position i (its own seed and prompt), whatever the
+    order in which chunks finish."""
+    by_position = {}
+    images = sets.generate_set(sd_pipe, PROMPTS[:5], seed=7, batch_size=2, **SETTINGS,
+                               on_image=lambda i, image: by_position.setdefault(i, image))
+    assert [im.size for im in images] == [(32, 32)] * 5
+    assert all(images[i] is by_position[i] for i in range(5))
+    again = set_latents(sd_pipe, PROMPTS[:5], decoded, batch_size=2, indices=[3, 4])  # the same chunk, alone
+    assert torch.equal(images[3].info["latent"], again[3]) and torch.equal(images[4].info["latent"], again[4])
+    assert not torch.equal(images[2].info["latent"], again[3])
 
 
 def test_a_single_prompt_is_just_the_reference(sd_pipe):
