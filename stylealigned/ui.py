@@ -46,7 +46,7 @@ class Cancelled(Exception):
     """The user pressed Cancel, or left: the job stops at its next denoiser step."""
 
 
-STOP: contextvars.ContextVar[threading.Event] = contextvars.ContextVar("stop", default=threading.Event())
+STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("stop", default=None)
 POLL = 0.2  # seconds between looks at whether a job's client is still there
 
 
@@ -169,7 +169,7 @@ class App:
     @contextlib.contextmanager
     def on_device(self, desc: str):
         """The device for this job alone; every denoiser call first checks the job's STOP event."""
-        stop = STOP.get()
+        stop = STOP.get() or threading.Event()  # None: called outside a Gradio handler
 
         def check(*_):
             if stop.is_set():

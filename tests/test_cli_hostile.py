@@ -17,8 +17,8 @@ from stylealigned.backbones.base import Backbone
 from stylealigned.cli import common, demo, evaluate, generate, transfer, ui
 from stylealigned.inversion import Trajectory
 from stylealigned.io import make_grid
-from tests.test_cli import FAST, cli
 from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
+from tests.test_cli import FAST, cli
 from tests.test_control import controlnet_path  # noqa: F401 (fixture)
 from tests.test_transfer_cli import painting  # noqa: F401 (fixture)
 
@@ -461,9 +461,9 @@ def test_score_with_a_model_of_the_wrong_kind_is_one_line(tmp_path, capsys, tiny
 
 def test_an_unreachable_hub_is_one_line_without_retries(tiny_sd_path, controlnet_path, tiny_dino_path, tmp_path,
                                                         capsys, monkeypatch, painting):
-    from tests.test_eval_score import write_run
-
     import huggingface_hub.constants as hub
+
+    from tests.test_eval_score import write_run
 
     closed = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused at once
     monkeypatch.setattr(hub, "ENDPOINT", closed)
@@ -476,7 +476,7 @@ def test_an_unreachable_hub_is_one_line_without_retries(tiny_sd_path, controlnet
                  [*generate, "--controlnet", controlnet_path("sd"), "--depth-from", painting, "--depth-model",
                   "nobody/depth"],
                  ["score", tmp_path / "run", "--clip-model", "nobody/clip", "--dino-model", tiny_dino_path]):
-        code, stdout, err = cli(capsys, *args)
+        code, _, err = cli(capsys, *args)
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert code == 2 and len(errors) == 1 and "not in the local Hugging Face cache" in errors[0], err
         assert "Retry" not in err and "requesting" not in err, err

@@ -267,7 +267,7 @@ def run_folders(out):
 
 
 def test_cancel_stops_its_own_job_during_the_inversion_and_not_another_tabs(gated, tmp_path):
-    app, page, gate, out = gated
+    _, page, gate, out = gated
     tab, other_tab = (gradio_client.Client(page.local_url, verbose=False) for _ in range(2))
     job = tab.submit(reference=blue_image(tmp_path), reference_prompt="a square", prompts="a circle", steps=20,
                      api_name="/transfer")
@@ -283,7 +283,7 @@ def test_cancel_stops_its_own_job_during_the_inversion_and_not_another_tabs(gate
 
 
 def test_cancel_on_one_tab_leaves_the_running_job_of_another(gated):
-    app, page, gate, out = gated
+    _, page, gate, _ = gated
     tab, other_tab = (gradio_client.Client(page.local_url, verbose=False) for _ in range(2))
     running = tab.submit(prompts=PROMPTS, steps=5, api_name="/generate_set")
     assert gate.held.wait(WAIT)
@@ -338,7 +338,7 @@ def test_gradio_keeps_its_copies_under_out_and_deletes_them(tmp_path, monkeypatc
 
 
 def test_a_transfer_without_targets_is_refused_before_the_inversion(gated, tmp_path):
-    app, page, gate, out = gated
+    _, page, gate, out = gated
     client = gradio_client.Client(page.local_url, verbose=False)
     with pytest.raises(gradio_client.exceptions.AppError, match="at least one target prompt"):
         client.predict(reference=blue_image(tmp_path), reference_prompt="a square", prompts=" \n ", steps=2,

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    ViTModel,
+)
 
 from ..errors import UserError
 from ..models import HUB_ID, hub_call
