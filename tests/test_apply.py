@@ -10,6 +10,7 @@ import stylealigned as sa
 from stylealigned.apply import hooked_layers, layers_to_share, select_layers
 from stylealigned.backbones import backbone_for
 from tests import oracle
+from tests.tolerance import assert_rounding_close, denoising_depth
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree"]
 
@@ -44,10 +45,13 @@ def test_removed_or_never_applied_is_bit_identical(pipe):
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_reference_is_unchanged_by_its_set(pipe, guidance):
+    """In float64, up to the rounding of the loop (tests/tolerance.py): batched with others, the reference's
+    numbers are summed in another order, which in float32 is 1e-5 off on a bad day."""
+    pipe.to(dtype=torch.float64)
     alone = latents(pipe, PROMPTS[:1], guidance)
     with sa.apply(pipe):
         in_set = latents(pipe, PROMPTS, guidance)
-    torch.testing.assert_close(in_set[:1], alone, atol=1e-5, rtol=1e-5)
+    assert_rounding_close(in_set[:1], alone, denoising_depth(pipe, steps=3))
 
 
 def test_targets_differ_from_vanilla(pipe):
