@@ -32,8 +32,9 @@ def denoising_depth(pipe, steps: int) -> int:
     return steps * sum(1 for _ in denoiser.modules())
 
 
-def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, depth: int) -> None:
-    """`actual` equals `expected` up to the rounding of `depth` chained operations in their dtype."""
+def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, depth: int,
+                          dtype: torch.dtype | None = None) -> None:
+    """`actual` equals `expected` up to the rounding of `depth` chained operations in `dtype` (default: theirs)."""
     scale = float(expected.abs().max()) if expected.numel() else 1.0
-    tolerance = rounding(expected.dtype, depth, scale)
+    tolerance = rounding(dtype or expected.dtype, depth, scale)
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=0)

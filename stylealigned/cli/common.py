@@ -410,12 +410,12 @@ def reference_weights(weights: list[float] | None, count: int) -> list[float] | 
 
     if not weights:
         return None
-    for weight in weights:
-        check_numbers(reference_weight=weight)
     if len(weights) != count:
         raise UserError(f"--reference-weight is given {len(weights)} times for {count} reference(s); give it once "
                         "per reference, in their order, or not at all")
     normalised_weights(weights)
+    for weight in weights:  # a sum that overflows would make every weight 0
+        check_numbers(reference_weight=weight)
     return list(weights)
 
 
