@@ -70,12 +70,38 @@ class AttentionHook(ModelHook):
                 own.__call__).parameters:
             raise ValueError(f"{self.processor.name} runs an IP-Adapter, which StyleAligned cannot share yet; "
                              "leave the layer out of shared_layers")
-        module.processor = self.processor
+        with swapped_processor(module, self.processor), attention_kernel(backend_kernel(own)):
+            return self.fn_ref.original_forward(*args, **kwargs)  # on the attention backend the user chose, if any
+
+
+@contextlib.contextmanager
+def swapped_processor(module: nn.Module, processor) -> Iterator[None]:
+    """`processor` as the module's processor within the block, whatever either is (a child nn.Module included,
+    which torch refuses to assign a plain object over); after it, the very object that was there, in its place."""
+    modules = module._modules
+    if "processor" not in modules and not isinstance(processor, nn.Module):
+        own, module.processor = module.processor, processor  # the common case: plain attributes
         try:
-            with attention_kernel(backend_kernel(own)):  # the attention backend the user chose, if any
-                return self.fn_ref.original_forward(*args, **kwargs)
+            yield
         finally:
             module.processor = own
+        return
+    order, child = list(modules), modules.pop("processor", None)
+    own = vars(module).get("processor", _NONE)
+    object.__setattr__(module, "processor", processor)  # bypasses nn.Module's child registration
+    try:
+        yield
+    finally:
+        object.__delattr__(module, "processor")
+        if own is not _NONE:
+            object.__setattr__(module, "processor", own)
+        if child is not None:
+            restored = {**modules, "processor": child}
+            modules.clear()
+            modules.update((name, restored[name]) for name in order)
+
+
+_NONE = object()
 
 
 class GroupNormHook(ModelHook):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import tempfile
 import unicodedata
 import warnings
@@ -147,12 +148,19 @@ def image_filename(position: int, prompt: str) -> str:
     return f"{position:02d}-{slugify(prompt)}.png"
 
 
+ASIDE = ".stylealigned-earlier"  # where --overwrite keeps an earlier run's files until the new run has written one
+
+
 def prepare_output_dir(path, overwrite: bool = False, resume: bool = False, outputs: Sequence[str] = (),
-                       record: str = "run.json", listed: Callable[[dict], list] = lambda data: data.get("files", [])):
+                       record: str = "run.json", listed: Callable[[dict], list] = lambda data: data.get("files", []),
+                       resumable: bool = True):
     """Create the output folder; earlier results there need `resume` (keep them) or `overwrite`.
 
-    Overwriting deletes only the files the earlier `record` lists (`listed(its JSON)`), and refuses when one of the
-    `outputs` this run will write is there without being listed: a file someone else made is never replaced.
+    Overwriting moves only the files the earlier `record` lists (`listed(its JSON)`) into the hidden folder ASIDE
+    (`discard_earlier` deletes them, `restore_earlier` puts them back), and refuses when one of the `outputs` this
+    run will write is there without being listed, or a listed name is a folder: nothing else is ever touched.
+    `resumable`: whether the command has --resume, which the message for a used folder then suggests.
+    Our own temporary files left by a killed run are deleted.
     """
     path = Path(path)
     if overwrite and resume:
@@ -166,16 +174,51 @@ def prepare_output_dir(path, overwrite: bool = False, resume: bool = False, outp
         raise UserError(f"cannot write to output folder {path}: {error.strerror}; choose another --out") from None
     earlier = (path / record).exists() or any(path.glob("*.png"))
     if earlier and not (overwrite or resume):
-        raise UserError(f"{path} holds earlier results; pass --overwrite to replace them or --resume to complete them")
+        hint = " or --resume to complete them" if resumable else ""
+        raise UserError(f"{path} holds earlier results; pass --overwrite to replace them{hint}, or choose another --out")
     ours = _listed(path / record, listed) if overwrite else []
     fresh = overwrite or not (path / record).exists()  # else a resume, whose record run.json's checks compare
-    foreign = [name for name in [*outputs, record] if fresh and (path / name).exists() and name not in ours]
+    foreign = [name for name in [*outputs, record] if fresh and _exists(path / name) and name not in ours]
+    foreign += [name for name in ours if (path / name).is_dir() and not (path / name).is_symlink()]
     if foreign:
-        raise UserError(f"{path / foreign[0]} was not written by stylealigned (no earlier {record} there lists it); "
-                        "move it away or choose another --out")
-    for name in ours:
-        (path / name).unlink(missing_ok=True)
+        raise UserError(f"{path / foreign[0]} was not written by stylealigned (no earlier {record} there lists it "
+                        "as a file); move it away or choose another --out")
+    _remove_temporaries(path, [*outputs, *ours, record])
+    discard_earlier(path)
+    if ours:
+        (path / ASIDE).mkdir()
+        for name in ours:
+            if _exists(path / name):
+                os.replace(path / name, path / ASIDE / name)
     return path
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _remove_temporaries(path: Path, names: Sequence[str]) -> None:
+    """Delete the temporary files write_atomic leaves when killed mid-write: `.NAME.XXXXXXXX.tmp` for our names."""
+    pattern = re.compile("|".join(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp" for name in names))
+    for file in path.iterdir():
+        if pattern.fullmatch(file.name) and file.is_file() and not file.is_symlink():
+            file.unlink()
+
+
+def discard_earlier(path) -> None:
+    """Delete the earlier run's files that prepare_output_dir set aside (once the new run has written one)."""
+    aside = Path(path) / ASIDE
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+
+
+def restore_earlier(path) -> None:
+    """Put the earlier run's files back (the new run failed before writing any), replacing our new record."""
+    aside = Path(path) / ASIDE
+    if aside.is_dir() and not aside.is_symlink():
+        for file in aside.iterdir():
+            os.replace(file, Path(path) / file.name)
+        aside.rmdir()
 
 
 def _listed(record: Path, listed: Callable[[dict], list]) -> list[str]:

@@ -5,7 +5,9 @@ fetches it from the hub (or its cache); offline, pass `config=` a local diffuser
 same architecture.
 """
 
+import contextlib
 import json
+import math
 import pickle
 import re
 import zipfile
@@ -134,7 +136,8 @@ def hub_call(what: str, fix: str, load):
     level = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # its "couldn't connect, trying the cache" notice would precede ours
     try:
-        return load()
+        with _cache_only_if_unreachable():
+            return load()
     except OSError as error:
         causes = [error]
         while causes[-1].__cause__ is not None:
@@ -144,6 +147,31 @@ def hub_call(what: str, fix: str, load):
         raise UserError(f"{what} is not in the local Hugging Face cache and the hub cannot be reached; {fix}") from None
     finally:
         diffusers_logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def _cache_only_if_unreachable():
+    """Hugging Face's offline mode within the block when the hub does not answer one request: loaders then look in
+    the cache at once, instead of retrying every file with backoff (up to a minute of retry lines)."""
+    import huggingface_hub.constants as hub
+
+    offline = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = offline or not _reachable(hub.ENDPOINT)
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = offline
+
+
+def _reachable(endpoint: str) -> bool:
+    """Whether the hub answers one HEAD request at all (any status), without retries."""
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(endpoint, timeout=10)
+    except Exception:  # a refused connection, an unknown host, a timeout, a proxy's refusal: not reachable
+        return False
+    return True
 
 
 def scheduler_class(name: str):
@@ -183,7 +211,7 @@ def load_controlnet(model: str, pipe: DiffusionPipeline):
         if kind != model_class.__name__:
             raise UserError(f"{path} is not a diffusers {model_class.__name__} folder (its config.json names "
                             f"{kind or 'no model'}); pass a ControlNet for this {backbone.label}")
-        controlnet = model_class.from_pretrained(path, dtype=dtype)
+        controlnet = _load_folder(model_class, path, dtype)
     elif path.is_file() and path.suffix in CHECKPOINT_SUFFIXES and hasattr(model_class, "from_single_file"):
         controlnet = hub_call(f"the config of {path.name}", "connect once, or convert it to a diffusers folder",
                               partial(model_class.from_single_file, path, dtype=dtype))
@@ -192,10 +220,23 @@ def load_controlnet(model: str, pipe: DiffusionPipeline):
     else:
         raise UserError(f"no such ControlNet folder or hub id: {model}")
     misfit = [key for key in shared if controlnet.config.get(key) != backbone.denoiser.config.get(key)]
+    embedding = controlnet.config.get("conditioning_embedding_out_channels")  # its blocks halve the image's side
+    if embedding and 2 ** (len(embedding) - 1) != getattr(pipe, "vae_scale_factor", None):
+        misfit.append("conditioning_embedding_out_channels, which scale control images to another latent size")
     if misfit:
         raise UserError(f"the ControlNet {model} does not fit this {backbone.label} (its {', '.join(misfit)} "
                         "differ); pass a ControlNet trained for this base model")
     return controlnet.to(pipe.device)
+
+
+def _load_folder(model_class, path: Path, dtype: torch.dtype):
+    """A model from a local diffusers folder; missing or damaged weights are a UserError naming the folder."""
+    try:
+        return model_class.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load the {model_class.__name__} in {path} ({reason}); its weights are missing or "
+                        "damaged: download or copy the folder again") from None
 
 
 def _class_name(folder: Path) -> str | None:
@@ -239,6 +280,9 @@ def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "auto"
     return pipe.to(device)
 
 
+MAX_LORA_SCALE = 100
+
+
 def parse_lora(spec: str) -> tuple[Path, float]:
     """`PATH[:SCALE]` -> (path, scale); the scale is 1 unless the text after the last ':' is a number."""
     head, _, tail = spec.rpartition(":")
@@ -251,6 +295,10 @@ def parse_lora(spec: str) -> tuple[Path, float]:
 def lora_files(specs: list[str]) -> list[tuple[Path, float]]:
     """(path, scale) of each `PATH[:SCALE]`; a path that does not exist is a UserError (checked before loading)."""
     loras = [parse_lora(spec) for spec in specs]
+    for spec, (_, scale) in zip(specs, loras):
+        if not (math.isfinite(scale) and abs(scale) <= MAX_LORA_SCALE):
+            raise UserError(f"--lora {spec}: the scale must lie in -{MAX_LORA_SCALE}..{MAX_LORA_SCALE}, got {scale}; "
+                            "pass PATH:SCALE with such a number (1 by default)")
     for path, _ in loras:
         if not path.exists():
             raise UserError(f"cannot load LoRA {path}: no such file or folder; pass a LoRA .safetensors file or "

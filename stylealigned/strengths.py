@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import types
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -39,6 +40,19 @@ def check_strengths(pipe, strengths: Sequence, kwargs: dict) -> list[float]:
         raise UserError(f"images with different strengths need a deterministic one-step sampler (DDIM, Euler, "
                         f"flow Euler), not {sampler}; use --scheduler ddim, or one strength for all")
     return [float(s) for s in strengths]
+
+
+def check_steps_left(pipe, strengths: Sequence[float], num_inference_steps: int, height: int, width: int) -> None:
+    """Every strength must leave at least one denoising step of `num_inference_steps` (strength x steps >= 1 on
+    most samplers); `strengths` empty: the pipeline's default strength."""
+    from .backbones import backbone_for
+
+    default = inspect.signature(type(pipe).__call__).parameters["strength"].default
+    scheduled = types.SimpleNamespace(scheduler=backbone_for(pipe).scheduled(num_inference_steps, height, width))
+    for strength in strengths or [default]:
+        if not len(type(pipe).get_timesteps(scheduled, num_inference_steps, strength, "cpu")[0]):
+            raise UserError(f"--strength {strength} leaves no denoising step of {num_inference_steps}; pass a larger "
+                            f"--strength or more --steps (strength x steps must reach 1)")
 
 
 @contextlib.contextmanager

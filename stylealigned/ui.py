@@ -7,7 +7,13 @@ Endpoints: `/generate_set` and `/transfer` (see the README for a `gradio_client`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
+import functools
+import inspect
+import os
+import re
 import threading
 import time
 import zipfile
@@ -23,6 +29,7 @@ from .errors import UserError
 from .io import slugify
 
 CUSTOM = "custom"
+CACHE, CACHE_AGE = ".gradio", 3600  # Gradio's copies of files under `out`, and the seconds they are kept
 
 
 @dataclass(frozen=True)
@@ -36,7 +43,34 @@ class Limits:
 
 
 class Cancelled(Exception):
-    """The user pressed Cancel: the job stops at its next image."""
+    """The user pressed Cancel, or left: the job stops at its next denoiser step."""
+
+
+STOP: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("stop", default=None)
+POLL = 0.2  # seconds between looks at whether a job's client is still there
+
+
+def stoppable(job):
+    """An async Gradio handler running `job` in a thread with STOP set: Cancel (Gradio cancels the task awaiting
+    it) or a client that disconnected sets the event, and the job stops at its next denoiser step."""
+    signature = inspect.signature(job)
+
+    @functools.wraps(job)
+    async def handler(self, *args, **kwargs):
+        stop, request = threading.Event(), signature.bind(self, *args, **kwargs).arguments.get("request")
+        STOP.set(stop)
+        work = asyncio.ensure_future(asyncio.to_thread(job, self, *args, **kwargs))
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=POLL)
+                if self.client_left(request):
+                    stop.set()
+            return work.result()
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+
+    return handler
 
 
 def knob_widget(name: str, value):
@@ -50,6 +84,13 @@ def knob_widget(name: str, value):
     if name == "reference_positions":
         return gr.Radio(list(REFERENCE_POSITIONS), value=value, label=label, info=info)
     return gr.Textbox(value="" if value is None else str(value), label=label, info=info)
+
+
+def widget_value(name: str, value):
+    """A knob's value as its widget compares it: text knobs as stripped text, others as they are."""
+    if name in knobs_of_type("bool") or name in knobs_of_type("float"):
+        return value
+    return "" if value is None else str(value).strip()
 
 
 def preset_values(preset: str) -> list:
@@ -67,18 +108,21 @@ class App:
         self.pipe, self.model, self.out, self.limits = pipe, model, Path(out), limits
         self.backbone = backbone_for(pipe)
         self.native_height, self.native_width = self.backbone.native_size()
-        self.device = threading.Lock()  # a cancelled job's thread may still be finishing its image
-        self.jobs: dict[str, object] = {}  # session: its latest job's token
-        self.cancelled: set[object] = set()  # tokens of jobs to stop
+        self.device = threading.Lock()  # a cancelled job's thread may still be finishing its step
+        self.page: gr.Blocks | None = None
 
     # --- the jobs ---
 
-    def config(self, preset: str, knobs: dict, batch_size) -> StyleAlignedConfig:
-        """The preset's config, or with `custom` every knob as the widgets hold it, checked against the model."""
+    def config(self, preset: str, knobs: dict, batch_size, shown: str) -> StyleAlignedConfig:
+        """With `custom` every knob as the widgets hold it; else the preset, with every knob that differs from both
+        the preset and what the tab shows at first (`shown`: so a knob given through the API wins), checked."""
         if preset != CUSTOM:
-            return fit_to_family(build_config(preset, False), {}, self.pipe, batch_size or None)
+            unchanged = [dict(zip(KNOBS, preset_values(name))) for name in (preset, shown)]
+            knobs = {name: value for name, value in knobs.items()
+                     if all(widget_value(name, value) != widget_value(name, each[name]) for each in unchanged)}
         given = {name: (value.strip() or None) if isinstance(value, str) else value for name, value in knobs.items()}
-        return fit_to_family(build_config("text-to-image", False, **given), given, self.pipe, batch_size or None)
+        base = "text-to-image" if preset == CUSTOM else preset
+        return fit_to_family(build_config(base, False, **given), given, self.pipe, batch_size or None)
 
     def settings(self, prompts: list[str], seed, steps, guidance, width, height, batch_size) -> dict:
         """Check the numbers against the CLI's ranges and this server's limits; the pipeline settings."""
@@ -88,6 +132,10 @@ class App:
             raise UserError(f"{len(prompts)} prompts, over this server's limit of {self.limits.max_prompts}")
         if None in (seed, steps, guidance, width, height):
             raise UserError("fill in seed, steps, guidance, width and height")
+        whole = {"seed": seed, "steps": steps, "width": width, "height": height, "batch size": batch_size or 0}
+        for name, value in whole.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+                raise UserError(f"{name} must be a whole number, got {value!r}")
         check_numbers(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                       batch_size=batch_size or None)
         if steps > self.limits.max_steps:
@@ -111,20 +159,36 @@ class App:
                 continue
         raise UserError(f"cannot find a free run folder name under {self.out}")
 
-    def run(self, request: gr.Request, folder: RunFolder, produce, batch_size, extra=()) -> tuple[list, str, str]:
-        """Generate into the folder under the device lock; the gallery, the zip and a one-line status."""
-        token = self.jobs[request.session_hash if request else None] = object()
+    def client_left(self, request: gr.Request | None) -> bool:
+        """Whether the client of this request disconnected (Gradio marks its running events dead)."""
+        queue, session = getattr(self.page, "_queue", None), getattr(request, "session_hash", None)
+        events = [event for jobs in getattr(queue, "active_jobs", None) or [] for event in jobs or []
+                  if getattr(event, "session_hash", None) == session]
+        return session is not None and any(not event.alive for event in events)
 
-        def save(position: int, image) -> None:
-            if token in self.cancelled:
-                self.cancelled.discard(token)
+    @contextlib.contextmanager
+    def on_device(self, desc: str):
+        """The device for this job alone; every denoiser call first checks the job's STOP event."""
+        stop = STOP.get() or threading.Event()  # None: called outside a Gradio handler
+
+        def check(*_):
+            if stop.is_set():
                 raise Cancelled
-            folder.save(position, image)
 
         with self.device:
-            self.pipe.set_progress_bar_config(desc="denoising")
-            generate_into(folder, folder.open(resume=False, overwrite=False), lambda todo, _: produce(todo, save),
-                          batch_size or None, grid_extra=list(extra))
+            check()
+            self.pipe.set_progress_bar_config(desc=desc)
+            hook = self.backbone.denoiser.register_forward_pre_hook(check)
+            try:
+                yield
+            finally:
+                hook.remove()
+
+    def run(self, folder: RunFolder, produce, batch_size, extra=()) -> tuple[list, str, str]:
+        """Generate into the folder on the device; the gallery, the zip and a one-line status."""
+        with self.on_device("denoising"):
+            generate_into(folder, folder.open(resume=False, overwrite=False), produce, batch_size or None,
+                          grid_extra=list(extra))
         zip_path = folder.path.with_suffix(".zip")
         with zipfile.ZipFile(zip_path, "w") as archive:
             for name in [*folder.outputs, "run.json"]:
@@ -133,13 +197,14 @@ class App:
         gallery += [(str(file), f"{i}: {folder.prompts[i]}") for i, file in folder.files.items()]
         return gallery, str(zip_path), f"Done: {len(folder.prompts)} images in run folder {folder.path.name}"
 
+    @stoppable
     def generate_set(self, prompts: str, style: str, preset: str, seed, steps, guidance, width, height, batch_size,
                      request: gr.Request, progress=gr.Progress(track_tqdm=True), **knobs):
         """Text to set: the first prompt's image is the reference."""
         with messages():
             lines = styled(prompts, style)
             settings = self.settings(lines, seed, steps, guidance, width, height, batch_size)
-            config = self.config(preset, knobs, batch_size)
+            config = self.config(preset, knobs, batch_size, "text-to-image")
             folder = self.folder(lines, {"command": "generate", "model": self.model, "style": style or None,
                                          "seed": int(seed), "scheduler": "auto", "dtype": str(self.pipe.dtype),
                                          **settings, "batch_size": batch_size or None, "config": config.to_dict(),
@@ -152,8 +217,9 @@ class App:
                 generate_set(self.pipe, lines, config, seed=int(seed), batch_size=batch_size or None, indices=todo,
                              on_image=on_image, **settings)
 
-            return self.run(request, folder, produce, batch_size)
+            return self.run(folder, produce, batch_size)
 
+    @stoppable
     def transfer(self, reference, reference_prompt: str, inversion: str, prompts: str, style: str, preset: str,
                  seed, steps, guidance, width, height, batch_size, request: gr.Request,
                  progress=gr.Progress(track_tqdm=True), **knobs):
@@ -169,13 +235,14 @@ class App:
             if inversion not in MODES:
                 raise UserError(f"inversion must be one of {', '.join(MODES)}, got {inversion!r}")
             targets = styled(prompts, style)
+            if not targets:
+                raise UserError("write at least one target prompt (one per line)")
             settings = self.settings(targets + [reference_prompt], seed, steps, guidance, width, height, batch_size)
-            config = self.config(preset, knobs, batch_size)
+            config = self.config(preset, knobs, batch_size, "transfer")
             image = load_image(reference, settings["width"], settings["height"])
             inversion_guidance = settings["guidance_scale"] if self.backbone.embedded_guidance else 2.0
-            with self.device:
+            with self.on_device("inverting"):
                 progress(0, desc="inverting")
-                self.pipe.set_progress_bar_config(desc="inverting")
                 trajectory = invert(self.pipe, image, reference_prompt.strip(), settings["num_inference_steps"],
                                     guidance_scale=inversion_guidance, mode=inversion, seed=int(seed))
             folder = self.folder([trajectory.prompt] + targets, {
@@ -192,11 +259,10 @@ class App:
                 generate_set(self.pipe, targets, config, reference=trajectory, seed=int(seed),
                              batch_size=batch_size or None, indices=todo, on_image=on_image, **settings)
 
-            return self.run(request, folder, produce, batch_size, extra=[("reference (input)", image)])
+            return self.run(folder, produce, batch_size, extra=[("reference (input)", image)])
 
-    def cancel(self, request: gr.Request) -> str:
-        """Stop this session's job at its next image."""
-        self.cancelled.add(self.jobs.get(request.session_hash if request else None))
+    def cancel(self) -> str:
+        """The Cancel button's message; its `cancels` makes Gradio cancel this session's job, which stops it."""
         return "Cancelled."
 
     # --- the page ---
@@ -237,7 +303,11 @@ class App:
         return [gallery, archive, status]
 
     def build(self) -> gr.Blocks:
-        with gr.Blocks(title="stylealigned") as page:
+        """The page. Gradio's copies of outputs and uploads go to `out`/.gradio (unless GRADIO_TEMP_DIR names a
+        folder: Gradio reads it anew on every request, so the first app of a process sets it for all), deleted
+        after an hour and when the server closes."""
+        os.environ.setdefault("GRADIO_TEMP_DIR", str((self.out / CACHE).resolve()))
+        with gr.Blocks(title="stylealigned", delete_cache=(CACHE_AGE, CACHE_AGE)) as page:
             gr.Markdown(f"# stylealigned\nStyle-aligned image sets with model `{self.model}`. "
                         f"Up to {self.limits.max_prompts} prompts and {self.limits.max_steps} steps a set; "
                         "one job on the device at a time, the others wait in the queue.")
@@ -254,8 +324,8 @@ class App:
                 stop.click(self.cancel, None, outputs[2], cancels=[job], api_visibility="private", queue=False)
             with gr.Tab("From a reference image"):
                 with gr.Row():
-                    reference = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Reference image",
-                                         elem_id="transfer-reference")
+                    reference = readable_upload(gr.Image(type="filepath", sources=["upload", "clipboard"],
+                                                         label="Reference image", elem_id="transfer-reference"))
                     with gr.Column():
                         reference_prompt = gr.Textbox("", label="Reference prompt",
                                                       info="Text describing the reference image.",
@@ -274,6 +344,7 @@ class App:
                                outputs, inputs_kwargs=knobs, api_name="transfer", concurrency_id="device",
                                concurrency_limit=1)
                 stop.click(self.cancel, None, outputs[2], cancels=[job], api_visibility="private", queue=False)
+        self.page = page
         return page.queue(default_concurrency_limit=1)
 
 
@@ -281,6 +352,28 @@ def styled(prompts: str, style: str) -> list[str]:
     """Non-empty lines of a text box, each with the style appended."""
     style = (style or "").strip()
     return [f"{p}, {style}" if style else p for p in (line.strip() for line in (prompts or "").splitlines()) if p]
+
+
+def field_names(message: str) -> str:
+    """A message as the page says it: the CLI's option names (--batch-size) become the fields' (batch size)."""
+    return re.sub(r"--([a-z][a-z-]*)", lambda flag: flag.group(1).replace("-", " "), message)
+
+
+def readable_upload(component: gr.Image) -> gr.Image:
+    """The image box, whose failure to read an upload (a text file, a huge header) is one sentence on the page."""
+    preprocess = component.preprocess
+
+    def checked(payload):
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception:
+            raise gr.Error("The reference is not an image this app can read; upload a PNG, JPEG or WebP image "
+                           "of at most 100 megapixels.") from None
+
+    component.preprocess = checked
+    return component
 
 
 @contextlib.contextmanager
@@ -293,7 +386,7 @@ def messages():
     except Cancelled:
         raise gr.Error("Cancelled; the images made so far are in the run folder.") from None
     except (UserError, ValueError) as error:
-        raise gr.Error(str(error)) from None
+        raise gr.Error(field_names(str(error))) from None
     except Exception as error:
         raise gr.Error(f"Generation failed ({type(error).__name__}: {error}); the server is still up.") from None
 

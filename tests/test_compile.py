@@ -100,4 +100,4 @@ def test_a_chunked_set_compiles_without_graph_breaks_and_equals_eager(sd_pipe, d
     eager = run()
     sd_pipe.unet.compile(fullgraph=True, backend="eager")
     torch.testing.assert_close(run(), eager, atol=1e-4, rtol=0)
-    assert compiled_graphs() >= 1
+    assert compiled_graphs() == 1  # the reference's pass and every chunk: one graph, no recompilation

@@ -3,10 +3,12 @@
 import json
 from collections import Counter
 
+import numpy as np
 import torch
 from PIL import Image
 
-from stylealigned.demo import CELL, TARGETS, random_sets
+from stylealigned.demo import CELL, TARGETS, load_judge, random_sets, run_demo
+from stylealigned.models import load_pipeline
 from stylealigned.toy.world import OBJECTS, STYLES
 
 from .test_cli import cli
@@ -30,6 +32,15 @@ def test_demo_writes_grid_and_summary(tmp_path, capsys):
     assert len(lines) == 3 and lines[0].startswith("style agreement") and str(out / "grid.png") in lines[2]
     with Image.open(out / "grid.png") as grid:  # rows: no sharing, shared, transfer; 4 columns after the labels
         assert grid.width > (TARGETS + 1) * CELL and 3 * CELL < grid.height < 4 * CELL
+        written = np.asarray(grid.convert("RGB"))
+    agreement, accuracy = summary["style_agreement"], summary["object_accuracy"]
+    assert f"{agreement['shared']:.2f} shared vs {agreement['unshared']:.2f} not shared" in lines[0]
+    assert f"{accuracy['shared']:.2f} shared vs {accuracy['unshared']:.2f} not shared" in lines[1]
+    pipe = load_pipeline("builtin", device="cpu")  # the same demo in this process: the files hold its results
+    pipe.set_progress_bar_config(disable=True)
+    expected = run_demo(pipe, load_judge(), 1, 4, 0)
+    assert summary == json.loads(json.dumps(expected.summary))
+    assert np.array_equal(written, np.asarray(expected.grid.convert("RGB")))
 
 
 def test_demo_keeps_earlier_results_without_overwrite(tmp_path, capsys):

@@ -12,10 +12,12 @@ from PIL import Image
 import stylealigned.io
 from stylealigned.errors import UserError
 from stylealigned.io import (
+    discard_earlier,
     load_image,
     make_grid,
     prepare_output_dir,
     read_png_metadata,
+    restore_earlier,
     save_png,
     slugify,
     write_json_atomic,
@@ -210,6 +212,11 @@ def test_overwrite_removes_only_the_files_run_json_lists(tmp_path):
         (tmp_path / name).write_text("x")
     (tmp_path / "run.json").write_text(json.dumps({"files": ours + ["../escape.png"]}))
     prepare_output_dir(tmp_path, overwrite=True, outputs=["00-a-tree.png", "grid.png"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(theirs + [".stylealigned-earlier"])
+    restore_earlier(tmp_path)  # the new run failed before writing anything: all back as it was
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(ours + theirs + ["run.json"])
+    prepare_output_dir(tmp_path, overwrite=True, outputs=["00-a-tree.png", "grid.png"])
+    discard_earlier(tmp_path)  # the new run wrote its first file
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(theirs)
 
 

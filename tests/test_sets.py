@@ -8,10 +8,16 @@ from stylealigned import sets
 from stylealigned.apply import hooked_layers
 from stylealigned.backbones import backbone_for
 from stylealigned.inversion import invert
+from tests.tolerance import assert_rounding_close, denoising_depth
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a car", "a bird", "a red cat", "a blue dog",
            "a tree in oil style"]
 SETTINGS = dict(num_inference_steps=3, guidance_scale=5.0, height=32, width=32)
+
+
+def loop_depth(pipe) -> int:
+    """The depth of one set's denoising loop (tests/tolerance.py)."""
+    return denoising_depth(pipe, SETTINGS["num_inference_steps"])
 
 
 def set_latents(pipe, prompts, decoded, **kwargs):
@@ -24,36 +30,46 @@ def set_latents(pipe, prompts, decoded, **kwargs):
 
 
 def test_one_chunk_equals_the_apply_path(sd_pipe, decoded):
+    sd_pipe.to(dtype=torch.float64)  # up to the rounding of the loop: tests/tolerance.py
     ours = set_latents(sd_pipe, PROMPTS[:4], decoded)
     with sa.apply(sd_pipe):
         expected = sd_pipe(PROMPTS[:4], latents=backbone_for(sd_pipe).initial_noise(range(4), 7, 32, 32),
                            output_type="latent", **SETTINGS).images
-    torch.testing.assert_close(torch.stack([ours[i] for i in range(4)]), expected, atol=1e-4, rtol=1e-4)
+    assert_rounding_close(torch.stack([ours[i] for i in range(4)]), expected, loop_depth(sd_pipe))
 
 
 @pytest.mark.parametrize("pipe_name", ["sd_pipe", "sdxl_pipe"])
 def test_batches_of_four_equal_one_batch_of_nine(request, pipe_name, decoded):
-    pipe = request.getfixturevalue(pipe_name)
+    pipe = request.getfixturevalue(pipe_name).to(dtype=torch.float64)  # tests/tolerance.py
     whole = set_latents(pipe, PROMPTS, decoded, batch_size=9)
     chunked = set_latents(pipe, PROMPTS, decoded, batch_size=4)
     waves = set_latents(pipe, PROMPTS, decoded, batch_size=2, wave_size=3)
     assert sorted(whole) == sorted(chunked) == sorted(waves) == list(range(9))
     for i in range(9):
-        torch.testing.assert_close(chunked[i], whole[i], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(waves[i], whole[i], atol=1e-4, rtol=1e-4)
+        assert_rounding_close(chunked[i], whole[i], loop_depth(pipe))
+        assert_rounding_close(waves[i], whole[i], loop_depth(pipe))
 
 
 def test_a_subset_of_positions_reproduces_the_set(sd_pipe, decoded):
+    sd_pipe.to(dtype=torch.float64)  # tests/tolerance.py
     whole = set_latents(sd_pipe, PROMPTS[:6], decoded, batch_size=2)
     part = set_latents(sd_pipe, PROMPTS[:6], decoded, batch_size=2, indices=[2, 5])
     assert sorted(part) == [2, 5]
     for i in (2, 5):
-        torch.testing.assert_close(part[i], whole[i], atol=1e-4, rtol=1e-4)
+        assert_rounding_close(part[i], whole[i], loop_depth(sd_pipe))
 
 
-def test_images_are_pil_in_order(sd_pipe):
-    images = sets.generate_set(sd_pipe, PROMPTS[:3], **SETTINGS)
-    assert [im.size for im in images] == [(32, 32)] * 3
+def test_images_are_pil_in_order(sd_pipe, decoded):
+    """The list holds image i at index i: the image made for position i (its own seed and prompt), whatever the
+    order in which chunks finish."""
+    by_position = {}
+    images = sets.generate_set(sd_pipe, PROMPTS[:5], seed=7, batch_size=2, **SETTINGS,
+                               on_image=lambda i, image: by_position.setdefault(i, image))
+    assert [im.size for im in images] == [(32, 32)] * 5
+    assert all(images[i] is by_position[i] for i in range(5))
+    again = set_latents(sd_pipe, PROMPTS[:5], decoded, batch_size=2, indices=[3, 4])  # the same chunk, alone
+    assert torch.equal(images[3].info["latent"], again[3]) and torch.equal(images[4].info["latent"], again[4])
+    assert not torch.equal(images[2].info["latent"], again[3])
 
 
 def test_a_single_prompt_is_just_the_reference(sd_pipe):

@@ -3,10 +3,12 @@
 import json
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +35,13 @@ def serve_app(out, **limits):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    page = serve_app(tmp_path_factory.mktemp("ui"), max_prompts=8, max_steps=20, max_upload="1mb")
+def out(tmp_path_factory):
+    return tmp_path_factory.mktemp("ui")
+
+
+@pytest.fixture(scope="module")
+def app(out):
+    page = serve_app(out, max_prompts=8, max_steps=20, max_upload="1mb")
     yield page
     page.close()
 
@@ -203,27 +210,166 @@ def test_transformer_backbones_work_in_the_app_unchanged(family, request, tmp_pa
         page.close()
 
 
-def test_cancel_stops_a_job_at_its_next_image_and_keeps_what_it_made(tmp_path, monkeypatch):
-    import types
+class Gate:
+    """A denoiser pre-hook: lets `free` calls through, then holds the next one until `open` is set, noting the
+    job's stop event (the worker thread's STOP) as it holds."""
 
-    import gradio as gr
-    from PIL import Image
+    def __init__(self, free: int):
+        self.free, self.calls, self.stop = free, 0, None
+        self.held, self.open = threading.Event(), threading.Event()
 
-    import stylealigned.sets
+    def __call__(self, module, args):
+        from stylealigned.ui import STOP
+
+        self.calls += 1
+        if self.calls == self.free + 1:
+            self.stop = STOP.get()
+            self.held.set()
+            assert self.open.wait(WAIT)
+
+
+WAIT = 120  # seconds: only a broken mechanism waits this long, and then the test fails instead of hanging
+
+
+def wait_until(condition) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "waited too long"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def gated(tmp_path):
+    """An app whose denoiser holds its third call: (the App, its page, the gate, its out folder)."""
     from stylealigned.models import load_pipeline
     from stylealigned.ui import App
 
-    page = App(load_pipeline("builtin", device="cpu"), "builtin", tmp_path)
-    request = types.SimpleNamespace(session_hash="one user")
+    pipe = load_pipeline("builtin", device="cpu")
+    gate = Gate(free=2)
+    pipe.unet.register_forward_pre_hook(gate)
+    app = App(pipe, "builtin", tmp_path / "out")
+    page = app.build()
+    page.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield app, page, gate, tmp_path / "out"
+    gate.open.set()
+    page.close()
 
-    def first_image_then_cancel(pipe, prompts, config, indices, on_image, **kwargs):
-        on_image(indices[0], Image.new("RGB", (64, 64)))
-        page.cancel(request)  # the user presses Cancel while the job runs
-        on_image(indices[1], Image.new("RGB", (64, 64)))
-        raise AssertionError("the job went on after Cancel")
 
-    monkeypatch.setattr(stylealigned.sets, "generate_set", first_image_then_cancel)
-    with pytest.raises(gr.Error, match="Cancelled; the images made so far are in the run folder"):
-        page.generate_set(PROMPTS, "", "text-to-image", 0, 2, 5.0, 64, 64, 0, request, progress=lambda *a, **k: None)
-    [folder] = [path for path in tmp_path.iterdir() if path.is_dir()]
-    assert sorted(path.name for path in folder.glob("*.png")) == ["00-a-circle.png"]
+def blue_image(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (30, 60, 200)).save(tmp_path / "blue.png")
+    return gradio_client.handle_file(str(tmp_path / "blue.png"))
+
+
+def run_folders(out):
+    return [path for path in out.glob("*") if path.is_dir() and not path.name.startswith(".")]
+
+
+def test_cancel_stops_its_own_job_during_the_inversion_and_not_another_tabs(gated, tmp_path):
+    _, page, gate, out = gated
+    tab, other_tab = (gradio_client.Client(page.local_url, verbose=False) for _ in range(2))
+    job = tab.submit(reference=blue_image(tmp_path), reference_prompt="a square", prompts="a circle", steps=20,
+                     api_name="/transfer")
+    assert gate.held.wait(WAIT)  # inverting, step 3 of 20
+    other = other_tab.submit(prompts=PROMPTS, steps=2, api_name="/generate_set")  # queued behind it
+    job.cancel()
+    wait_until(gate.stop.is_set)
+    gate.open.set()
+    gallery, _, status = other.result()
+    assert len(gallery) == 3 and "Done: 3 images" in status
+    [folder] = run_folders(out)  # the transfer stopped in its inversion: it never made a run folder
+    assert folder.name.endswith("a-circle")
+
+
+def test_cancel_on_one_tab_leaves_the_running_job_of_another(gated):
+    _, page, gate, _ = gated
+    tab, other_tab = (gradio_client.Client(page.local_url, verbose=False) for _ in range(2))
+    running = tab.submit(prompts=PROMPTS, steps=5, api_name="/generate_set")
+    assert gate.held.wait(WAIT)
+    queued = other_tab.submit(prompts="a square", steps=2, api_name="/generate_set")
+    queued.cancel()
+    gate.open.set()
+    assert "Done: 3 images" in running.result()[2] and not gate.stop.is_set()
+
+
+def test_a_client_that_disconnects_has_its_job_stopped(gated):
+    import http.client
+
+    app, page, gate, out = gated
+    parameters = gradio_client.Client(page.local_url, verbose=False).view_api(
+        print_info=False, return_format="dict")["named_endpoints"]["/generate_set"]["parameters"]
+    values = {p["parameter_name"]: p["parameter_default"] for p in parameters} | {"prompts": PROMPTS, "steps": 20}
+    body = json.dumps({"data": list(values.values())})
+    connection = http.client.HTTPConnection(page.server_name, page.server_port, timeout=WAIT)
+    connection.request("POST", "/gradio_api/call/generate_set", body, {"Content-Type": "application/json"})
+    event = json.loads(connection.getresponse().read())["event_id"]
+    connection.request("GET", f"/gradio_api/call/generate_set/{event}")
+    connection.getresponse()
+    assert gate.held.wait(WAIT)
+    connection.close()  # the client goes away mid-job
+    wait_until(gate.stop.is_set)
+    gate.open.set()
+    wait_until(lambda: not app.device.locked())
+    assert [list(folder.glob("*.png")) for folder in run_folders(out)] == [[]]
+
+
+def test_knobs_given_without_the_custom_preset_win(client, out):
+    before = set(out.iterdir())
+    client.predict(prompts="a circle\na square", steps=2, share_attention=False, shared_score_shift=5,
+                   api_name="/generate_set")
+    [folder] = [path for path in set(out.iterdir()) - before if path.is_dir()]
+    config = json.loads((folder / "run.json").read_text())["parameters"]["config"]
+    assert config["share_attention"] is False and config["shared_score_shift"] == 5
+
+
+def test_gradio_keeps_its_copies_under_out_and_deletes_them(tmp_path, monkeypatch):
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)  # as in a process of its own (an earlier app set it)
+    page, cache = serve_app(tmp_path / "out"), tmp_path / "out" / ".gradio"
+    try:
+        client = gradio_client.Client(page.local_url, verbose=False)
+        _, archive, _ = client.predict(reference=blue_image(tmp_path), reference_prompt="a square",
+                                       prompts="a circle", steps=2, inversion="noise", api_name="/transfer")
+        copies = {path.name for path in cache.rglob("*") if path.is_file()}
+        assert {"blue.png", "00-a-square.png", "01-a-circle.png", Path(archive).name} <= copies  # uploads too
+    finally:
+        page.close()
+    assert not [path for path in cache.rglob("*") if path.is_file()]
+
+
+def test_a_transfer_without_targets_is_refused_before_the_inversion(gated, tmp_path):
+    _, page, gate, out = gated
+    client = gradio_client.Client(page.local_url, verbose=False)
+    with pytest.raises(gradio_client.exceptions.AppError, match="at least one target prompt"):
+        client.predict(reference=blue_image(tmp_path), reference_prompt="a square", prompts=" \n ", steps=2,
+                       api_name="/transfer")
+    assert gate.calls == 0 and not run_folders(out)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"preset": "custom", "full_attention_share": True, "batch_size": 1},
+     "cannot run in batches; drop batch size or full attention share$"),
+    ({"steps": 2.5}, "^steps must be a whole number, got 2.5"),
+    ({"width": 64.5}, "^width must be a whole number"),
+])
+def test_messages_name_the_fields_and_numbers_are_whole(client, values, message):
+    with pytest.raises(gradio_client.exceptions.AppError, match=message):
+        client.predict(**{"prompts": PROMPTS, "steps": 2, **values}, api_name="/generate_set")
+
+
+@pytest.mark.parametrize("content", [b"just some text\n", b"huge header"])
+def test_an_upload_that_is_no_image_is_one_sentence(client, tmp_path, content):
+    path = tmp_path / "upload.png"
+    if content == b"huge header":  # a PNG header claiming 30000 x 30000 pixels
+        import struct
+        import zlib
+
+        header = struct.pack(">IIBBBBB", 30_000, 30_000, 8, 2, 0, 0, 0)
+        content = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header + struct.pack(
+            ">I", zlib.crc32(b"IHDR" + header))
+    path.write_bytes(content)
+    with pytest.raises(gradio_client.exceptions.AppError) as error:
+        client.predict(reference=gradio_client.handle_file(str(path)), reference_prompt="a square",
+                       prompts="a circle", steps=2, api_name="/transfer")
+    assert str(error.value).startswith("The reference is not an image this app can read;")
+    assert str(error.value).count(".") == 1 and "preprocess" not in str(error.value)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import inspect
@@ -12,13 +14,14 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 
 from ..config import KNOBS, StyleAlignedConfig, knob_help, knobs_of_type
 from ..errors import UserError
-from ..io import image_filename, make_grid, prepare_output_dir, read_png_metadata, save_png, write_json_atomic
+from ..io import (discard_earlier, image_filename, make_grid, prepare_output_dir, read_png_metadata, restore_earlier,
+                  save_png, write_json_atomic)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -36,6 +39,7 @@ LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and 
     "batch_size": (1, 4096), "offset": (0, 999), "inversion_guidance": (0, 100), "shared_score_scale": (0, 100),
     "shared_score_shift": (-100, 100), "port": (0, 65535), "sets": (1, 100), "threads": (1, 1024), "styles": (1, 100),
     "control_scale": (0, 10),  # 0 itself is refused by the ControlNet options (no control at all)
+    "reference_weight": (0, 10**6), "window": (8, MAX_SIZE), "stride": (8, MAX_SIZE),
     # the web app operator's limits on one job
     "max_prompts": (1, 1000), "max_steps": (1, 1000), "max_side": (8, MAX_SIZE), "max_upload_mb": (1, 10_000),
 }
@@ -152,8 +156,7 @@ def build_config(preset: str, no_share: bool, **knobs) -> StyleAlignedConfig:
 def read_prompts(prompts: list[str] | None, prompts_file: Path | None, style: str | None) -> list[str]:
     """Prompts from the arguments and the file, with the style appended; none at all is a UserError."""
     prompts = list(prompts or [])
-    if not all(p.strip() for p in prompts):
-        raise UserError("a prompt argument is empty; write some text in every prompt, or leave it out")
+    check_not_empty(prompts, "a prompt argument")
     if prompts_file is not None:
         try:
             with open(prompts_file, "rb") as file:
@@ -169,6 +172,12 @@ def read_prompts(prompts: list[str] | None, prompts_file: Path | None, style: st
     return [f"{p}, {style}" if style else p for p in prompts]
 
 
+def check_not_empty(texts: list[str], what: str) -> None:
+    """Every prompt must hold some text."""
+    if not all(text.strip() for text in texts):
+        raise UserError(f"{what} is empty; write some text in every prompt, or leave it out")
+
+
 def versions() -> dict:
     import diffusers
     import torch
@@ -182,12 +191,16 @@ def versions() -> dict:
 
 @dataclass
 class RunFolder:
-    """Where a set is written: NN-<slug>.png per position, grid.png and run.json holding `parameters`."""
+    """Where a set is written: NN-<slug>.png per position, grid.png and run.json holding `parameters` and the
+    SHA-256 of every file written so far (what a resume checks before it keeps or replaces a file)."""
 
     path: Path
     prompts: list[str]
     parameters: dict
     files: dict[int, Path] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+    written: int = 0
+    resumable = True  # whether the command has --resume
 
     def __post_init__(self) -> None:
         self.files = {i: self.path / image_filename(i, p) for i, p in enumerate(self.prompts)}
@@ -201,11 +214,33 @@ class RunFolder:
         """Create or reopen the folder; returns the positions still to generate."""
         earlier = self.path / "run.json"
         resuming = resume and earlier.exists()
-        prepare_output_dir(self.path, overwrite=overwrite, resume=resume, outputs=self.outputs)
+        prepare_output_dir(self.path, overwrite=overwrite, resume=resume, outputs=self.outputs,
+                           resumable=self.resumable)
         if resuming and (differ := self._differences(earlier)):
             raise UserError(f"{self.path} holds a run with other parameters ({', '.join(differ)}); rerun the same "
                             "command to resume, or pass --overwrite")
-        return [i for i, file in self.files.items() if not (resuming and _is_complete(file))]
+        if resuming:
+            self._check_ours(json.loads(earlier.read_text(encoding="utf-8")).get("sha256") or {})
+        return [i for i, file in self.files.items() if not file.exists()]
+
+    def _check_ours(self, recorded: dict) -> None:
+        """Refuse to resume where a file at one of our names is not the one this run wrote (run.json's digest, or
+        for an image written by another process, our metadata for its position)."""
+        for position, file in [*self.files.items(), (None, self.path / "grid.png")]:
+            if not (file.exists() or file.is_symlink()):
+                continue
+            if not (_recorded(file, recorded) if file.name in recorded else self._our_metadata(file, position)):
+                raise UserError(f"{file} is not the file this run wrote (run.json lists another); move it away, "
+                                "then rerun with --resume")
+            self.digests[file.name] = file_digest(file)
+
+    def _our_metadata(self, file: Path, position: int | None) -> bool:
+        try:
+            metadata = read_png_metadata(file) if file.is_file() else {}
+        except (OSError, ValueError):
+            return False
+        expected = json.loads(json.dumps(self.parameters))
+        return metadata.get("position") == position and all(metadata.get(k) == v for k, v in expected.items())
 
     def _differences(self, earlier: Path) -> list[str]:
         """What differs between this set and the one recorded in `earlier`: prompts, style, model, reference, ..."""
@@ -220,12 +255,21 @@ class RunFolder:
     def write_record(self, complete: bool) -> None:
         write_json_atomic(self.path / "run.json", {"parameters": self.parameters, "prompts": self.prompts,
                                                    "style": self.parameters.get("style"), "complete": complete,
-                                                   "files": self.outputs, "versions": versions()})
+                                                   "files": self.outputs, "sha256": self.digests,
+                                                   "versions": versions()})
 
     def save(self, position: int, image) -> None:
-        save_png(image, self.files[position], {**self.parameters, "position": position,
-                                               "prompt": self.prompts[position],
-                                               "seed_of_image": self.parameters["seed"] + position})
+        self._written(self.files[position], lambda path: save_png(
+            image, path, {**self.parameters, "position": position, "prompt": self.prompts[position],
+                          "seed_of_image": self.parameters["seed"] + position}))
+
+    def _written(self, path: Path, write: Callable[[Path], None]) -> None:
+        """Write one of our files, record its digest, and on the first one delete the earlier run set aside."""
+        write(path)
+        self.digests[path.name] = file_digest(path)
+        if not self.written:
+            discard_earlier(self.path)
+        self.written += 1
 
     def write_grid(self, extra: list[tuple[str, object]] = ()) -> Path:
         from PIL import Image
@@ -234,16 +278,39 @@ class RunFolder:
         images += [(f"{i}: {p}", Image.open(file)) for (i, p), file in zip(enumerate(self.prompts), self.files.values())]
         grid = make_grid([image for _, image in images], columns=min(len(images), 5),
                          labels=[label for label, _ in images])
-        save_png(grid, self.path / "grid.png", self.parameters)
+        self._written(self.path / "grid.png", lambda path: save_png(grid, path, self.parameters))
         return self.path / "grid.png"
 
+    @contextlib.contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Put back the earlier run (which --overwrite set aside) if the block fails before our first file."""
+        try:
+            yield
+        except BaseException:
+            if not self.written:
+                restore_earlier(self.path)
+            raise
 
-def _is_complete(file: Path) -> bool:
-    """An image this tool finished: writes are atomic, so a readable PNG with our metadata is complete."""
-    try:
-        return bool(read_png_metadata(file))
-    except (OSError, ValueError):
-        return False
+    def collect_digests(self) -> None:
+        """The digests of images other processes wrote (under accelerate), read from disk."""
+        for file in self.files.values():
+            if file.name not in self.digests and file.exists():
+                self.digests[file.name] = file_digest(file)
+
+
+def _recorded(file: Path, recorded: dict) -> bool:
+    return file.is_file() and file_digest(file) == recorded[file.name]
+
+
+def write_failure(error: OSError, fallback: Path, then: str) -> UserError:
+    """One line for a failed write: which file, why in words, and what to do about it, then `then`."""
+    name = error.filename or fallback
+    fixes = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space",
+             errno.EACCES: f"allow writing to {Path(name).parent}", errno.EPERM: f"allow writing to {Path(name)}",
+             errno.EROFS: "choose a writable folder", errno.EISDIR: f"move the folder {name} away",
+             errno.ENOENT: f"the folder {Path(name).parent} was removed or renamed meanwhile; put it back"}
+    fix = fixes.get(error.errno, "fix the cause")
+    return UserError(f"cannot write {name} ({error.strerror or error}); {fix} and {then}")
 
 
 def generate_into(folder: RunFolder, todo: list[int], produce: Callable[[list[int], Callable], None],
@@ -252,6 +319,7 @@ def generate_into(folder: RunFolder, todo: list[int], produce: Callable[[list[in
 
     Under `accelerate launch` each process takes its share of the set's waves (all compute the same reference).
     Returns whether this is the main process (the one that reports). A failed write (a full disk) is a UserError.
+    A failure before the first image is written puts back the earlier run that --overwrite set aside.
     """
     from accelerate import PartialState
 
@@ -259,25 +327,38 @@ def generate_into(folder: RunFolder, todo: list[int], produce: Callable[[list[in
 
     state = PartialState()
     waves = [[i for i in todo if i in wave] for wave in waves_of(len(folder.prompts), batch_size, None, references)]
-    try:
+
+    def on_image(position: int, image) -> None:
+        folder.save(position, image)
         if state.is_main_process:
             folder.write_record(complete=False)
-        with state.split_between_processes([wave for wave in waves if wave]) as mine:
-            try:
-                if mine:
-                    produce([i for wave in mine for i in wave], folder.save)
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted: finished images are kept in {folder.path}; "
-                                  "rerun the same command with --resume to complete the set") from None
-        state.wait_for_everyone()
-        if state.is_main_process:
-            folder.write_grid(grid_extra)
-            folder.write_record(complete=True)
+
+    try:
+        with folder.restoring():
+            _write_set(folder, state, waves, produce, on_image, grid_extra)
     except OSError as error:
-        raise UserError(f"cannot write {error.filename or folder.path} ({error.strerror or error}); finished images "
-                        f"are kept in {folder.path}: free some space and rerun the same command with --resume"
-                        ) from None
+        raise write_failure(error, folder.path, f"rerun the same command with --resume (finished images are kept in "
+                            f"{folder.path})") from None
     return state.is_main_process
+
+
+def _write_set(folder: RunFolder, state, waves: list[list[int]], produce: Callable, on_image: Callable,
+               grid_extra) -> None:
+    """generate_into's work: run.json, this process's waves, then (main process) grid.png and the final record."""
+    if state.is_main_process:
+        folder.write_record(complete=False)
+    with state.split_between_processes([wave for wave in waves if wave]) as mine:
+        try:
+            if mine:
+                produce([i for wave in mine for i in wave], on_image)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: finished images are kept in {folder.path}; "
+                              "rerun the same command with --resume to complete the set") from None
+    state.wait_for_everyone()
+    if state.is_main_process:
+        folder.write_grid(grid_extra)
+        folder.collect_digests()
+        folder.write_record(complete=True)
 
 
 def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int, guidance: float | None,
@@ -333,6 +414,8 @@ def reference_weights(weights: list[float] | None, count: int) -> list[float] | 
         raise UserError(f"--reference-weight is given {len(weights)} times for {count} reference(s); give it once "
                         "per reference, in their order, or not at all")
     normalised_weights(weights)
+    for weight in weights:  # a sum that overflows would make every weight 0
+        check_numbers(reference_weight=weight)
     return list(weights)
 
 

@@ -28,9 +28,12 @@ def parse_sizes(text: str | None) -> list[int] | None:
     if text is None:
         return None
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        sizes = [int(part) for part in text.split(",")]
     except ValueError:
         raise UserError(f"--set-sizes takes comma-separated whole numbers such as 4,8,16; got {text!r}") from None
+    if len(set(sizes)) < len(sizes):
+        raise UserError(f"--set-sizes names a size twice ({text}); give each size once, such as 4,8,16")
+    return sizes
 
 
 @app.command("eval")

@@ -10,7 +10,7 @@ from ..control import DEPTH_MODEL
 from . import app
 from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Loras, Model, Negative, NoShare, Out,
                      Overwrite, Preset, Prompts, PromptsFile, ReferencePrompts, ReferenceWeights, Resume, RunFolder,
-                     Scheduler, Seed, Size, Steps, Style, build_config, check_numbers, fit_to_family,
+                     Scheduler, Seed, Size, Steps, Style, build_config, check_not_empty, check_numbers, fit_to_family,
                      fit_to_references, generate_into, load, read_prompts, reference_weights, with_knob_options)
 from .control import ControlImage, ControlNet, ControlOptions, ControlScale, DepthFrom, DepthModel
 from .images import ImageOptions, InitImage, MaskImage, Strength
@@ -39,6 +39,7 @@ def generate(
     config = build_config(preset, no_share, **knobs)
     set_prompts = read_prompts(prompts, prompts_file, style)
     references = list(reference_prompt or [])
+    check_not_empty(references, "a --reference-prompt")
     weights = reference_weights(reference_weight, len(references) or 1)
     config = fit_to_references(config, knobs, len(references) or 1)
     images = ImageOptions.check(init_image, mask_image, strength, len(references) + len(set_prompts))

@@ -71,12 +71,13 @@ class ImageOptions:
         if not self.init_images:
             return pipe, {}
         from ..models import with_image_input
-        from ..strengths import check_strengths
+        from ..strengths import check_steps_left, check_strengths
 
         pipe = with_image_input(pipe, self.inpaint)
         if self.strengths:
             check_strengths(pipe, self.strengths, settings)
         width, height = settings["width"], settings["height"]
+        check_steps_left(pipe, self.strengths, settings["num_inference_steps"], height, width)
         given = {"image": [load_image(p, width, height) for p in self.init_images],
                  "mask_image": [load_image(p, width, height) for p in self.mask_images], "strength": self.strengths}
         return pipe, {key: values[0] if len(values) == 1 else values for key, values in given.items() if values}

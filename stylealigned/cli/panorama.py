@@ -7,17 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import UserError
 from . import app
 from .common import (DEFAULT_MODEL, Device, Dtype, Guidance, Interrupted, Model, NoShare, Overwrite, Preset,
                      RunFolder, Scheduler, Steps, Style, build_config, check_numbers, fit_to_family, load,
-                     read_prompts, with_knob_options)
+                     read_prompts, with_knob_options, write_failure)
 
 Pixels = Optional[int]
 
 
 class PanoramaFolder(RunFolder):
-    """A run folder holding the reference (00), the panorama (01) and run.json; no grid."""
+    """A run folder holding the reference (00), the panorama (01) and run.json; no grid, no --resume."""
+
+    resumable = False
 
     @property
     def outputs(self) -> list[str]:
@@ -49,7 +50,7 @@ def panorama(
     from ..backbones import backbone_for
     from ..panorama import check_options, generate_panorama, plan_panorama
 
-    check_numbers(seed=seed)
+    check_numbers(seed=seed, window=window, stride=stride)
     config = build_config(preset, no_share, **knobs)
     check_options(config, view_batch_size, steps)
     (panorama_prompt,) = read_prompts([prompt], None, style)
@@ -65,17 +66,17 @@ def panorama(
         "circular": circular, "view_batch_size": view_batch_size, "config": config.to_dict()})
     folder.open(resume=False, overwrite=overwrite)
     try:
-        folder.write_record(complete=False)
-        result = generate_panorama(pipe, panorama_prompt, config, reference_prompt=reference, width=plan.width,
-                                   height=plan.height, window=plan.window, stride=plan.stride, circular=circular,
-                                   view_batch_size=view_batch_size, seed=seed, num_inference_steps=steps,
-                                   guidance_scale=guidance)
-        folder.save(0, result.reference)
-        folder.save(1, result.image)
-        folder.write_record(complete=True)
+        with folder.restoring():
+            folder.write_record(complete=False)
+            result = generate_panorama(pipe, panorama_prompt, config, reference_prompt=reference, width=plan.width,
+                                       height=plan.height, window=plan.window, stride=plan.stride, circular=circular,
+                                       view_batch_size=view_batch_size, seed=seed, num_inference_steps=steps,
+                                       guidance_scale=guidance)
+            folder.save(0, result.reference)
+            folder.save(1, result.image)
+            folder.write_record(complete=True)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: {out} holds no panorama; rerun the same command with --overwrite") from None
     except OSError as error:
-        raise UserError(f"cannot write {error.filename or out} ({error.strerror or error}); free some space and "
-                        "rerun the same command with --overwrite") from None
+        raise write_failure(error, out, "rerun the same command with --overwrite") from None
     typer.echo(f"wrote the reference, the {plan.width}x{plan.height} panorama and run.json to {out}")

@@ -1,5 +1,6 @@
 """`stylealigned score DIR`: the paper's two metrics for a set that `stylealigned generate` wrote."""
 
+import json
 from pathlib import Path
 
 import typer
@@ -10,6 +11,7 @@ from ..eval.metrics import score_set
 from ..eval.run_folder import read_run_folder
 from ..io import write_json_atomic
 from . import app
+from .common import write_failure
 
 
 @app.command()
@@ -42,8 +44,19 @@ def score(
     }
     try:
         write_json_atomic(folder / "scores.json", record)
+        list_as_ours(folder / "run.json", "scores.json")
     except OSError as error:
-        raise UserError(f"cannot write {error.filename} ({error.strerror}); free some space and score again") from None
+        raise write_failure(error, folder, "score again") from None
     typer.echo(f"text alignment  {scores['text_alignment']:.4f}  (CLIP, mean of {len(per_image)} images)")
     typer.echo(f"set consistency {scores['set_consistency']:.4f}  (DINO, mean over pairs, reference included)")
     typer.echo(f"wrote {folder / 'scores.json'}")
+
+
+def list_as_ours(record: Path, name: str) -> None:
+    """Add `name` to the files a run.json of ours lists, so that --overwrite deletes it with the set."""
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and isinstance(data.get("files"), list) and name not in data["files"]:
+        write_json_atomic(record, {**data, "files": [*data["files"], name]})

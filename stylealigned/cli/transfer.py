@@ -14,7 +14,7 @@ from . import app
 from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Loras, Model, Negative, NoShare, Out,
                      Overwrite, Preset, PromptsFile, ReferenceWeights, Resume, RunFolder, Scheduler, Seed,
                      Size, Steps, Style, build_config, check_numbers, file_digest, fit_to_family, fit_to_references,
-                     generate_into, load, read_prompts, reference_weights, with_knob_options)
+                     generate_into, load, read_prompts, reference_weights, with_knob_options, write_failure)
 from .control import ControlImage, ControlNet, ControlOptions, ControlScale, DepthFrom, DepthModel
 
 
@@ -65,7 +65,7 @@ def transfer(
     if save_trajectory is not None:
         if count > 1:
             raise UserError("--save-trajectory saves one reference's trajectory; pass one --reference to save it")
-        _check_save_path(save_trajectory, overwrite)
+        _check_save_path(save_trajectory, overwrite or resume)
     for path in references:
         load_image(path, 64, 64)  # fail on a bad image before the model loads
     control = ControlOptions.check(controlnet, control_image, depth_from, depth_model, control_scale, len(targets),
@@ -96,10 +96,10 @@ def transfer(
     todo = folder.open(resume, overwrite)
     if save_trajectory is not None:
         try:
-            saved.save(save_trajectory, overwrite=overwrite)
+            with folder.restoring():
+                saved.save(save_trajectory, overwrite=True)  # _check_save_path: absent, or a trajectory of ours
         except OSError as error:
-            raise UserError(f"cannot write --save-trajectory {save_trajectory} ({error.strerror}); "
-                            "free some space or choose another file") from None
+            raise write_failure(error, save_trajectory, "run the same command again") from None
 
     def produce(positions, on_image):
         from ..sets import generate_set
@@ -118,11 +118,21 @@ def _one_or_all(**lists: list) -> dict:
     return {key: values[0] if len(values) == 1 else values for key, values in lists.items()}
 
 
-def _check_save_path(path: Path, overwrite: bool) -> None:
-    """--save-trajectory must name a file that can be created: not a folder, in an existing folder."""
+def _check_save_path(path: Path, replace: bool) -> None:
+    """--save-trajectory must name a file that can be created: not a folder, in an existing folder; a file there
+    is replaced only with --overwrite or --resume (`replace`), and only when it is a trajectory stylealigned wrote."""
+    from ..inversion import Trajectory
+
     if path.is_dir():
         raise UserError(f"--save-trajectory {path} is a folder; name a file such as {path / 'reference.safetensors'}")
     if not path.parent.is_dir():
         raise UserError(f"--save-trajectory {path}: folder {path.parent} does not exist; create it or choose another")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; choose another --save-trajectory or pass --overwrite")
+    if (path.exists() or path.is_symlink()) and not replace:
+        raise UserError(f"{path} already exists; choose another --save-trajectory, or pass --overwrite to replace "
+                        "a trajectory saved before")
+    if path.exists() or path.is_symlink():
+        try:
+            Trajectory.load(path)
+        except UserError:
+            raise UserError(f"--save-trajectory {path} is a file stylealigned did not write (not a trajectory), "
+                            "and it is never replaced; choose another file name") from None

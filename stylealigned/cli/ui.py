@@ -35,6 +35,7 @@ def ui(
     except socket.gaierror as error:
         raise UserError(f"cannot listen on --host {host} ({error.strerror}); pass an address of this computer, "
                         "such as 127.0.0.1") from None
+    prepare_out(out)
     try:
         from ..ui import Limits, launch
     except ImportError as error:
@@ -49,3 +50,18 @@ def ui(
         raise UserError(f"cannot listen on {host}:{port} ({error}); pass another --port") from None
     typer.echo(f"stylealigned ui on {page.share_url or page.local_url} (Ctrl-C to stop); run folders in {out}")
     page.block_thread()
+
+
+def prepare_out(out: Path) -> None:
+    """--out must be a folder this process can write in (created if missing), before the server starts."""
+    import tempfile
+
+    from ..errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a folder for the run folders")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as error:
+        raise UserError(f"cannot write to --out {out} ({error.strerror}); pass a folder you can write in") from None

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, ViTModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    ViTModel,
+)
 
 from ..errors import UserError
 from ..models import HUB_ID, hub_call
@@ -37,32 +43,42 @@ class Encoder:
         return self.processor(images=rgb, return_tensors="pt")["pixel_values"].to(self.device)
 
 
-def _load(name: str, device: torch.device, load_model, load_processor) -> Encoder:
-    """Load a model and its processor from a local folder or a hub id; failures become one-line UserErrors."""
+def _load(name: str, device: torch.device, kind: str, load_model, load_processor) -> Encoder:
+    """Load a model of transformers type `kind` and its processor from a local folder or a hub id; failures (a
+    model of another type included, checked before its weights load) become one-line UserErrors."""
     path = Path(name).expanduser()
     if path.is_dir():
         try:
+            _check_kind(name, AutoConfig.from_pretrained(path), kind)
             model, processor = load_model(path), load_processor(path)
         except (OSError, ValueError) as error:
             raise UserError(f"{path} does not hold a saved model and its processor: {error}".splitlines()[0]) from None
     elif HUB_ID.match(name):
         fix = f"download it once with network (`hf download {name}`) or pass a local folder that holds it"
+        _check_kind(name, hub_call(name, fix, lambda: AutoConfig.from_pretrained(name)), kind)
         model, processor = hub_call(name, fix, lambda: (load_model(name), load_processor(name)))
     else:
         raise UserError(f"no such model folder: {name}; pass a local model folder or a hub id (owner/name)")
     return Encoder(model.to(device, torch.float32).eval(), processor, device)
 
 
+def _check_kind(name: str, config, kind: str) -> None:
+    if config.model_type != kind:
+        role = {"clip": "CLIP (--clip-model)", "vit": "DINO ViT (--dino-model)"}[kind]
+        raise UserError(f"{name} holds a {config.model_type} model, not a {role} one; pass a {role.split()[0]} "
+                        "model there")
+
+
 @functools.lru_cache(maxsize=4)
 def load_clip(name: str = DEFAULT_CLIP, device: torch.device = torch.device("cpu")) -> Encoder:
     """A CLIPModel with its CLIPProcessor (tokenizer + image processor)."""
-    return _load(name, device, CLIPModel.from_pretrained, CLIPProcessor.from_pretrained)
+    return _load(name, device, "clip", CLIPModel.from_pretrained, CLIPProcessor.from_pretrained)
 
 
 @functools.lru_cache(maxsize=4)
 def load_dino(name: str = DEFAULT_DINO, device: torch.device = torch.device("cpu")) -> Encoder:
     """A ViTModel without its pooler (DINO uses the CLS token) with its image processor."""
-    return _load(name, device, functools.partial(ViTModel.from_pretrained, add_pooling_layer=False),
+    return _load(name, device, "vit", functools.partial(ViTModel.from_pretrained, add_pooling_layer=False),
                  AutoImageProcessor.from_pretrained)
 
 
