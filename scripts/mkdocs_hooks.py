@@ -24,8 +24,9 @@ def command_help() -> dict[str, str]:
     """{command name ("" for `stylealigned` itself): its --help text}, as the CLI of this checkout prints it."""
     env = {**os.environ, "TYPER_USE_RICH": "0", "COLUMNS": "100",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", PRINT_HELP], capture_output=True, text=True, env=env, cwd=ROOT,
-                            check=True)
+    result = subprocess.run([sys.executable, "-c", PRINT_HELP], capture_output=True, text=True, env=env, cwd=ROOT)
+    if result.returncode != 0:
+        raise RuntimeError(f"the CLI's --help could not be printed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
