@@ -222,7 +222,8 @@ def generate_panorama(pipe, prompt: str, config: StyleAlignedConfig | None = Non
     Args:
         pipe: an SD 1.x/2.x or SDXL text-to-image pipeline.
         config: the StyleAligned knobs (default: the paper's text-to-image setting).
-        width, height: the panorama's size in pixels (default: 4 windows wide, one high).
+        width: the panorama's width in pixels (default: 4 windows wide).
+        height: its height in pixels (default: one window high).
         window: the side of the square windows and of the reference (default: the model's native size).
         stride: pixels between neighbouring windows (default: window / 8).
         circular: wrap the windows around the right edge, so the panorama closes into a 360-degree loop.
