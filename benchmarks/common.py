@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
-                       FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, DDIMScheduler, FlowMatchEulerDiscreteScheduler,
+                       Flux2KleinPipeline, Flux2Transformer2DModel, FluxPipeline, FluxTransformer2DModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -167,6 +168,27 @@ def random_sd3(words: list[str], device: torch.device, blocks: int = 24) -> Stab
              "text_encoder_2": (CLIPTextModelWithProjection, SMALL_CLIP_BIGG)}
     return StableDiffusion3Pipeline(**_dit_parts(words, device, lambda: SD3Transformer2DModel(
         **SD35_MEDIUM_TRANSFORMER | depth), SMALL_SD3_VAE, clips, SD3_SCHEDULER))
+
+
+def random_flux2(words: list[str], device: torch.device, double_blocks: int = 8, single_blocks: int = 48,
+                 heads: int = 48) -> Flux2KleinPipeline:
+    """FLUX.2's transformer blocks (diffusers' defaults, FLUX.2 [dev]'s: heads of 128, SwiGLU MLPs of ratio 3, RoPE
+    over 4 axes; at the given depth and head count: 48 is [dev]'s 6144 width) without guidance embedding (klein's
+    CFG: two calls per step), a small FLUX.2 VAE with the real 32 latent channels, and the tests' small Qwen3 encoder
+    (its three stacked hidden states are 48 wide, so the context embedder takes 48 channels instead of 15360: one
+    linear layer over the text tokens)."""
+    from tests.flux2_pipelines import TEXT_WIDTH, chat_tokenizer, tiny_qwen3
+
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(0)
+    transformer = Flux2Transformer2DModel(num_layers=double_blocks, num_single_layers=single_blocks,
+                                          num_attention_heads=heads, joint_attention_dim=3 * TEXT_WIDTH,
+                                          guidance_embeds=False)
+    vae = AutoencoderKLFlux2(**SMALL_VAE | dict(latent_channels=32))
+    pipe = Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
+                              vae=vae, text_encoder=tiny_qwen3(len(tokenizer)), tokenizer=tokenizer,
+                              transformer=transformer)
+    return pipe.to(device)
 
 
 def synchronize(device: torch.device) -> None:

@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux --device cpu --repeats 3    # ~3 min on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model sd3 --device cpu --repeats 3     # ~3 min
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux2 --device cpu --repeats 3   # FLUX.2 blocks (24 heads), 1+2
     python benchmarks/speed.py --device cpu  [--model sd15-lite|sd15] [--sizes 4,16] [--batch-size 4] [--steps 2]
     python benchmarks/speed.py --device cuda --model flux   # FLUX.1-dev at full depth (19+38), 1024², bf16, 4 steps
     python benchmarks/speed.py --device cuda --model sd3    # SD3.5-medium at full depth (24), 1024², bf16, 4 steps
@@ -57,8 +58,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for benchmarks.* and tests.*
 
 import stylealigned as sa  # noqa: E402
-from benchmarks.common import (MIB, SD15_LITE, peak_memory, peak_memory_method, random_flux, random_sd3,  # noqa: E402
-                               random_sd15, random_sdxl, synchronize)
+from benchmarks.common import (MIB, SD15_LITE, peak_memory, peak_memory_method, random_flux,  # noqa: E402
+                               random_flux2, random_sd3, random_sd15, random_sdxl, synchronize)
 from benchmarks.floor import check, floor  # noqa: E402
 from stylealigned.apply import layers_to_share  # noqa: E402
 from stylealigned.backbones import backbone_for  # noqa: E402
@@ -91,6 +92,9 @@ MODELS = {
     "sd3": Model("SD3.5-medium transformer blocks (24 heads x 64, dual attention in the first 13/24); small VAE "
                  "(16 latent channels), small CLIP-L/bigG/T5 encoders", (256, 1024), 4.5, depth=("3", "24"),
                  text_tokens=(32, 256), gpu_dtype="bf16"),
+    "flux2": Model("FLUX.2 transformer blocks (heads of 128: 24 on CPU, FLUX.1's width; 48 on a GPU, FLUX.2 [dev]'s), "
+                   "klein's CFG in two calls; small VAE (32 latent channels), small Qwen3 encoder", (256, 1024), 4.0,
+                   depth=("1,2", "8,48"), text_tokens=(32, 512), gpu_dtype="bf16"),
 }
 METHODS = ("vanilla", "floor", "apply", "transfer", "floor_chunked", "generate_set")
 FLOOR_OF = {"apply": "floor", "transfer": "floor", "generate_set": "floor_chunked"}
@@ -114,6 +118,9 @@ def build(args, device: torch.device, dtype: torch.dtype):
         pipe = random_flux(words, device, double, single)
     elif args.model == "sd3":
         pipe = random_sd3(words, device, int(args.depth))
+    elif args.model == "flux2":
+        double, single = (int(d) for d in args.depth.split(","))
+        pipe = random_flux2(words, device, double, single, heads=48 if device.type == "cuda" else 24)
     else:
         pipe = random_sd15(words, SD15_LITE if args.model == "sd15-lite" else {}, device)
     if dtype != torch.float32:
@@ -137,16 +144,17 @@ def run_method(method: str, pipe, prompts: list[str], args) -> None:
         sa.generate_set(pipe, prompts, seed=0, batch_size=args.batch_size, **kwargs)
         return
     backbone = backbone_for(pipe)
-    noise = backbone.initial_noise(range(len(prompts)), 0, args.resolution, args.resolution)
+    noise = backbone.start_latents(backbone.initial_noise(range(len(prompts)), 0, args.resolution, args.resolution),
+                                   args.resolution, args.resolution)
     if method == "vanilla":
-        latents = torch.cat([pipe(prompts[s:s + args.batch_size], latents=noise[s:s + args.batch_size],
+        latents = torch.cat([pipe(prompt=prompts[s:s + args.batch_size], latents=noise[s:s + args.batch_size],
                                   output_type="latent", **kwargs).images
                              for s in range(0, len(prompts), args.batch_size)])
     else:
         layout = (sa.apply(pipe, backbone.fit_preset(PRESETS[method])) if method in PRESETS
                   else floor(pipe, args.batch_size if method == "floor_chunked" else None))
         with layout:
-            latents = pipe(prompts, latents=noise, output_type="latent", **kwargs).images
+            latents = pipe(prompt=prompts, latents=noise, output_type="latent", **kwargs).images
     for part in latents.split(args.batch_size):
         backbone.decode(part, args.resolution, args.resolution)
 
@@ -382,9 +390,10 @@ def parsed(argv: list[str]) -> tuple[argparse.Namespace, torch.device, torch.dty
     model = MODELS[args.model]
     dit = model.depth is not None
     if args.depth and not dit:
-        options.error(f"--depth applies to flux and sd3, not {args.model}")
-    if args.depth and not re.fullmatch(r"\d+,\d+" if args.model == "flux" else r"\d+", args.depth):
-        options.error("--depth is double,single blocks for flux (e.g. 1,2) and a block count for sd3 (e.g. 3)")
+        options.error(f"--depth applies to the transformers (flux, flux2, sd3), not {args.model}")
+    if args.depth and not re.fullmatch(r"\d+,\d+" if args.model in ("flux", "flux2") else r"\d+", args.depth):
+        options.error("--depth is double,single blocks for flux and flux2 (e.g. 1,2) and a block count for sd3 "
+                      "(e.g. 3)")
     dtype = resolve_dtype(args.dtype or (model.gpu_dtype if gpu else None), device)
     args.depth = args.depth or (model.depth[gpu] if dit else None)
     args.max_sequence_length = args.max_sequence_length or (model.text_tokens[gpu] if dit else None)
