@@ -10,9 +10,10 @@ from .base import Backbone, Conditioning
 from .flux import ChromaBackbone, FluxBackbone
 from .sd3 import SD3Backbone
 from .unet import UNetBackbone
+from .zimage import ZImageBackbone
 
-FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbone, SD3Backbone)
-SUPPORTED = ("Stable Diffusion 1.x/2.x and SDXL (UNet), FLUX.1 and Chroma, SD3 and SD3.5 pipelines "
+FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbone, SD3Backbone, ZImageBackbone)
+SUPPORTED = ("Stable Diffusion 1.x/2.x and SDXL (UNet), FLUX.1 and Chroma, SD3 and SD3.5, Z-Image pipelines "
              "(text-to-image and img2img variants)")
 
 

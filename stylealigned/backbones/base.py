@@ -48,6 +48,7 @@ class Backbone:
     denoiser_name = ""          # the pipeline attribute holding the denoiser
     sample_name = "hidden_states"  # the denoiser's first (latent) argument
     unbatched_inputs: tuple[str, ...] = ()  # denoiser keyword inputs without a batch dimension
+    row_lists: tuple[str, ...] = ()  # denoiser inputs given as lists of one tensor per batch row (Z-Image's)
     default_shared_layers: float | str = 1.0
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
