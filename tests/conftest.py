@@ -14,6 +14,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from stylealigned.models import load_pipeline
 from stylealigned.toy.vocab import word_level_tokenizer
 from tests.dit_pipelines import WORDS, build_chroma, build_flux, build_sd3
+from tests.zimage_pipelines import build_zimage
 
 # One thread per test process: tiny models gain nothing from more, and `pytest -n` runs processes side by side.
 torch.set_num_threads(1)
@@ -104,7 +105,8 @@ def loaded(path: str):
     return pipe
 
 
-BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "chroma": build_chroma}
+BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "chroma": build_chroma,
+            "zimage": build_zimage}
 
 
 def pipeline_fixtures(name: str, build):
