@@ -234,3 +234,24 @@ def test_chunked_set_equals_one_batch_and_leaves_the_prompts(pipe, decoded, sett
                            guidance_scale=settings["guidance_scale"])
     torch.testing.assert_close(torch.stack([whole[i] for i in range(len(prompts))]), expected, **FP32)
     assert leftovers(pipe.transformer) == []
+
+
+def test_the_img2img_variant(pipe):
+    """ZImageImg2ImgPipeline calls the transformer as the text-to-image pipeline does: the reference as generated
+    alone, targets changed."""
+    from diffusers import ZImageImg2ImgPipeline
+
+    img2img = ZImageImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, HEIGHT, WIDTH)
+
+    def run(prompts):
+        return img2img(list(prompts), image=image.expand(len(prompts), -1, -1, -1), strength=0.7,
+                       num_inference_steps=4, height=HEIGHT, width=WIDTH, output_type="latent", **PROMPT_KWARGS,
+                       generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+
+    stock = run(PROMPTS)
+    with sa.apply(img2img):
+        shared = run(PROMPTS)
+    torch.testing.assert_close(shared[:1], run(PROMPTS[:1]), atol=1e-5, rtol=1e-5)
+    assert (per_image_change(shared, stock)[1:] > 1e-3).all()
