@@ -26,9 +26,10 @@ class ZImageBackbone(Backbone):
     denoiser_name = "transformer"
     sample_name = "x"
     row_lists = ("x", "cap_feats")
-    # The joint single-stream blocks, as FLUX.1's default shares its single-stream blocks; not the two image-only
-    # noise refiners that open the network, where sharing would copy the reference's layout (AlignedGen's finding
-    # on FLUX.1's early blocks).
+    # No published choice exists. The joint blocks (`layers`, 30 in Z-Image) are single-stream [image, caption]
+    # blocks with RoPE, the counterpart of FLUX.1's single-stream blocks, which AlignedGen shares; the two
+    # image-only noise refiners run first, on the noisy latent before any text, like the early blocks whose sharing
+    # AlignedGen found copies the reference's layout and content. Reasoned from the architecture, not measured.
     default_shared_layers = "layers."
     flow = True
 
@@ -57,28 +58,31 @@ class ZImageBackbone(Backbone):
             raise UserError("Z-Image sets take one reference (its targets see it at positions of their own); "
                             "give one reference")
         patch, frames = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
-        channels, depth, height, width = images[0].shape
+        _, depth, height, width = images[0].shape
         columns = width // patch
         tokens = (depth // frames) * (height // patch) * columns
         state.call["image_tokens"] = tokens
-        state.call["shifted_columns"] = None if config.reference_positions == "same" else self.column_rotation(
-            torch.arange(tokens, device=images[0].device) % columns + columns)
+        state.call["shifted_columns"] = None if config.reference_positions == "same" else self.shifted_columns(
+            tokens, columns, images[0].device)
         if state.groups == 2 and self.unguided_step(kwargs["t"]):
             state.groups = 1
 
-    def column_rotation(self, columns: torch.Tensor) -> torch.Tensor:
-        """(tokens, column dim / 2): the model's own rotation table of the column axis at `columns`."""
+    def shifted_columns(self, tokens: int, columns: int, device) -> torch.Tensor:
+        """(tokens, column dim / 2): the model's own rotation table of the column axis at each image token's
+        column + the width, image tokens in row-major order."""
         embedder = self.denoiser.rope_embedder
-        if int(columns.max()) >= embedder.axes_lens[2]:
-            raise UserError(f"this image is too wide for the shifted reference positions on Z-Image (column "
-                            f"{int(columns.max())} of {embedder.axes_lens[2]}); use reference_positions='same'")
-        ids = torch.stack([torch.zeros_like(columns), torch.zeros_like(columns), columns], dim=-1)
-        return embedder(ids)[:, -embedder.axes_dims[2] // 2:]
+        if 2 * columns > embedder.axes_lens[2]:
+            raise UserError(f"this image is too wide ({columns} patches) for the shifted reference positions on "
+                            f"Z-Image ({embedder.axes_lens[2]} columns); use reference_positions='same'")
+        shifted = torch.arange(tokens, device=device) % columns + columns
+        ids = torch.stack([torch.zeros_like(shifted), torch.zeros_like(shifted), shifted], dim=-1)
+        return embedder(ids)[:, -(embedder.axes_dims[2] // 2):]
 
     def unguided_step(self, t: torch.Tensor) -> bool:
-        """Whether ZImagePipeline runs this step without guidance: t (its 1 - sigma) past `cfg_truncation`."""
+        """Whether ZImagePipeline runs this step without guidance: t (its 1 - sigma, below 1) past a
+        `cfg_truncation` below 1 (the default, 1, never truncates; no device sync then)."""
         truncation = getattr(self.pipe, "_cfg_truncation", None)
-        return truncation is not None and float(truncation) <= 1 and float(t.flatten()[0]) > truncation
+        return truncation is not None and float(truncation) < 1 and float(t.flatten()[0]) > truncation
 
     def native_size(self):
         return 1024, 1024  # ZImagePipeline's default
