@@ -255,3 +255,13 @@ def test_the_img2img_variant(pipe):
         shared = run(PROMPTS)
     torch.testing.assert_close(shared[:1], run(PROMPTS[:1]), atol=1e-5, rtol=1e-5)
     assert (per_image_change(shared, stock)[1:] > 1e-3).all()
+
+
+def test_starting_latents_are_fp32_as_the_pipeline_draws_them(pipe):
+    """ZImagePipeline keeps its latents in fp32 with a bf16 transformer: generate_set's noise (and a trajectory's
+    start) is not rounded to the transformer's dtype."""
+    pipe.transformer.to(torch.bfloat16)
+    noise = backbone_for(pipe).initial_noise([0, 3], 5, HEIGHT, WIDTH)
+    assert noise.dtype == torch.float32 and noise.shape == (2, 4, HEIGHT // 2, WIDTH // 2)
+    expected = torch.randn((1, 4, HEIGHT // 2, WIDTH // 2), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(noise[1:], expected)

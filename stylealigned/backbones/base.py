@@ -134,7 +134,12 @@ class Backbone:
         shape = (1, *self.latent_shape(height, width))
         noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + p))
                            for p in positions])
-        return self.pack(noise, height, width).to(self.pipe._execution_device, self.denoiser.dtype)
+        return self.pack(noise, height, width).to(self.pipe._execution_device, self.latent_dtype)
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype the pipeline keeps its latents in between steps: the denoiser's, unless a family says fp32."""
+        return self.denoiser.dtype
 
     @torch.no_grad()
     def encode(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:

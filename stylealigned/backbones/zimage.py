@@ -84,6 +84,10 @@ class ZImageBackbone(Backbone):
         truncation = getattr(self.pipe, "_cfg_truncation", None)
         return truncation is not None and float(truncation) < 1 and float(t.flatten()[0]) > truncation
 
+    @property
+    def latent_dtype(self):
+        return torch.float32  # ZImagePipeline draws and steps its latents in fp32, whatever the transformer's
+
     def native_size(self):
         return 1024, 1024  # ZImagePipeline's default
 
