@@ -110,8 +110,11 @@ class DenoiserHook(ModelHook):
         state.groups = backbone.guidance_groups() if handle.groups is None else handle.groups
         inputs = by_name(module, args, kwargs)
         backbone.begin_call(state, handle.config, inputs)
-        sample = inputs[backbone.sample_name]  # a tensor, or a list of one tensor per row (Z-Image)
-        batch, device = (len(sample), sample[0].device) if isinstance(sample, list) else (sample.shape[0], sample.device)
+        sample = inputs[backbone.sample_name]
+        if isinstance(sample, list):  # one tensor per batch row (Z-Image)
+            batch, device = len(sample), sample[0].device
+        else:
+            batch, device = sample.shape[0], sample.device
         references = state.references
         if handle.batch_size is None or state.split(batch) - references <= handle.batch_size:
             return forward(*args, **untagged(handle.pipe, kwargs))
