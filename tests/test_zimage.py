@@ -17,6 +17,7 @@ from stylealigned import sets
 from stylealigned.apply import hooked_layers, layers_to_share
 from stylealigned.backbones import ZImageBackbone, backbone_for
 from tests import oracle_zimage
+from tests.test_backends import dispatch_spy, native_backend  # noqa: F401 (fixture)
 from tests.zimage_pipelines import HEIGHT, LONG, PROMPT_KWARGS, SHORT, WIDTH
 
 PROMPTS = [LONG, SHORT, "a house", LONG]
@@ -265,3 +266,17 @@ def test_starting_latents_are_fp32_as_the_pipeline_draws_them(pipe):
     assert noise.dtype == torch.float32 and noise.shape == (2, 4, HEIGHT // 2, WIDTH // 2)
     expected = torch.randn((1, 4, HEIGHT // 2, WIDTH // 2), generator=torch.Generator().manual_seed(8))
     assert torch.equal(noise[1:], expected)
+
+
+def test_a_chosen_attention_backend_runs_every_shared_call_and_equals_the_oracle(pipe, dispatch_spy):  # noqa: F811
+    """Z-Image's processor goes through diffusers' dispatcher: with "native" chosen, so do ours (masked joint
+    layers: captions of different lengths)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    config = sa.StyleAlignedConfig(shared_layers=1.0, shared_score_shift=0.69)
+    expected = oracle_latents(pipe, config, guidance_scale=4.0)
+    with native_backend(pipe.transformer), sa.apply(pipe, config) as handle:
+        fast = latents(pipe, guidance_scale=4.0)
+    torch.testing.assert_close(fast, expected, **FP32)
+    # two steps, each shared layer attends twice (the references, then the targets), each through the dispatcher
+    assert len(dispatch_spy) == 2 * 2 * len(handle.layers) and set(dispatch_spy) == {AttentionBackendName.NATIVE}
