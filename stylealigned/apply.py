@@ -134,28 +134,29 @@ class DenoiserHook(ModelHook):
         handle, state, backbone = self.handle, self.handle.state, self.handle.backbone
         forward = self.fn_ref.original_forward
         state.groups = backbone.guidance_groups() if handle.groups is None else handle.groups
-        backbone.begin_call(state, handle.config, kwargs)
-        sample = args[0] if args else kwargs[backbone.sample_name]
-        batch = sample.shape[0]
+        inputs = by_name(module, args, kwargs)
+        backbone.begin_call(state, handle.config, inputs)
+        sample = inputs[backbone.sample_name]
+        if isinstance(sample, list):  # one tensor per batch row (Z-Image)
+            batch, device = len(sample), sample[0].device
+        else:
+            batch, device = sample.shape[0], sample.device
         references = state.references
         if handle.batch_size is None or state.split(batch) - references <= handle.batch_size:
             return forward(*args, **untagged(handle.pipe, kwargs))
-        rows = torch.arange(batch, device=sample.device).view(state.groups, -1)
+        rows = torch.arange(batch, device=device).view(state.groups, -1)
         pieces = [rows[:, :references]] + list(rows[:, references:].split(handle.batch_size, dim=1))
         outputs = []
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode, state.last = mode, piece is pieces[-1]
                 index = piece.reshape(-1)
-                chunk_args, chunk_kwargs = chunk_inputs(args, kwargs, index, batch, backbone.unbatched_inputs)
-                outputs.append((index, _first(forward(*chunk_args, **untagged(handle.pipe, chunk_kwargs)))))
+                _, chunk = chunk_inputs((), inputs, index, batch, backbone.unbatched_inputs, backbone.row_lists)
+                outputs.append((index, _first(forward(**untagged(handle.pipe, chunk)))))
         finally:
             state.mode, state.last = BATCH, False
             state.cache.clear()
-        merged = outputs[0][1].new_empty(batch, *outputs[0][1].shape[1:])
-        for index, out in outputs:
-            merged[index] = out
-        return backbone.wrap_output(merged, kwargs.get("return_dict", True))
+        return backbone.wrap_output(merged(outputs, batch), kwargs.get("return_dict", True))
 
 
 def take_rows(value, index: torch.Tensor, batch: int):
@@ -169,11 +170,42 @@ def take_rows(value, index: torch.Tensor, batch: int):
     return value
 
 
-def chunk_inputs(args: tuple, kwargs: dict, index: torch.Tensor, batch: int, unbatched: tuple[str, ...]):
+def chunk_inputs(args: tuple, kwargs: dict, index: torch.Tensor, batch: int, unbatched: tuple[str, ...] = (),
+                 row_lists: tuple[str, ...] = ()):
     """(args, kwargs) of a module call for rows `index` of its `batch`; keyword inputs named in `unbatched` (no
-    batch dimension) pass whole."""
-    return take_rows(args, index, batch), {key: value if key in unbatched else take_rows(value, index, batch)
-                                           for key, value in kwargs.items()}
+    batch dimension) pass whole, those in `row_lists` (lists of one entry per row) keep their rows' entries."""
+    rows = index.tolist()
+
+    def part(key, value):
+        if key in unbatched:
+            return value
+        return [value[i] for i in rows] if key in row_lists else take_rows(value, index, batch)
+
+    return take_rows(args, index, batch), {key: part(key, value) for key, value in kwargs.items()}
+
+
+def by_name(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """A module call's inputs by name: positional ones named by the parameters of the module's forward."""
+    if not args:
+        return kwargs
+    names = list(inspect.signature(type(module).forward).parameters)[1:]  # after self
+    return dict(zip(names, args)) | kwargs
+
+
+def merged(outputs: list[tuple[torch.Tensor, torch.Tensor | list]], batch: int) -> torch.Tensor | list:
+    """The chunks' outputs (rows `index`, output) put back in batch order: a tensor, or a list of one tensor per
+    row where the module returns such a list."""
+    first = outputs[0][1]
+    if isinstance(first, list):
+        rows = [None] * batch
+        for index, out in outputs:
+            for i, row in zip(index.tolist(), out):
+                rows[i] = row
+        return rows
+    whole = first.new_empty(batch, *first.shape[1:])
+    for index, out in outputs:
+        whole[index] = out
+    return whole
 
 
 def _first(output):

@@ -91,6 +91,13 @@ def attention_kernel(kernel: Kernel | None) -> Iterator[None]:
         _kernel = previous
 
 
+def for_rows(rotate: Rotation, rows: slice) -> Rotation:
+    """`rotate` for the images `rows` of each group: a rotation at positions of each image's own (one with a
+    `rows(rows)` method, e.g. Z-Image's, whose image positions follow each caption's length) restricted to them;
+    any other rotation is the same for every image."""
+    return rotate.rows(rows) if hasattr(rotate, "rows") else rotate
+
+
 def rotated(x: Tensor, rotate: Rotation, overwrite: bool = False) -> Tensor:
     """x with the rotary embedding applied (unchanged on models without RoPE); into x itself if `overwrite`."""
     if rotate is None:
@@ -347,10 +354,12 @@ def shared_attention(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig
         return full_attention_share(q, k, v)
     count = len(weights)
     ref_q, ref_k, ref_v = q[:, :count], k[:, :count], v[:, :count]
-    ref_out = reference_attention(ref_q, ref_k, ref_v, rotate, None if mask is None else mask[:, :count])
+    ref_out = reference_attention(ref_q, ref_k, ref_v, for_rows(rotate, slice(None, count)),
+                                  None if mask is None else mask[:, :count])
     if q.shape[1] == count:
         return ref_out
     ref = make_reference(ref_q, ref_k, ref_v, config, image, rotate_shared, weights)
-    targets = align_targets(q[:, count:], k[:, count:], v[:, count:], ref, config, image, rotate,
-                            None if mask is None else mask[:, count:], overwrite)
+    targets = align_targets(q[:, count:], k[:, count:], v[:, count:], ref, config, image,
+                            for_rows(rotate, slice(count, None)), None if mask is None else mask[:, count:],
+                            overwrite)
     return torch.cat([ref_out, targets], dim=1)

@@ -16,6 +16,7 @@ from stylealigned.models import load_pipeline
 from stylealigned.toy.vocab import word_level_tokenizer
 from tests.dit_pipelines import WORDS, build_chroma, build_flux, build_sd3
 from tests.flux2_pipelines import build_flux2_klein
+from tests.zimage_pipelines import build_zimage
 
 # One thread per test process: tiny models gain nothing from more, and `pytest -n` runs processes side by side.
 torch.set_num_threads(1)
@@ -107,7 +108,7 @@ def loaded(path: str):
 
 
 BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "chroma": build_chroma,
-            "flux2": build_flux2_klein}
+            "flux2": build_flux2_klein, "zimage": build_zimage}
 
 
 def pipeline_fixtures(name: str, build):

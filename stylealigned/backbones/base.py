@@ -48,6 +48,7 @@ class Backbone:
     denoiser_name = ""          # the pipeline attribute holding the denoiser
     sample_name = "hidden_states"  # the denoiser's first (latent) argument
     unbatched_inputs: tuple[str, ...] = ()  # denoiser keyword inputs without a batch dimension
+    row_lists: tuple[str, ...] = ()  # denoiser inputs given as lists of one tensor per batch row (Z-Image's)
     default_shared_layers: float | str = 1.0
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
@@ -154,7 +155,12 @@ class Backbone:
         shape = (1, *self.latent_shape(height, width))
         noise = torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed + p))
                            for p in positions])
-        return self.pack(noise, height, width).to(self.pipe._execution_device, self.denoiser.dtype)
+        return self.pack(noise, height, width).to(self.pipe._execution_device, self.latent_dtype)
+
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The dtype the pipeline keeps its latents in between steps: the denoiser's, unless a family says fp32."""
+        return self.denoiser.dtype
 
     @torch.no_grad()
     def encode(self, image: Image.Image) -> tuple[torch.Tensor, int, int]:
