@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from stylealigned.apply import chunk_inputs, layers_to_share
+from stylealigned.apply import by_name, chunk_inputs, layers_to_share, merged
 from stylealigned.attention import attention, merged_attention, merges, rotated
 from stylealigned.backbones import backbone_for
 from stylealigned.config import StyleAlignedConfig
@@ -79,26 +79,25 @@ def floor(pipe, batch_size: int | None = None, config: StyleAlignedConfig | None
 
     def floor_forward(*args, **kwargs):
         state.groups = backbone.guidance_groups()
-        backbone.begin_call(state, same, kwargs)  # layout facts: a single-stream block's text length, ...
-        sample = args[0] if args else kwargs[backbone.sample_name]
-        batch = sample.shape[0]
+        inputs = by_name(denoiser, args, kwargs)
+        backbone.begin_call(state, same, inputs)  # layout facts: a single-stream block's text length, ...
+        sample = inputs[backbone.sample_name]
+        batch = len(sample) if isinstance(sample, list) else sample.shape[0]
         if batch_size is None or batch // state.groups - 1 <= batch_size:
             return forward(*args, **kwargs)
-        rows = torch.arange(batch, device=sample.device).view(state.groups, -1)
+        rows = torch.arange(batch).view(state.groups, -1)
         pieces = [rows[:, :1]] + list(rows[:, 1:].split(batch_size, dim=1))
-        merged = None
+        outputs = []
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode, index = mode, piece.reshape(-1)
-                chunk_args, chunk_kwargs = chunk_inputs(args, kwargs, index, batch, backbone.unbatched_inputs)
-                out = forward(*chunk_args, **chunk_kwargs)
-                out = out[0] if isinstance(out, tuple) else out.sample
-                merged = out.new_empty(batch, *out.shape[1:]) if merged is None else merged
-                merged[index] = out
+                _, chunk = chunk_inputs((), inputs, index, batch, backbone.unbatched_inputs, backbone.row_lists)
+                out = forward(**chunk)
+                outputs.append((index, out[0] if isinstance(out, tuple) else out.sample))
         finally:
             state.mode = BATCH
             state.cache.clear()
-        return backbone.wrap_output(merged, kwargs.get("return_dict", True))
+        return backbone.wrap_output(merged(outputs, batch), kwargs.get("return_dict", True))
 
     for name in originals:
         modules[name].processor = FloorAttention(name, same, state, backbone.attention_kind(name))

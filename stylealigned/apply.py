@@ -131,6 +131,12 @@ class DenoiserHook(ModelHook):
         self.handle = handle
 
     def new_forward(self, module, *args, **kwargs):
+        try:
+            return self.layout_forward(module, *args, **kwargs)
+        finally:  # per-call facts live for the call only: each call starts from the same (empty) state
+            self.handle.state.call.clear()
+
+    def layout_forward(self, module, *args, **kwargs):
         handle, state, backbone = self.handle, self.handle.state, self.handle.backbone
         forward = self.fn_ref.original_forward
         state.groups = backbone.guidance_groups() if handle.groups is None else handle.groups
