@@ -104,13 +104,26 @@ def check_command(words: list[str]) -> None:
         return None
     if program in ("python", "bash"):
         assert (ROOT / args[0]).is_file(), f"no such script: {args[0]}"
-        if program == "python":  # the script's own parser reads the options, then prints the help and stops
-            result = subprocess.run([sys.executable, *args, "--help"], cwd=ROOT, capture_output=True, text=True)
-            assert result.returncode == 0, result.stderr[-2000:]
+        if program == "python":
+            help_text = script_help(args[0], args[1:])
             for flag in (arg.split("=")[0] for arg in args[1:] if arg.startswith("--")):
-                assert flag in result.stdout, f"{args[0]} has no option {flag}"
+                assert flag in help_text, f"{args[0]} has no option {flag}"
         return None
     assert program in EXTERNAL, f"unknown program {program!r} in: {shlex.join(words)}"
+
+
+SCRIPT_HELP: dict[tuple[str, frozenset], str] = {}
+
+
+def script_help(script: str, args: list[str]) -> str:
+    """The script's own parser reads `args`, then prints its help and stops. Once per script and set of flags: a
+    script costs seconds to import, so commands that differ only in their values are read once."""
+    key = (script, frozenset(arg.split("=")[0] for arg in args if arg.startswith("--")))
+    if key not in SCRIPT_HELP:
+        result = subprocess.run([sys.executable, script, *args, "--help"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        SCRIPT_HELP[key] = result.stdout
+    return SCRIPT_HELP[key]
 
 
 def check_python(code: str) -> None:
