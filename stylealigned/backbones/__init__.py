@@ -8,12 +8,14 @@ from __future__ import annotations
 from ..errors import UserError
 from .base import Backbone, Conditioning
 from .flux import ChromaBackbone, FluxBackbone
+from .qwenimage import QwenImageBackbone
 from .sd3 import SD3Backbone
 from .unet import UNetBackbone
 
-FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbone, SD3Backbone)
-SUPPORTED = ("Stable Diffusion 1.x/2.x and SDXL (UNet), FLUX.1 and Chroma, SD3 and SD3.5 pipelines "
-             "(text-to-image and img2img variants)")
+FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbone, SD3Backbone,
+                                        QwenImageBackbone)
+SUPPORTED = ("Stable Diffusion 1.x/2.x and SDXL (UNet), FLUX.1 and Chroma, SD3 and SD3.5, Qwen-Image "
+             "pipelines (text-to-image and img2img variants)")
 
 
 def backbone_for(pipe) -> Backbone:
