@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import Backbone, Conditioning, _vae_in_fp32, component
+from .base import Backbone, Conditioning, component
 from .layers import JointAttention, complex_rotation, joined
 
 NEGATIVE_PROMPT = " "  # the negative prompt of QwenImagePipeline's example, for guided inversion
@@ -83,29 +83,11 @@ class QwenImageBackbone(Backbone):
     def unpack(self, latents, height, width):
         return self.pipe._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)[:, :, 0]
 
-    @torch.no_grad()
-    def encode(self, image):
-        pipe = self.pipe
-        pixels = pipe.image_processor.preprocess(image).to(pipe._execution_device, torch.float32)
-        with _vae_in_fp32(pipe.vae):
-            latents = pipe.vae.encode(pixels[:, :, None]).latent_dist.mean[:, :, 0]
-        scale, offset = self._latent_scaling(latents)
-        height, width = pixels.shape[-2:]
-        return self.pack((latents - offset) * scale, height, width), height, width
+    def _vae_encode(self, pixels):
+        return super()._vae_encode(pixels[:, :, None])[:, :, 0]  # a video VAE: one frame
 
-    @torch.no_grad()
-    def decode(self, latents, height, width):
-        vae = self.pipe.vae
-        latents = self.unpack(latents, height, width)
-        scale, offset = self._latent_scaling(latents)
-        images = vae.decode((latents / scale + offset).to(vae.dtype)[:, :, None], return_dict=False)[0][:, :, 0]
-        return self.pipe.image_processor.postprocess(images, output_type="pil")
-
-    def _latent_scaling(self, like):
-        """(1 / std, mean) per channel: the VAE has no scaling factor."""
-        config, view = self.pipe.vae.config, dict(device=like.device, dtype=torch.float32)
-        return (1 / torch.tensor(config.latents_std, **view).view(1, -1, 1, 1),
-                torch.tensor(config.latents_mean, **view).view(1, -1, 1, 1))
+    def _vae_decode(self, latents):
+        return super()._vae_decode(latents[:, :, None])[:, :, 0]
 
     # sampling and one step, for inversion
     def set_timesteps(self, scheduler, num_inference_steps, height, width):
