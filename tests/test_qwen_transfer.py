@@ -1,5 +1,7 @@
-"""Flow inversion, transfer sets and the CLI on the tiny Qwen-Image pipeline (non-square, fp32)."""
+"""Flow inversion, transfer sets and the CLI (generate, transfer, eval) on the tiny Qwen-Image pipeline
+(non-square, fp32)."""
 
+import csv
 import json
 
 import numpy as np
@@ -13,7 +15,10 @@ from stylealigned.inversion import Trajectory, invert, sampling_timesteps
 from tests.conftest import pipeline_fixtures
 from tests.qwen_pipelines import QWEN_HEIGHT, QWEN_WIDTH, build_qwen
 from tests.test_cli import cli, pixels
+from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
 from tests.test_dit_inversion import pipeline_schedule, record_reference_slot, relative_error
+from tests.test_eval_cli import eval_args
+from tests.test_eval_score import run_cli
 from tests.test_sets import record_pins
 
 tiny_qwen_path, qwen_pipe = pipeline_fixtures("qwen", build_qwen)
@@ -137,3 +142,15 @@ def test_transfer_cli_writes_the_reconstruction_and_targets(tiny_qwen_path, tmp_
     assert sorted(pixels(out)) == ["00-a-red-tree.png", "01-a-dog.png"]
     trajectory = Trajectory.load(saved)
     assert len(trajectory.timesteps) == 3 and (trajectory.width, trajectory.height) == (QWEN_WIDTH, QWEN_HEIGHT)
+
+
+def test_eval_runs_the_configurations_that_apply(tiny_qwen_path, tmp_path, monkeypatch, painting, tiny_clip_path,
+                                                  tiny_dino_path):  # noqa: F811
+    out = tmp_path / "out"
+    args = eval_args(tiny_qwen_path, out, tiny_clip_path, tiny_dino_path, "--width", str(QWEN_WIDTH), "--height",
+                     str(QWEN_HEIGHT), "--reference-image", str(painting), "--reference-prompt", "a cat",
+                     "--reference-style", "watercolor")
+    assert run_cli(monkeypatch, *args) in (0, None)
+    with open(out / "results.csv", newline="") as file:
+        configs = sorted({row["config"] for row in csv.DictReader(file)})
+    assert configs == ["full", "no-adain", "no-share", "shared-layers-0.25", "shared-layers-0.5", "transfer"]
