@@ -8,7 +8,8 @@ A target's image-token queries / keys / values are AdaIN-normalised to the refer
 norms, before RoPE); with sharing on, every target query also attends to the reference's image tokens: its raw
 keys rotated at the target's own image positions, the column moved by the latent width W under "shifted", times
 the score scale, with the shift added to those logits, and its values. A target keeps its own text-padding mask;
-the reference's tokens are never masked. No code is shared with the package.
+the reference's tokens are never masked. No code is shared with the package; the group's attention is the DiT
+oracle's (`oracle_dit.attend_group`), given the rotations built here from the frequency table.
 """
 
 import inspect
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tests.oracle_dit import adain_image, softmax_attention
+from tests.oracle_dit import attend_group
 
 
 def centred(count: int) -> list[int]:
@@ -47,36 +48,10 @@ def text_freqs(pos_embed, height: int, width: int, text_tokens: int) -> torch.Te
                         for j in range(text_tokens)])
 
 
-def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """(heads, tokens, dim) with channel pairs (2i, 2i + 1) rotated by the angle of freqs[token, i], in real
-    arithmetic: (a, b) -> (a cos - b sin, a sin + b cos)."""
-    a, b = x[..., 0::2], x[..., 1::2]
-    cos, sin = freqs.real.to(x.dtype), freqs.imag.to(x.dtype)
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-
-
-def attend(q, k, v, text_tokens, config, own, shared_freqs, masks):
-    """One guidance group (images, heads, tokens, dim) before RoPE: image 0 the reference. `own` (text freqs,
-    image freqs); `masks[i]` (tokens,) boolean over image i's own keys, or None."""
-    image = slice(text_tokens, None)
-
-    def rope(x):
-        return torch.cat([rotate(x[:, :text_tokens], own[0]), rotate(x[:, text_tokens:], own[1])], dim=1)
-
-    out = [softmax_attention(rope(q[0]), rope(k[0]), v[0], mask=masks[0])]
-    for i in range(1, q.shape[0]):
-        qi = adain_image(q[i], q[0], image) if config.adain_queries else q[i]
-        ki = adain_image(k[i], k[0], image) if config.adain_keys else k[i]
-        vi = adain_image(v[i], v[0], image) if config.adain_values else v[i]
-        qi, ki = rope(qi), rope(ki)
-        if not config.share_attention:
-            out.append(softmax_attention(qi, ki, vi, mask=masks[i]))
-            continue
-        shared_keys = config.shared_score_scale * rotate(k[0][:, image], shared_freqs)
-        keys, values = torch.cat([ki, shared_keys], dim=-2), torch.cat([vi, v[0][:, image]], dim=-2)
-        out.append(softmax_attention(qi, keys, values, shift_from=q.shape[-2], shift=config.shared_score_shift,
-                                     mask=masks[i]))
-    return torch.stack(out)
+def as_cos_sin(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Complex frequencies (tokens, dim / 2) as the real (cos, sin) pair (tokens, dim) of FLUX's RoPE, which
+    rotates channel pairs (2i, 2i + 1): a complex product of adjacent channels by freqs[:, i], in real arithmetic."""
+    return freqs.real.repeat_interleave(2, -1), freqs.imag.repeat_interleave(2, -1)
 
 
 @dataclass
@@ -108,12 +83,14 @@ class QwenOracleProcessor:
                        heads(attn.to_k(hidden_states), attn.norm_k)], dim=2)
         v = torch.cat([heads(attn.add_v_proj(encoder_hidden_states)), heads(attn.to_v(hidden_states))], dim=2)
         height, width = self.context.height, self.context.width
-        own = (text_freqs(self.pos_embed, height, width, text_tokens), image_freqs(self.pos_embed, height, width))
+        own = torch.cat([text_freqs(self.pos_embed, height, width, text_tokens),
+                         image_freqs(self.pos_embed, height, width)])
         shift = width if self.config.reference_positions == "shifted" else 0
-        masks = [None] * q.shape[0] if encoder_hidden_states_mask is None else [
+        masks = None if encoder_hidden_states_mask is None else [
             torch.cat([row.bool(), torch.ones(hidden_states.shape[1], dtype=torch.bool)])
             for row in encoder_hidden_states_mask]
-        out = attend(q, k, v, text_tokens, self.config, own, image_freqs(self.pos_embed, height, width, shift), masks)
+        out = attend_group(q, k, v, slice(text_tokens, None), self.config, as_cos_sin(own),
+                           as_cos_sin(image_freqs(self.pos_embed, height, width, shift)), masks)
         out = out.transpose(1, 2).flatten(2)
         text, image = out[:, :text_tokens], out[:, text_tokens:]
         return attn.to_out[1](attn.to_out[0](image)), attn.to_add_out(text)
