@@ -124,11 +124,14 @@ def test_transfer_keeps_the_reference_pinned_on_the_trajectory(qwen_pipe, image,
     assert torch.equal(decoded[0][0], trajectory.latents[-1])  # the reference decodes the inverted image's z_0
 
 
-def test_generate_cli_writes_a_set(tiny_qwen_path, tmp_path, capsys):
+@pytest.mark.parametrize("negative", [[], ["--negative-prompt", "a blurry photo"]], ids=["plain", "true-cfg"])
+def test_generate_cli_writes_a_set(tiny_qwen_path, tmp_path, capsys, caplog, negative):
+    """With a negative prompt QwenImagePipeline runs true CFG (at its default scale): a second call per step."""
     out = tmp_path / "run"
     code, _, err = cli(capsys, "generate", "a cat", "a red dog in the house", "--style", "watercolor", "--model",
-                       tiny_qwen_path, "--out", out, "--batch-size", "1", *FAST)
+                       tiny_qwen_path, "--out", out, "--batch-size", "1", *negative, *FAST)
     assert code == 0, err
+    assert ("classifier-free guidance is not enabled" in caplog.text) == (not negative)  # the pipeline's warning
     found = pixels(out)
     assert sorted(found) == ["00-a-cat-watercolor.png", "01-a-red-dog-in-the-house-watercolor.png"]
     assert all(array.shape == (QWEN_HEIGHT, QWEN_WIDTH, 3) for array in found.values())
