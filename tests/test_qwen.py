@@ -213,3 +213,22 @@ def test_an_editing_layout_is_refused_in_one_line(qwen_pipe):
     """Qwen-Image-Edit appends condition-image tokens (a second image shape per sample): not a set's images."""
     with sa.apply(qwen_pipe) as handle, pytest.raises(UserError, match="condition images"):
         handle.backbone.begin_call(handle.state, handle.config, {"img_shapes": [[(1, 4, 6), (1, 4, 6)]]})
+
+
+def test_the_img2img_variant_is_supported(qwen_pipe):
+    from diffusers import QwenImageImg2ImgPipeline
+
+    pipe = QwenImageImg2ImgPipeline(**qwen_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, QWEN_HEIGHT, QWEN_WIDTH)
+
+    def run(prompts):
+        return pipe(prompts, image=image.expand(len(prompts), -1, -1, -1), strength=0.7, num_inference_steps=4,
+                    height=QWEN_HEIGHT, width=QWEN_WIDTH, output_type="latent",
+                    generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+
+    stock = run(EVEN)
+    with sa.apply(pipe):
+        shared = run(EVEN)
+    torch.testing.assert_close(shared[:1], run(EVEN[:1]), atol=1e-5, rtol=1e-5)
+    assert (shared[1:] - stock[1:]).abs().amax() > 1e-3
