@@ -159,3 +159,13 @@ def test_eval_runs_the_configurations_that_apply(tiny_qwen_path, tmp_path, monke
     with open(out / "results.csv", newline="") as file:
         configs = sorted({row["config"] for row in csv.DictReader(file)})
     assert configs == ["full", "no-adain", "no-share", "shared-layers-0.25", "shared-layers-0.5", "transfer"]
+
+
+def test_generate_cli_from_an_init_image(tiny_qwen_path, tmp_path, capsys, painting):
+    """`--init-image` loads QwenImageImg2ImgPipeline from the same components."""
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "generate", "a cat", "a dog", "--model", tiny_qwen_path, "--out", out, *FAST,
+                       "--init-image", painting, "--strength", "0.6")
+    assert code == 0, err
+    found = pixels(out)
+    assert len(found) == 2 and all(array.shape == (QWEN_HEIGHT, QWEN_WIDTH, 3) for array in found.values())
