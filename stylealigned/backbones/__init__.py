@@ -9,14 +9,15 @@ from ..errors import UserError
 from .base import Backbone, Conditioning
 from .flux import ChromaBackbone, FluxBackbone
 from .flux2 import Flux2Backbone
+from .qwenimage import QwenImageBackbone
 from .sd3 import SD3Backbone
 from .unet import UNetBackbone
 from .zimage import ZImageBackbone
 
 FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbone, Flux2Backbone, SD3Backbone,
-                                        ZImageBackbone)
+                                        QwenImageBackbone, ZImageBackbone)
 SUPPORTED = ("Stable Diffusion 1.x/2.x and SDXL (UNet), FLUX.1 and Chroma, FLUX.2 and FLUX.2-klein, SD3 and SD3.5, "
-             "Z-Image pipelines (text-to-image and img2img variants)")
+             "Qwen-Image and Z-Image pipelines (text-to-image and img2img variants)")
 
 
 def backbone_for(pipe) -> Backbone:

@@ -169,7 +169,7 @@ class Backbone:
         vae = self.pipe.vae
         pixels = self.pipe.image_processor.preprocess(image).to(self.pipe._execution_device, torch.float32)
         with _vae_in_fp32(vae):
-            latents = vae.encode(pixels).latent_dist.mean
+            latents = self._vae_encode(pixels)
         scale, offset = self._latent_scaling(latents)
         height, width = (size * self.pipe.vae_scale_factor for size in latents.shape[-2:])
         return self.pack((latents - offset) * scale, height, width), height, width
@@ -187,19 +187,27 @@ class Backbone:
         vae = self.pipe.vae
         upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
         with _vae_in_fp32(vae) if upcast else contextlib.nullcontext():
-            images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+            images = self._vae_decode(latents.to(vae.dtype))
         if getattr(self.pipe, "safety_checker", None) is not None:
             images, _ = self.pipe.run_safety_checker(images, self.pipe._execution_device, latents.dtype)
         return self.pipe.image_processor.postprocess(images, output_type="pil")
 
+    def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The VAE's latent mean of [B, 3, H, W] pixels, unscaled."""
+        return self.pipe.vae.encode(pixels).latent_dist.mean
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] pixels of unscaled VAE latents."""
+        return self.pipe.vae.decode(latents, return_dict=False)[0]
+
     def _latent_scaling(self, like: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """(scale, offset) with model latents = (VAE latents - offset) * scale: the VAE's scaling factor with its
-        shift factor, or with its per-channel latents mean and std."""
+        shift factor, or with its per-channel latents mean and std (and a scaling factor of 1 where it has none)."""
         config = self.pipe.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is not None and std is not None:
             view = dict(device=like.device, dtype=torch.float32)
-            return (config.scaling_factor / torch.tensor(std, **view).view(1, -1, 1, 1),
+            return (config.get("scaling_factor", 1.0) / torch.tensor(std, **view).view(1, -1, 1, 1),
                     torch.tensor(mean, **view).view(1, -1, 1, 1))
         return config.scaling_factor, getattr(config, "shift_factor", None) or 0.0
 

@@ -1,0 +1,234 @@
+"""Qwen-Image end to end through the tiny `QwenImagePipeline` (fp32): every knob against the loop-per-image oracle,
+text-padding masks, true CFG, the reference, removal, chunked sets, the shared layers and the rotary tables."""
+
+import itertools
+
+import pytest
+import torch
+
+import stylealigned as sa
+from stylealigned import sets
+from stylealigned.apply import layers_to_share
+from stylealigned.backbones import backbone_for
+from stylealigned.backbones.qwenimage import image_freqs
+from stylealigned.errors import UserError
+from tests import oracle_qwen
+from tests.conftest import pipeline_fixtures
+from tests.qwen_pipelines import QWEN_HEIGHT, QWEN_WIDTH, build_qwen
+from tests.test_dit_sets import leftovers
+
+tiny_qwen_path, qwen_pipe = pipeline_fixtures("qwen", build_qwen)
+
+# token lengths 5, 2 and 6 (padded text keys masked); then three prompts of one length (no mask at all)
+PROMPTS = ["a cat in watercolor style", "a dog", "a red house with a tree"]
+EVEN = ["a cat", "a dog", "a car"]
+CFG = dict(negative_prompt=" ", true_cfg_scale=3.0)  # true CFG: a second transformer call per step
+FLAGS = ("share_attention", "adain_queries", "adain_keys", "adain_values")
+KNOB_GRID = [dict(zip(FLAGS, flags)) for flags in itertools.product([False, True], repeat=4)]
+EXTRA = [dict(shared_score_scale=1.7, shared_score_shift=0.69), dict(shared_score_shift=-0.5, adain_values=True),
+         dict(reference_positions="same"), dict(reference_positions="same", shared_layers=1.0),
+         dict(shared_layers=1.0), dict(shared_layers=0.5, shared_score_scale=0.8),
+         dict(shared_layers="transformer_blocks.0")]
+# The contract's bound for fp32: single-precision rounding (2^-24 relative) through 3 blocks and 2 Euler steps
+# in two orders of summation (fused SDPA against explicit logits) stays orders of magnitude below it.
+ATOL = RTOL = 1e-4
+
+
+def ids(knobs: dict) -> str:
+    return ",".join(f"{a}={b}" for a, b in knobs.items()) or "defaults"
+
+
+def latents(pipe, prompts=PROMPTS, steps=2, **kwargs):
+    """Final latents, image i from the noise seeded i, at the non-square QWEN_HEIGHT x QWEN_WIDTH."""
+    noise = backbone_for(pipe).initial_noise(range(len(prompts)), 0, QWEN_HEIGHT, QWEN_WIDTH)
+    return pipe(prompts, num_inference_steps=steps, height=QWEN_HEIGHT, width=QWEN_WIDTH, latents=noise,
+                output_type="latent", **kwargs).images
+
+
+def with_oracle(pipe, config, **kwargs):
+    undo = oracle_qwen.install(pipe, config, layers_to_share(backbone_for(pipe), config))
+    try:
+        return latents(pipe, **kwargs)
+    finally:
+        undo()
+
+
+def fast_and_oracle(pipe, config, **kwargs):
+    with sa.apply(pipe, config):
+        fast = latents(pipe, **kwargs)
+    return fast, with_oracle(pipe, config, **kwargs)
+
+
+# the oracle itself, and the rotary tables
+
+
+def test_the_oracle_with_every_knob_off_is_the_stock_model(qwen_pipe):
+    """The oracle's own RoPE (from the frequency table) and masks reproduce the stock processor; its reference
+    (image 0) is the stock model's with every knob on."""
+    off = sa.StyleAlignedConfig(share_attention=False, adain_queries=False, adain_keys=False, shared_layers=1.0)
+    for prompts in (PROMPTS, EVEN):
+        stock = latents(qwen_pipe, prompts)
+        torch.testing.assert_close(with_oracle(qwen_pipe, off, prompts=prompts), stock, atol=ATOL, rtol=RTOL)
+        on = with_oracle(qwen_pipe, sa.StyleAlignedConfig(shared_layers=1.0), prompts=prompts)
+        torch.testing.assert_close(on[0], stock[0], atol=ATOL, rtol=RTOL)
+        assert (on[1:] - stock[1:]).abs().amax() > 1e-2
+
+
+def test_image_frequencies_are_the_models_own_and_shifted_by_the_latent_width(qwen_pipe):
+    pos_embed = qwen_pipe.transformer.pos_embed
+    height, width = QWEN_HEIGHT // 8, QWEN_WIDTH // 8  # tokens: the VAE's factor 4, then 2x2 packing
+    own, text = pos_embed([(1, height, width)], max_txt_seq_len=5, device="cpu")
+    assert torch.equal(image_freqs(pos_embed, 1, height, width, 0, "cpu"), own)
+    assert torch.equal(oracle_qwen.image_freqs(pos_embed, height, width), own)
+    assert torch.equal(oracle_qwen.text_freqs(pos_embed, height, width, 5), text)
+    shifted = image_freqs(pos_embed, 1, height, width, width, "cpu")
+    assert torch.equal(shifted, oracle_qwen.image_freqs(pos_embed, height, width, width))
+    # row r, column c of the shifted grid is column c + W of the table: the unshifted grid's row r, column c + W
+    wide = image_freqs(pos_embed, 1, height, 3 * width, 0, "cpu").view(height, 3 * width, -1)
+    grid = shifted.view(height, width, -1)
+    centre = 3 * width - 3 * width // 2 - (width - width // 2)  # where the narrow grid's column 0 sits in the wide
+    assert torch.equal(grid, wide[:, centre + width:centre + 2 * width])
+
+
+# every knob against the oracle
+
+
+@pytest.mark.parametrize("knobs", KNOB_GRID + EXTRA, ids=ids)
+def test_every_knob_equals_the_oracle_with_text_masks(qwen_pipe, knobs):
+    """Prompts of different token lengths: the targets keep their text-padding masks and see every reference
+    image token."""
+    fast, expected = fast_and_oracle(qwen_pipe, sa.StyleAlignedConfig(**knobs))
+    torch.testing.assert_close(fast, expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("knobs", [{}, EXTRA[0], dict(adain_values=True, shared_layers=1.0, reference_positions="same")],
+                         ids=ids)
+@pytest.mark.parametrize("prompts", [PROMPTS, EVEN], ids=["masked", "unmasked"])
+def test_true_cfg_runs_two_groups_of_one_and_equals_the_oracle(qwen_pipe, knobs, prompts):
+    config = sa.StyleAlignedConfig(**knobs)
+    fast, expected = fast_and_oracle(qwen_pipe, config, prompts=prompts, **CFG)
+    torch.testing.assert_close(fast, expected, atol=ATOL, rtol=RTOL)
+    unguided = with_oracle(qwen_pipe, config, prompts=prompts)
+    assert (fast - unguided).abs().amax() > 1e-2  # the guidance ran
+
+
+@pytest.mark.parametrize("knobs", [{}, dict(adain_values=True, shared_layers=1.0, shared_score_shift=0.5)], ids=ids)
+def test_chunked_apply_equals_the_oracle(qwen_pipe, knobs):
+    config = sa.StyleAlignedConfig(**knobs)
+    prompts = PROMPTS + ["a tree", "a bird on the car"]
+    with sa.apply(qwen_pipe, config) as handle, handle.chunked(2):
+        chunked = latents(qwen_pipe, prompts, **CFG)
+    torch.testing.assert_close(chunked, with_oracle(qwen_pipe, config, prompts=prompts, **CFG), atol=ATOL, rtol=RTOL)
+
+
+def test_reference_positions_move_the_targets(qwen_pipe):
+    shifted, same = (fast_and_oracle(qwen_pipe, sa.StyleAlignedConfig(reference_positions=where))[0]
+                     for where in ("shifted", "same"))
+    torch.testing.assert_close(shifted[0], same[0], atol=0, rtol=0)
+    assert (shifted[1:] - same[1:]).abs().amax() > 1e-3
+
+
+# the reference, removal, sets
+
+
+@pytest.mark.parametrize("prompts, guidance", [(EVEN, {}), (EVEN, CFG), (PROMPTS, CFG)], ids=["even", "even-cfg",
+                                                                                              "masked-cfg"])
+def test_reference_equals_its_prompt_generated_alone(qwen_pipe, prompts, guidance):
+    """Alone the reference's text has no padding; in a set of longer prompts it is padded and masked, which
+    changes only the order of fp32 sums."""
+    alone = latents(qwen_pipe, prompts[:1], **guidance)
+    with sa.apply(qwen_pipe, sa.StyleAlignedConfig(shared_layers=1.0, adain_values=True)):
+        in_set = latents(qwen_pipe, prompts, **guidance)
+    torch.testing.assert_close(in_set[:1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_removed_or_never_applied_is_bit_identical(qwen_pipe):
+    stock = latents(qwen_pipe, **CFG)
+    handle = sa.apply(qwen_pipe, sa.StyleAlignedConfig(shared_layers=1.0, adain_values=True))
+    with handle.chunked(1):
+        shared = latents(qwen_pipe, **CFG)
+    handle.remove()
+    assert not torch.equal(shared, stock)
+    assert leftovers(qwen_pipe.transformer) == [] and not hasattr(qwen_pipe, "_stylealigned_handle")
+    assert torch.equal(latents(qwen_pipe, **CFG), stock)
+
+
+def set_latents(pipe, prompts, decoded, **kwargs) -> dict[int, torch.Tensor]:
+    """generate_set's decoded latents by set position."""
+    found = {}
+    images = sets.generate_set(pipe, prompts, seed=3, num_inference_steps=2, height=QWEN_HEIGHT, width=QWEN_WIDTH,
+                               on_image=lambda i, image: found.setdefault(i, image.info["latent"]), **CFG, **kwargs)
+    assert all(image.size == (QWEN_WIDTH, QWEN_HEIGHT) for image in images)
+    return found
+
+
+def test_chunked_sets_equal_one_batch(qwen_pipe, decoded):
+    prompts = PROMPTS + ["a tree", "a bird on the car"]
+    whole = set_latents(qwen_pipe, prompts, decoded)
+    chunked = set_latents(qwen_pipe, prompts, decoded, batch_size=1)
+    waves = set_latents(qwen_pipe, prompts, decoded, batch_size=2, wave_size=2)
+    assert sorted(whole) == sorted(chunked) == sorted(waves) == list(range(len(prompts)))
+    for i in whole:
+        torch.testing.assert_close(chunked[i], whole[i], atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(waves[i], whole[i], atol=ATOL, rtol=RTOL)
+
+
+def test_decoding_is_the_pipelines(qwen_pipe):
+    """The backbone's VAE decoding (frame axis, per-channel mean and std) gives the pipeline's own images."""
+    packed = latents(qwen_pipe, EVEN[:2])
+    images = backbone_for(qwen_pipe).decode(packed, QWEN_HEIGHT, QWEN_WIDTH)
+    noise = backbone_for(qwen_pipe).initial_noise(range(2), 0, QWEN_HEIGHT, QWEN_WIDTH)
+    own = qwen_pipe(EVEN[:2], num_inference_steps=2, height=QWEN_HEIGHT, width=QWEN_WIDTH, latents=noise).images
+    for image, expected in zip(images, own):
+        assert image.size == expected.size == (QWEN_WIDTH, QWEN_HEIGHT)
+        assert image.tobytes() == expected.tobytes()
+
+
+# the shared layers
+
+
+def test_default_shared_layers_are_the_later_two_thirds(qwen_pipe):
+    backbone = backbone_for(qwen_pipe)
+    assert backbone.attention_layers() == [f"transformer_blocks.{i}.attn" for i in range(3)]
+    assert layers_to_share(backbone, sa.StyleAlignedConfig()) == ["transformer_blocks.1.attn",
+                                                                  "transformer_blocks.2.attn"]
+
+
+@pytest.mark.parametrize("shared_layers, expected", [(1.0, [0, 1, 2]), (0.34, [1]), (0.67, [0, 2]), (0.0, [])])
+def test_shared_layers_fractions(qwen_pipe, shared_layers, expected):
+    config = sa.StyleAlignedConfig(shared_layers=shared_layers)
+    assert layers_to_share(backbone_for(qwen_pipe), config) == [f"transformer_blocks.{i}.attn" for i in expected]
+    if expected:
+        fast, oracle = fast_and_oracle(qwen_pipe, config)
+        torch.testing.assert_close(fast, oracle, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("knob", ["share_group_norm", "share_layer_norm", "full_attention_share"])
+def test_knobs_without_meaning_are_refused(qwen_pipe, knob):
+    with pytest.raises(UserError, match=knob):
+        sa.apply(qwen_pipe, sa.StyleAlignedConfig(**{knob: True}))
+
+
+def test_an_editing_layout_is_refused_in_one_line(qwen_pipe):
+    """Qwen-Image-Edit appends condition-image tokens (a second image shape per sample): not a set's images."""
+    with sa.apply(qwen_pipe) as handle, pytest.raises(UserError, match="condition images"):
+        handle.backbone.begin_call(handle.state, handle.config, {"img_shapes": [[(1, 4, 6), (1, 4, 6)]]})
+
+
+def test_the_img2img_variant_is_supported(qwen_pipe):
+    from diffusers import QwenImageImg2ImgPipeline
+
+    pipe = QwenImageImg2ImgPipeline(**qwen_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, QWEN_HEIGHT, QWEN_WIDTH)
+
+    def run(prompts):
+        return pipe(prompts, image=image.expand(len(prompts), -1, -1, -1), strength=0.7, num_inference_steps=4,
+                    height=QWEN_HEIGHT, width=QWEN_WIDTH, output_type="latent",
+                    generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+
+    stock = run(EVEN)
+    with sa.apply(pipe):
+        shared = run(EVEN)
+    torch.testing.assert_close(shared[:1], run(EVEN[:1]), atol=1e-5, rtol=1e-5)
+    assert (shared[1:] - stock[1:]).abs().amax() > 1e-3
