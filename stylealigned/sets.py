@@ -123,7 +123,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     width = pipeline_kwargs.pop("width", None) or native_width
     controls, controlled = control_inputs(pipe, control_images, len(set_prompts), height, width, count, batch_size)
     per_image |= controls
-    kwargs = dict(pipeline_kwargs, output_type="latent") | _size_inputs(pipe, height, width)
+    kwargs = backbone.pipeline_inputs(dict(pipeline_kwargs, output_type="latent") | _size_inputs(pipe, height, width))
     for trajectory in trajectories.values():
         _check_reference(pipe, trajectory, offset, kwargs)
     if trajectories:

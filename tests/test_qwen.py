@@ -173,6 +173,18 @@ def test_chunked_sets_equal_one_batch(qwen_pipe, decoded):
         torch.testing.assert_close(waves[i], whole[i], atol=ATOL, rtol=RTOL)
 
 
+def test_a_sets_guidance_scale_is_true_cfg(qwen_pipe):
+    """Qwen-Image reads guidance_scale only on guidance-distilled variants: generate_set (and so the CLI's
+    --guidance and the web app's field) turns it into true CFG against the pipeline's suggested " "."""
+    def images(**kwargs):
+        return [image.tobytes() for image in sets.generate_set(qwen_pipe, PROMPTS, seed=3, num_inference_steps=2,
+                                                               height=QWEN_HEIGHT, width=QWEN_WIDTH, **kwargs)]
+
+    guided = images(guidance_scale=3.0)
+    assert guided == images(**CFG)
+    assert guided != images(guidance_scale=1.0) == images()
+
+
 def test_decoding_is_the_pipelines(qwen_pipe):
     """The backbone's VAE decoding (frame axis, per-channel mean and std) gives the pipeline's own images."""
     packed = latents(qwen_pipe, EVEN[:2])

@@ -84,6 +84,10 @@ class Backbone:
         """The attention primitives (`layers.AttentionKind`) of layer `name`, which the shared processor composes."""
         raise NotImplementedError
 
+    def pipeline_inputs(self, kwargs: dict) -> dict:
+        """A set's pipeline arguments in this pipeline's own terms, where they differ (Qwen-Image's guidance)."""
+        return kwargs
+
     def controlnet(self) -> tuple[type, tuple[str, ...]] | None:
         """(ControlNet model class, config entries it must share with the denoiser), or None: no ControlNet sets."""
         return None

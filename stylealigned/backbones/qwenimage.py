@@ -60,6 +60,18 @@ class QwenImageBackbone(Backbone):
         """QwenImagePipeline guides (true CFG) only when given a negative prompt: 1 (none) by default."""
         return 1.0
 
+    def pipeline_inputs(self, kwargs):
+        """Qwen-Image guides with `true_cfg_scale` against a negative prompt; its `guidance_scale` is read by
+        guidance-distilled variants only. So a set's guidance scale becomes true CFG, against the pipeline's own
+        suggested negative prompt " " unless one is given."""
+        if "guidance_scale" not in kwargs or "true_cfg_scale" in kwargs or self.denoiser.config.guidance_embeds:
+            return kwargs
+        kwargs = dict(kwargs)
+        kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+        if kwargs["true_cfg_scale"] > 1:
+            kwargs.setdefault("negative_prompt", " ")
+        return kwargs
+
     def begin_call(self, state, config, kwargs):
         """The rotary frequencies the shared reference keys are rotated with, from this call's image grid."""
         shapes = kwargs["img_shapes"]
