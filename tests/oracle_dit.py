@@ -8,6 +8,7 @@ those logits, and its values. The reference's text tokens are never shared. No c
 """
 
 import inspect
+from collections.abc import Callable
 import math
 from dataclasses import dataclass
 
@@ -233,28 +234,16 @@ def flux_reference_rotary(transformer, img_ids, reference_positions):
     return transformer.pos_embed(shifted)
 
 
-def install(pipe, config, layer_names, weights=(1.0,)):
-    """Put oracle processors on the named attention modules of `pipe.transformer` (len(weights) references per
-    group); returns `undo()`."""
-    transformer, context = pipe.transformer, Context(weights=tuple(weights))
-    modules = {name: transformer.get_submodule(name) for name in layer_names}
+def installed(transformer, processors: dict, read_call) -> Callable[[], None]:
+    """Put `processors` (layer name -> oracle processor) on `transformer`'s attention modules, and call
+    `read_call(arguments)` with each forward call's arguments by name before it runs; returns `undo()`."""
+    modules = {name: transformer.get_submodule(name) for name in processors}
     originals = {name: module.processor for name, module in modules.items()}
-    for module in modules.values():
-        kind = FluxOracleProcessor if isinstance(module, FluxAttention) else SD3OracleProcessor
-        module.set_processor(kind(config, context))
-    flux = isinstance(transformer, (FluxTransformer2DModel, ChromaTransformer2DModel))
+    for name, module in modules.items():
+        module.set_processor(processors[name])
     signature = inspect.signature(transformer.forward)
-
-    def pre_hook(module, args, kwargs):
-        if not flux:
-            context.groups = 2 if pipe.do_classifier_free_guidance else 1
-            return
-        call = signature.bind(*args, **kwargs).arguments
-        txt_ids, img_ids = (ids[0] if ids.ndim == 3 else ids for ids in (call["txt_ids"], call["img_ids"]))
-        context.groups, context.text_tokens = 1, txt_ids.shape[0]
-        context.reference_rotary = flux_reference_rotary(transformer, img_ids, config.reference_positions)
-
-    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handle = transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: read_call(signature.bind(*args, **kwargs).arguments), with_kwargs=True)
 
     def undo():
         handle.remove()
@@ -262,3 +251,25 @@ def install(pipe, config, layer_names, weights=(1.0,)):
             module.set_processor(originals[name])
 
     return undo
+
+
+def install(pipe, config, layer_names, weights=(1.0,)):
+    """Put oracle processors on the named attention modules of `pipe.transformer` (len(weights) references per
+    group); returns `undo()`."""
+    transformer, context = pipe.transformer, Context(weights=tuple(weights))
+    flux = isinstance(transformer, (FluxTransformer2DModel, ChromaTransformer2DModel))
+
+    def processor(name):
+        kind = FluxOracleProcessor if isinstance(transformer.get_submodule(name), FluxAttention) else \
+            SD3OracleProcessor
+        return kind(config, context)
+
+    def read_call(call):
+        if not flux:
+            context.groups = 2 if pipe.do_classifier_free_guidance else 1
+            return
+        txt_ids, img_ids = (ids[0] if ids.ndim == 3 else ids for ids in (call["txt_ids"], call["img_ids"]))
+        context.groups, context.text_tokens = 1, txt_ids.shape[0]
+        context.reference_rotary = flux_reference_rotary(transformer, img_ids, config.reference_positions)
+
+    return installed(transformer, {name: processor(name) for name in layer_names}, read_call)

@@ -6,13 +6,11 @@ set's image tokens (position ids with t = 0) are normalised and shared; conditio
 code is shared with the package.
 """
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttention
 
-from tests.oracle_dit import Context, attend_group
+from tests.oracle_dit import Context, attend_group, installed
 
 
 class Flux2OracleProcessor:
@@ -62,14 +60,8 @@ class Flux2OracleProcessor:
 def install(pipe, config, layer_names):
     """Put oracle processors on the named attention modules of `pipe.transformer`; returns `undo()`."""
     transformer, context = pipe.transformer, Context()
-    modules = {name: transformer.get_submodule(name) for name in layer_names}
-    originals = {name: module.processor for name, module in modules.items()}
-    for module in modules.values():
-        module.set_processor(Flux2OracleProcessor(config, context))
-    signature = inspect.signature(transformer.forward)
 
-    def pre_hook(module, args, kwargs):
-        call = signature.bind(*args, **kwargs).arguments
+    def read_call(call):
         txt_ids, img_ids = (ids[0] if ids.ndim == 3 else ids for ids in (call["txt_ids"], call["img_ids"]))
         generated = img_ids[img_ids[:, 0] == 0]
         context.text_tokens, context.image_tokens = txt_ids.shape[0], generated.shape[0]
@@ -79,11 +71,4 @@ def install(pipe, config, layer_names):
             shifted[:, 2] += int(generated[:, 2].max()) + 1
             context.reference_rotary = transformer.pos_embed(shifted)
 
-    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def undo():
-        handle.remove()
-        for name, module in modules.items():
-            module.set_processor(originals[name])
-
-    return undo
+    return installed(transformer, {name: Flux2OracleProcessor(config, context) for name in layer_names}, read_call)

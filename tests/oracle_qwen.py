@@ -12,12 +12,11 @@ the reference's tokens are never masked. No code is shared with the package; the
 oracle's (`oracle_dit.attend_group`), given the rotations built here from the frequency table.
 """
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 
-from tests.oracle_dit import attend_group
+from tests.oracle_dit import attend_group, installed
 
 
 def centred(count: int) -> list[int]:
@@ -99,22 +98,10 @@ class QwenOracleProcessor:
 def install(pipe, config, layer_names):
     """Put oracle processors on the named attention modules of `pipe.transformer`; returns `undo()`."""
     transformer, context = pipe.transformer, Context()
-    modules = {name: transformer.get_submodule(name) for name in layer_names}
-    originals = {name: module.processor for name, module in modules.items()}
-    for module in modules.values():
-        module.set_processor(QwenOracleProcessor(config, context, transformer.pos_embed))
-    signature = inspect.signature(transformer.forward)
 
-    def pre_hook(module, args, kwargs):
-        shapes = signature.bind(*args, **kwargs).arguments["img_shapes"]
-        (frames, context.height, context.width), = shapes[0]
+    def read_call(call):
+        (frames, context.height, context.width), = call["img_shapes"][0]
         assert frames == 1
 
-    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def undo():
-        handle.remove()
-        for name, module in modules.items():
-            module.set_processor(originals[name])
-
-    return undo
+    processors = {name: QwenOracleProcessor(config, context, transformer.pos_embed) for name in layer_names}
+    return installed(transformer, processors, read_call)

@@ -11,12 +11,13 @@ caption's padded length, so a target and its reference may sit at different t. P
 caption lengths and the image grid, rotated with the model's frequency tables; no code is shared with the package.
 """
 
-import inspect
 import math
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.transformers.transformer_z_image import RopeEmbedder
+
+from tests.oracle_dit import installed
 
 EPS = 1e-5
 MULTIPLE = 32  # Z-Image pads captions and images to a multiple of 32 tokens
@@ -138,15 +139,9 @@ def install(pipe, config, layer_names, images):
     model = transformer.config
     context = Context(images=images, tables=RopeEmbedder.precompute_freqs_cis(
         model.axes_dims, model.axes_lens, theta=model.rope_theta))
-    modules = {name: transformer.get_submodule(name) for name in layer_names}
-    assert not any(name.startswith("context_refiner") for name in modules), "captions are never shared"
-    originals = {name: module.processor for name, module in modules.items()}
-    for name, module in modules.items():
-        module.set_processor(ZImageOracleProcessor(config, context, joint=name.startswith("layers.")))
-    signature = inspect.signature(transformer.forward)
+    assert not any(name.startswith("context_refiner") for name in layer_names), "captions are never shared"
 
-    def pre_hook(module, args, kwargs):
-        call = signature.bind(*args, **kwargs).arguments
+    def read_call(call):
         images, captions = call["x"], call["cap_feats"]
         patch = call.get("patch_size", 2)
         context.groups = len(images) // context.images
@@ -154,11 +149,6 @@ def install(pipe, config, layer_names, images):
         context.caption_lengths = [padded(len(caption)) for caption in captions]
         context.grid = (images[0].shape[-2] // patch, images[0].shape[-1] // patch)
 
-    handle = transformer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def undo():
-        handle.remove()
-        for name, module in modules.items():
-            module.set_processor(originals[name])
-
-    return undo
+    processors = {name: ZImageOracleProcessor(config, context, joint=name.startswith("layers."))
+                  for name in layer_names}
+    return installed(transformer, processors, read_call)
