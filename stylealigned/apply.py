@@ -2,7 +2,7 @@
 
 `apply(pipe, config)` asks the pipeline's backbone (`backbones/`) for its attention layers, and registers one
 `diffusers.hooks.ModelHook` named "stylealigned" on each selected attention module (the module's own forward runs
-with our processor swapped in for the call), on every GroupNorm if their statistics are shared, and on the denoiser (which reads
+with our processor swapped in for the call), on every GroupNorm if their statistics are shared, and on each denoiser (which reads
 each call's layout and, inside `handle.chunked(batch_size)`, runs the reference once and the targets in chunks).
 Processors, LoRA layers or adapters loaded meanwhile are left alone; `remove()` takes off only these hooks.
 """
@@ -183,9 +183,11 @@ class StyleAlignedHandle:
         self.state = SharedState()
         self.batch_size: int | None = None
         self.groups: int | None = None  # guidance groups fixed by `layout` (a caller's own denoiser calls)
-        denoiser = backbone.denoiser
-        modules = dict(denoiser.named_modules())
-        self._hooks: list[tuple[nn.Module, ModelHook]] = [(denoiser, DenoiserHook(self))]
+        denoisers = backbone.denoisers()
+        modules = {prefix + name: module for prefix, denoiser in denoisers.items()
+                   for name, module in denoiser.named_modules()}
+        self._hooks: list[tuple[nn.Module, ModelHook]] = [(denoiser, DenoiserHook(self))
+                                                          for denoiser in denoisers.values()]
         self._hooks += [(modules[name], AttentionHook(SharedProcessor(name, config, self.state,
                                                                       backbone.attention_kind(name))))
                         for name in layers]
@@ -207,10 +209,11 @@ class StyleAlignedHandle:
         self.state.cache.clear()
 
     def _refresh_registries(self) -> None:
-        """Tell a registry on the denoiser (caching features keep one) that the hooks below it changed."""
-        registry = getattr(self.backbone.denoiser, "_diffusers_hook", None)
-        if registry is not None:
-            registry.invalidate_child_registries_cache()
+        """Tell a registry on each denoiser (caching features keep one) that the hooks below it changed."""
+        for denoiser in self.backbone.denoisers().values():
+            registry = getattr(denoiser, "_diffusers_hook", None)
+            if registry is not None:
+                registry.invalidate_child_registries_cache()
 
     def remove(self) -> None:
         """Take off every hook this handle installed; the pipeline then behaves exactly as before."""

@@ -10,10 +10,11 @@ from .base import Backbone, Conditioning
 from .flux import ChromaBackbone, FluxBackbone
 from .sd3 import SD3Backbone
 from .unet import UNetBackbone
+from .wan import WanBackbone
 
-FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbone, SD3Backbone)
+FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbone, SD3Backbone, WanBackbone)
 SUPPORTED = ("Stable Diffusion 1.x/2.x and SDXL (UNet), FLUX.1 and Chroma, SD3 and SD3.5 pipelines "
-             "(text-to-image and img2img variants)")
+             "(text-to-image and img2img variants), and Wan 2.1 / 2.2 text-to-video (WanPipeline)")
 
 
 def backbone_for(pipe) -> Backbone:

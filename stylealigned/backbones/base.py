@@ -66,6 +66,11 @@ class Backbone:
         """The pipeline's denoiser; under `pipe.unet = torch.compile(pipe.unet)` the module the wrapper compiles."""
         return self._denoiser
 
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        """Every denoiser the pipeline calls, by the prefix of its layers' names in `attention_layers` ("" for
+        one): each expert of a model with several (Wan 2.2), in the order `shared_layers` counts their layers."""
+        return {"": self.denoiser}
+
     # attention layers
     def attention_layers(self) -> list[str]:
         """Names (in the denoiser) of the attention modules that can share, in network order."""
@@ -105,6 +110,10 @@ class Backbone:
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+    def read_settings(self, pipeline_kwargs: dict) -> None:
+        """Read the generation's settings that latents depend on besides height and width (a clip's frame count)
+        from the keyword arguments a set passes the pipeline's call."""
 
     # latents
     def native_size(self) -> tuple[int, int]:
