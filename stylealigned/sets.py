@@ -70,7 +70,8 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
                  on_image: Callable[[int, Image.Image], None] | None = None, wave_size: int | None = None,
                  references: Sequence[str | Trajectory] | None = None, weights: Sequence[float] | None = None,
                  control_images=None, **pipeline_kwargs) -> list[Image.Image]:
-    """Generate one style-aligned set and return its images, the reference first.
+    """Generate one style-aligned set and return its images, the reference first (on a video pipeline, its clips:
+    each a list of PIL frames, `num_frames` long).
 
     Args:
         pipe: a diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5): text-to-image, or
@@ -118,6 +119,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     per_image, pipeline_kwargs = split_per_image(pipeline_kwargs, len(set_prompts))
     strengths = check_strengths(pipe, per_image.pop("strength"), pipeline_kwargs) if "strength" in per_image else None
     backbone = backbone_for(pipe)
+    backbone.read_settings(pipeline_kwargs)
     native_height, native_width = backbone.native_size()
     height = pipeline_kwargs.pop("height", None) or native_height
     width = pipeline_kwargs.pop("width", None) or native_width
@@ -140,7 +142,8 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             wave_strength = None if strengths is None else [strengths[i] for i in positions]
             with wave_strengths(pipe, wave_strength, [seed + i for i in positions], kwargs) as call_kwargs, \
                     tagged_prompts(pipe):
-                latents = pipe([set_prompts[i] for i in positions], **starts, **wave_inputs, **call_kwargs).images
+                output = pipe([set_prompts[i] for i in positions], **starts, **wave_inputs, **call_kwargs)
+                latents = output[0]  # its first field: images, or a video pipeline's frames
             rows = list(range(0 if wave.start == 0 else count, len(positions)))  # references from wave 0 only
             for start in range(0, len(rows), batch_size or len(rows)):
                 part = rows[start:start + (batch_size or len(rows))]  # fixed chunks, so decoding matches too

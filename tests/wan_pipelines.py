@@ -2,10 +2,14 @@
 
 Everything is built locally, with no download: a UMT5 encoder with the in-memory T5 tokenizer of `dit_pipelines`,
 a tiny causal `AutoencoderKLWan` (8x spatial, 4x temporal: WAN_FRAMES frames are 2 latent frames) and transformers
-with 3D RoPE. WAN_HEIGHT x WAN_WIDTH is a non-square grid of (WAN_HEIGHT // 16) x (WAN_WIDTH // 16) tokens per latent
-frame after the transformer's 2x2 patches, so a row/column swap shows. The builders save to a folder.
+with 3D RoPE. WAN_HEIGHT x WAN_WIDTH is a non-square grid of (WAN_HEIGHT // 16) x (WAN_WIDTH // 16) tokens per
+latent frame after the transformer's 2x2 patches, so a row/column swap shows. The builders save to a folder; the
+fixtures load them back through `load_pipeline`, as a user's local folder.
 """
 
+from pathlib import Path
+
+import pytest
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
@@ -62,3 +66,28 @@ def build_wan(folder, experts: int = 1) -> None:
         transformer=tiny_wan_transformer(seed=2), transformer_2=tiny_wan_transformer(seed=3) if two else None,
         boundary_ratio=BOUNDARY_RATIO if two else None,
     ).save_pretrained(folder)
+
+
+def load_wan(path: str) -> WanPipeline:
+    """A saved tiny pipeline loaded back as a user's folder, fp32 on the CPU."""
+    from stylealigned.models import load_pipeline
+
+    pipe = load_pipeline(path, device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_paths(tmp_path_factory) -> dict[int, str]:
+    """The saved tiny pipelines by number of experts (1: Wan 2.1, 2: Wan 2.2), built once per session."""
+    paths = {}
+    for experts in (1, 2):
+        paths[experts] = str(tmp_path_factory.mktemp(f"tiny-wan-{experts}"))
+        build_wan(Path(paths[experts]), experts)
+    return paths
+
+
+@pytest.fixture(params=[1, 2], ids=["one-transformer", "two-experts"])
+def wan_pipe(request, tiny_wan_paths) -> WanPipeline:
+    """Each layout, loaded anew per test."""
+    return load_wan(tiny_wan_paths[request.param])

@@ -83,8 +83,12 @@ class WanBackbone(Backbone):
                 width // spatial)
 
     def _latent_scaling(self, like):
-        scale, offset = super()._latent_scaling(like)
-        return scale.unsqueeze(-1), offset.unsqueeze(-1)  # (1, C, 1, 1) -> (1, C, 1, 1, 1): a frame axis
+        """The VAE's per-channel latents mean and std (it has no scaling factor), over (1, C, 1, 1, 1)."""
+        config = self.pipe.vae.config
+        view = dict(device=like.device, dtype=torch.float32)
+        mean, std = (torch.tensor(values, **view).view(1, -1, 1, 1, 1)
+                     for values in (config.latents_mean, config.latents_std))
+        return 1 / std, mean
 
     @torch.no_grad()
     def decode(self, latents, height, width) -> list[list]:
