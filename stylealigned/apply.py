@@ -3,7 +3,8 @@
 `apply(pipe, config)` asks the pipeline's backbone (`backbones/`) for its attention layers, and registers one
 `diffusers.hooks.ModelHook` named "stylealigned" on each selected attention module (the module's own forward runs
 with our processor swapped in for the call), on every GroupNorm if their statistics are shared, and on each
-denoiser (a Wan 2.2 pipeline has two), which reads each call's layout and, inside `handle.chunked(batch_size)`, runs the reference once and the targets in chunks.
+denoiser (a Wan 2.2 pipeline has two), which reads each call's layout and, inside `handle.chunked(batch_size)`,
+runs the reference once and the targets in chunks.
 Processors, LoRA layers or adapters loaded meanwhile are left alone; `remove()` takes off only these hooks.
 """
 
