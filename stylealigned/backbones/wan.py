@@ -71,7 +71,21 @@ class WanBackbone(Backbone):
 
     # latents: (channels, frames, rows, columns)
     def read_settings(self, pipeline_kwargs):
-        self.frames = pipeline_kwargs.get("num_frames", type(self).frames)
+        """The clip length; one the VAE cannot encode whole, or a size that is not whole patches (WanPipeline would
+        round them), is a UserError."""
+        frames = pipeline_kwargs.get("num_frames", type(self).frames)
+        step = self.pipe.vae_scale_factor_temporal
+        if frames < 1 or (frames - 1) % step:
+            low = max(frames - 1, 0) // step * step + 1
+            raise UserError(f"a Wan clip is one more than a multiple of {step} frames, got {frames}; pass {low} or "
+                            f"{low + step}")
+        multiple = self.pipe.vae_scale_factor_spatial * self.denoiser.config.patch_size[1]
+        for name in ("height", "width"):
+            size = pipeline_kwargs.get(name)
+            if size is not None and size % multiple:
+                raise UserError(f"Wan's {name} must be a multiple of {multiple}, got {size}; pass "
+                                f"{max(size // multiple, 1) * multiple}")
+        self.frames = frames
 
     def native_size(self):
         return 480, 832  # WanPipeline's default height and width

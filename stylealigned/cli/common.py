@@ -18,7 +18,8 @@ import typer
 
 from ..config import KNOBS, StyleAlignedConfig, knob_help, knobs_of_type
 from ..errors import UserError
-from ..io import image_filename, make_grid, prepare_output_dir, read_png_metadata, save_png, write_json_atomic
+from ..io import (contact_sheet, image_filename, make_grid, prepare_output_dir, read_png_metadata, read_video,
+                  save_png, save_video, write_json_atomic)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -35,7 +36,7 @@ LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and 
     "seed": (0, 2**63 - 1), "steps": (1, 1000), "guidance": (0, 100), "width": (8, MAX_SIZE), "height": (8, MAX_SIZE),
     "batch_size": (1, 4096), "offset": (0, 999), "inversion_guidance": (0, 100), "shared_score_scale": (0, 100),
     "shared_score_shift": (-100, 100), "port": (0, 65535), "sets": (1, 100), "threads": (1, 1024), "styles": (1, 100),
-    "control_scale": (0, 10),  # 0 itself is refused by the ControlNet options (no control at all)
+    "control_scale": (0, 10), "frames": (1, 1000), "fps": (1, 240),  # 0 itself is refused by the ControlNet options (no control at all)
     # the web app operator's limits on one job
     "max_prompts": (1, 1000), "max_steps": (1, 1000), "max_side": (8, MAX_SIZE), "max_upload_mb": (1, 10_000),
 }
@@ -83,6 +84,10 @@ ReferencePrompts = Annotated[Optional[list[str]], typer.Option(
 ReferenceWeights = Annotated[Optional[list[float]], typer.Option(
     "--reference-weight", help="With several references: how much targets take from each, once per reference in "
                                "order (>= 0, normalised; default equal).")]
+Frames = Annotated[Optional[int], typer.Option(
+    help="Frames per clip, on video models (Wan: one more than a multiple of 4; default: the pipeline's, 81).")]
+Fps = Annotated[Optional[int], typer.Option(help="Frames per second of the MP4s, on video models (default 16).")]
+DEFAULT_FPS = 16  # Wan's
 Loras = Annotated[Optional[list[str]], typer.Option(
     "--lora", help="LoRA weights to load, PATH[:SCALE] (a .safetensors file or its folder; scale 1); repeatable.")]
 OPTION_TYPES = {"bool": bool, "float": float}  # every other knob is given as text
@@ -182,15 +187,18 @@ def versions() -> dict:
 
 @dataclass
 class RunFolder:
-    """Where a set is written: NN-<slug>.png per position, grid.png and run.json holding `parameters`."""
+    """Where a set is written: NN-<slug>.png per position (a set of clips: NN-<slug>.mp4 at `fps` frames per
+    second), grid.png (for clips, a contact sheet) and run.json holding `parameters`."""
 
     path: Path
     prompts: list[str]
     parameters: dict
     files: dict[int, Path] = field(default_factory=dict)
+    fps: int | None = None  # a set of clips
 
     def __post_init__(self) -> None:
-        self.files = {i: self.path / image_filename(i, p) for i, p in enumerate(self.prompts)}
+        suffix = ".png" if self.fps is None else ".mp4"
+        self.files = {i: (self.path / image_filename(i, p)).with_suffix(suffix) for i, p in enumerate(self.prompts)}
 
     @property
     def outputs(self) -> list[str]:
@@ -223,6 +231,10 @@ class RunFolder:
                                                    "files": self.outputs, "versions": versions()})
 
     def save(self, position: int, image) -> None:
+        """Write the image (or the clip: a list of frames) at `position`."""
+        if self.fps is not None:
+            save_video(image, self.files[position], self.fps)
+            return
         save_png(image, self.files[position], {**self.parameters, "position": position,
                                                "prompt": self.prompts[position],
                                                "seed_of_image": self.parameters["seed"] + position})
@@ -230,6 +242,11 @@ class RunFolder:
     def write_grid(self, extra: list[tuple[str, object]] = ()) -> Path:
         from PIL import Image
 
+        if self.fps is not None:
+            labels = [f"{i}: {p}" for i, p in enumerate(self.prompts)]
+            sheet = contact_sheet([read_video(file) for file in self.files.values()], labels)
+            save_png(sheet, self.path / "grid.png", self.parameters)
+            return self.path / "grid.png"
         images = [(label, image) for label, image in extra]
         images += [(f"{i}: {p}", Image.open(file)) for (i, p), file in zip(enumerate(self.prompts), self.files.values())]
         grid = make_grid([image for _, image in images], columns=min(len(images), 5),
@@ -239,7 +256,10 @@ class RunFolder:
 
 
 def _is_complete(file: Path) -> bool:
-    """An image this tool finished: writes are atomic, so a readable PNG with our metadata is complete."""
+    """An image this tool finished: writes are atomic, so a readable PNG with our metadata is complete (an MP4
+    there at all: it carries no metadata, and run.json's parameters were compared)."""
+    if file.suffix == ".mp4":
+        return file.is_file()
     try:
         return bool(read_png_metadata(file))
     except (OSError, ValueError):
@@ -310,6 +330,22 @@ def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int,
     if negative_prompt:
         settings["negative_prompt"] = negative_prompt
     return pipe, settings
+
+
+def video_settings(pipe, settings: dict, frames: int | None, fps: int | None) -> int | None:
+    """On a video pipeline (its call takes num_frames): the clip length into `settings` (default the pipeline's)
+    and the MP4s' frames per second; on an image pipeline None, and --frames or --fps are a UserError."""
+    check_numbers(frames=frames, fps=fps)
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("num_frames")
+    if parameter is None:
+        if frames is not None or fps is not None:
+            raise UserError(f"--frames and --fps apply to video models; {type(pipe).__name__} makes images")
+        return None
+    from ..backbones import backbone_for
+
+    settings["num_frames"] = frames or parameter.default
+    backbone_for(pipe).read_settings(settings)  # refuses a clip length or size the model cannot make, before writing
+    return fps or DEFAULT_FPS
 
 
 def fit_to_references(config: StyleAlignedConfig, knobs: dict, count: int) -> StyleAlignedConfig:
