@@ -109,27 +109,30 @@ class DenoiserHook(ModelHook):
         handle, state, backbone = self.handle, self.handle.state, self.handle.backbone
         forward = self.fn_ref.original_forward
         state.groups = backbone.guidance_groups() if handle.groups is None else handle.groups
+        still = state.call["still_reference"] = handle.still_reference
         backbone.begin_call(state, handle.config, kwargs)
         sample = args[0] if args else kwargs[backbone.sample_name]
         batch = sample.shape[0]
         references = state.references
-        if handle.batch_size is None or state.split(batch) - references <= handle.batch_size:
+        if not still and (handle.batch_size is None or state.split(batch) - references <= handle.batch_size):
             return forward(*args, **untagged(handle.pipe, kwargs))
         rows = torch.arange(batch, device=sample.device).view(state.groups, -1)
-        pieces = [rows[:, :references]] + list(rows[:, references:].split(handle.batch_size, dim=1))
+        pieces = [rows[:, :references]] + list(rows[:, references:].split(handle.batch_size or batch, dim=1))
         outputs = []
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode, state.last = mode, piece is pieces[-1]
                 index = piece.reshape(-1)
                 chunk_args, chunk_kwargs = chunk_inputs(args, kwargs, index, batch, backbone.unbatched_inputs)
+                if still and mode == RECORD:
+                    chunk_args, chunk_kwargs = first_frame(chunk_args, chunk_kwargs, backbone)
                 outputs.append((index, _first(forward(*chunk_args, **untagged(handle.pipe, chunk_kwargs)))))
         finally:
             state.mode, state.last = BATCH, False
             state.cache.clear()
-        merged = outputs[0][1].new_empty(batch, *outputs[0][1].shape[1:])
+        merged = outputs[-1][1].new_empty(batch, *outputs[-1][1].shape[1:])
         for index, out in outputs:
-            merged[index] = out
+            merged[index] = out  # a still reference's one frame, on every frame of its rows
         return backbone.wrap_output(merged, kwargs.get("return_dict", True))
 
 
@@ -149,6 +152,15 @@ def chunk_inputs(args: tuple, kwargs: dict, index: torch.Tensor, batch: int, unb
     batch dimension) pass whole."""
     return take_rows(args, index, batch), {key: value if key in unbatched else take_rows(value, index, batch)
                                            for key, value in kwargs.items()}
+
+
+def first_frame(args: tuple, kwargs: dict, backbone: Backbone) -> tuple[tuple, dict]:
+    """A denoiser call's (args, kwargs) with its sample cut to the first frame: still references, run as one-frame
+    clips."""
+    if args:
+        return (args[0].narrow(backbone.frame_axis, 0, 1), *args[1:]), kwargs
+    sample = kwargs[backbone.sample_name]
+    return args, {**kwargs, backbone.sample_name: sample.narrow(backbone.frame_axis, 0, 1)}
 
 
 def _first(output):
@@ -184,6 +196,8 @@ class StyleAlignedHandle:
         self.state = SharedState()
         self.batch_size: int | None = None
         self.groups: int | None = None  # guidance groups fixed by `layout` (a caller's own denoiser calls)
+        # the references are still images leading clips (`Backbone.still_reference`): run apart, as one frame
+        self.still_reference = False
         denoisers = backbone.denoisers()
         modules = {prefix + name: module for prefix, denoiser in denoisers.items()
                    for name, module in denoiser.named_modules()}

@@ -13,7 +13,7 @@ package.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,18 +76,39 @@ def attend_clips(q, k, v, config, own, shared):
     return torch.stack(out)
 
 
+def attend_still(q, k, v, config, ref, own, shared):
+    """Targets (clips, heads, tokens, dim) against a still reference's recorded (q, k, v) (heads, its tokens, dim),
+    as `attend_clips` treats targets; `shared` are the RoPE angles of its tokens as the targets see them."""
+    out = []
+    for i in range(q.shape[0]):
+        qi = adain(q[i], ref[0]) if config.adain_queries else q[i]
+        ki = adain(k[i], ref[1]) if config.adain_keys else k[i]
+        vi = adain(v[i], ref[2]) if config.adain_values else v[i]
+        qi, ki = rope(qi, own), rope(ki, own)
+        if not config.share_attention:
+            out.append(attention(qi, ki, vi))
+            continue
+        keys = torch.cat([ki, config.shared_score_scale * rope(ref[1], shared)], dim=-2)
+        out.append(attention(qi, keys, torch.cat([vi, ref[2]], dim=-2), shift_from=q.shape[-2],
+                             shift=config.shared_score_shift))
+    return torch.stack(out)
+
+
 @dataclass
 class Context:
-    """The latent grid of the current transformer call, in patches: (frames, rows, columns)."""
+    """The latent grid of the current transformer call, in patches: (frames, rows, columns); with a still
+    reference, whether the call runs it ("record") or the targets ("targets"), and its recorded q, k, v by layer."""
 
     grid: tuple = ()
+    still: str | None = None
+    recorded: dict = field(default_factory=dict)
 
 
 class WanOracleProcessor:
     """Oracle processor for a block's `attn1` (WanAttention, called with rotary_emb and nothing else)."""
 
-    def __init__(self, config, context):
-        self.config, self.context = config, context
+    def __init__(self, config, context, name=""):
+        self.config, self.context, self.name = config, context, name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         assert encoder_hidden_states is None and attention_mask is None, "the oracle shares attn1 only"
@@ -103,7 +124,14 @@ class WanOracleProcessor:
         own = rope_angles(frames, rows, columns, q.shape[-1])
         offset = columns if self.config.reference_positions == "shifted" else 0
         shared = rope_angles(frames, rows, columns, q.shape[-1], column_offset=offset)
-        out = attend_clips(q, k, v, self.config, own, shared)
+        if self.context.still == "record":  # the still reference alone, as a one-frame clip
+            self.context.recorded[self.name] = (q[0], k[0], v[0])
+            out = attention(rope(q, own), rope(k, own), v)
+        elif self.context.still == "targets":  # its keys at frame 0 of the targets' (row, column) grid
+            ref_shared = rope_angles(1, rows, columns, q.shape[-1], column_offset=offset)
+            out = attend_still(q, k, v, self.config, self.context.recorded[self.name], own, ref_shared)
+        else:
+            out = attend_clips(q, k, v, self.config, own, shared)
         return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
 
 
@@ -116,26 +144,56 @@ def module_of(pipe, name):
     return pipe.transformer.get_submodule(name)
 
 
-def install(pipe, config, layer_names):
-    """Put oracle processors on the named `attn1` modules; returns `undo()`."""
+def install(pipe, config, layer_names, still=False):
+    """Put oracle processors on the named `attn1` modules; returns `undo()`. `still`: clip 0 of every call is a
+    still image, its frames all alike: each call runs it alone on its first frame (its output put on every frame),
+    then the targets against it."""
     context = Context()
     modules = {name: module_of(pipe, name) for name in layer_names}
     originals = {name: module.processor for name, module in modules.items()}
-    for module in modules.values():
-        module.set_processor(WanOracleProcessor(config, context))
+    for name, module in modules.items():
+        module.set_processor(WanOracleProcessor(config, context, name))
     experts = [expert for expert in (pipe.transformer, getattr(pipe, "transformer_2", None)) if expert is not None]
 
     def pre_hook(module, args, kwargs):
-        _, _, frames, height, width = (args[0] if args else kwargs["hidden_states"]).shape
-        patch = module.config.patch_size
-        context.grid = (frames // patch[0], height // patch[1], width // patch[2])
+        context.grid = grid_of(module, kwargs["hidden_states"])
 
     handles = [expert.register_forward_pre_hook(pre_hook, with_kwargs=True) for expert in experts]
+    if still:
+        for expert in experts:
+            expert.forward = still_forward(expert, context)
 
     def undo():
         for handle in handles:
             handle.remove()
+        for expert in experts:
+            vars(expert).pop("forward", None)
         for name, module in modules.items():
             module.set_processor(originals[name])
 
     return undo
+
+
+def grid_of(transformer, hidden_states):
+    """(frames, rows, columns) in patches of a latent (batch, channels, frames, height, width)."""
+    _, _, frames, height, width = hidden_states.shape
+    patch = transformer.config.patch_size
+    return frames // patch[0], height // patch[1], width // patch[2]
+
+
+def still_forward(transformer, context):
+    """A transformer forward that runs clip 0 alone on its first frame, then the other clips."""
+    forward = type(transformer).forward.__get__(transformer)
+
+    def run(hidden_states, timestep, encoder_hidden_states, return_dict=True, **kwargs):
+        context.still, first = "record", hidden_states[:1, :, :1]
+        context.grid = grid_of(transformer, first)
+        reference = forward(hidden_states=first, timestep=timestep[:1],
+                            encoder_hidden_states=encoder_hidden_states[:1], return_dict=False, **kwargs)[0]
+        context.still, context.grid = "targets", grid_of(transformer, hidden_states)
+        targets = forward(hidden_states=hidden_states[1:], timestep=timestep[1:],
+                          encoder_hidden_states=encoder_hidden_states[1:], return_dict=False, **kwargs)[0]
+        context.still = None
+        return (torch.cat([reference.expand(-1, -1, targets.shape[2], -1, -1), targets]),)
+
+    return run

@@ -69,3 +69,22 @@ def test_frames_on_an_image_model_are_refused(tiny_sd_path, tmp_path, capsys):
     code, _, err = cli(capsys, "generate", "a cat", "--model", tiny_sd_path, "--out", tmp_path / "run",
                        "--frames", "5", "--steps", "2", "--device", "cpu")
     assert code == 2 and "video models" in one_error_line(err)
+
+
+def test_transfer_of_a_still_image_to_clips(tiny_wan_paths, tmp_path, capsys):
+    """The image inverted as a one-frame clip: 00 is its still reconstruction on every frame, then the targets."""
+    from stylealigned.inversion import Trajectory
+
+    image, out, saved = tmp_path / "photo.png", tmp_path / "run", tmp_path / "ref.safetensors"
+    ramp = np.linspace(0, 255, 40 * 60, dtype=np.uint8).reshape(40, 60)
+    Image.fromarray(np.stack([ramp, ramp[::-1], np.full_like(ramp, 90)], -1)).save(image)
+    code, stdout, err = cli(capsys, "transfer", "a dog", "a house", "--reference", image, "--reference-prompt",
+                            "a red tree", "--save-trajectory", saved, "--model", tiny_wan_paths[2], "--out", out,
+                            "--frames", "5", *FAST)
+    assert code == 0, err
+    assert "2 clips" in stdout
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["00-a-red-tree.mp4", "01-a-dog.mp4", "02-a-house.mp4"]
+    still = [np.asarray(frame, dtype=int) for frame in read_video(out / "00-a-red-tree.mp4")]
+    assert len(still) == 5 and max(np.abs(frame - still[0]).max() for frame in still) <= 8  # H.264 noise only
+    assert all(len(read_video(out / name)) == 5 for name in ("01-a-dog.mp4", "02-a-house.mp4"))
+    assert Trajectory.load(saved).latents.shape == (4, 4, 1, WAN_HEIGHT // 8, WAN_WIDTH // 8)

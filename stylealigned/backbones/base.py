@@ -52,6 +52,7 @@ class Backbone:
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
     embedded_guidance = False   # the guidance scale is an input of the denoiser (FLUX.1-dev), not CFG
+    frame_axis: int | None = None  # the latents' frame axis (batch first), on video families
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -116,6 +117,12 @@ class Backbone:
         from the keyword arguments a set passes the pipeline's call."""
 
     # latents
+    def still_reference(self, shape: tuple[int, ...], height: int, width: int) -> bool:
+        """Whether a reference latent of `shape` (one item) is a still image that can lead this set of clips: a
+        single frame on its frame axis, where the set's have more (its rows of a batch hold it on every frame, and
+        the denoiser runs it as one frame)."""
+        return False
+
     def native_size(self) -> tuple[int, int]:
         """(height, width) in pixels that the model generates by default."""
         side = self.pipe.default_sample_size * self.pipe.vae_scale_factor

@@ -32,6 +32,7 @@ class WanBackbone(Backbone):
     # "shifted" positions targets see the reference beside themselves rather than on their own tokens.
     default_shared_layers = 1.0
     flow = True
+    frame_axis = 2
     frames = 81  # the pipeline's default clip length, until `read_settings` reads the set's
 
     def __init__(self, pipe):
@@ -64,10 +65,15 @@ class WanBackbone(Backbone):
 
     def begin_call(self, state, config, kwargs):
         """The rotary embedding of the shared reference keys: the model's own RoPE at the call's (frame, row,
-        column) positions, the column moved by the latent width under "shifted"."""
-        state.call["reference_rotary"] = None
-        if config.reference_positions == "shifted":
-            state.call["reference_rotary"] = shifted_rotary(self.denoiser.rope, kwargs["hidden_states"].shape)
+        column) positions, the column moved by the latent width under "shifted"; a still reference's at frame 0
+        only (None: the call's own)."""
+        shape = list(kwargs["hidden_states"].shape)
+        still = state.call.get("still_reference", False)
+        if still:
+            shape[self.frame_axis] = 1
+        shifted = config.reference_positions == "shifted"
+        state.call["reference_rotary"] = reference_rotary(self.denoiser.rope, shape, shifted) if shifted or still \
+            else None
 
     # latents: (channels, frames, rows, columns)
     def read_settings(self, pipeline_kwargs):
@@ -95,6 +101,23 @@ class WanBackbone(Backbone):
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         return (self.denoiser.config.in_channels, (self.frames - 1) // temporal + 1, height // spatial,
                 width // spatial)
+
+    def still_reference(self, shape, height, width):
+        """A one-frame latent of the set's size: a still image, inverted as a one-frame clip (Wan's causal VAE
+        encodes a first frame on its own)."""
+        channels, _, rows, columns = self.latent_shape(height, width)
+        return tuple(shape) == (channels, 1, rows, columns)
+
+    @torch.no_grad()
+    def encode(self, image):
+        """An RGB image as a one-frame clip's latent (1, C, 1, h, w): the VAE's mean, in fp32, normalised."""
+        vae = self.pipe.vae
+        pixels = self.pipe.video_processor.preprocess(image).to(self.pipe._execution_device, torch.float32)
+        with _vae_in_fp32(vae):
+            latents = vae.encode(pixels.unsqueeze(2)).latent_dist.mean
+        scale, offset = self._latent_scaling(latents)
+        height, width = (size * self.pipe.vae_scale_factor_spatial for size in latents.shape[-2:])
+        return (latents - offset) * scale, height, width
 
     def _latent_scaling(self, like):
         """The VAE's per-channel latents mean and std (it has no scaling factor), over (1, C, 1, 1, 1)."""
@@ -145,11 +168,13 @@ class WanBackbone(Backbone):
         return out
 
 
-def shifted_rotary(rope, shape) -> tuple[Tensor, Tensor]:
+def reference_rotary(rope, shape, shifted: bool) -> tuple[Tensor, Tensor]:
     """(cos, sin), each (1, tokens, 1, dim), of `rope` (the model's WanRotaryPosEmbed) at a latent of `shape`
-    (batch, channels, frames, height, width), every column moved by the width in patches: the model's own
-    embedding of a grid twice as wide, right half."""
+    (batch, channels, frames, height, width); `shifted`: every column moved by the width in patches (the model's
+    own embedding of a grid twice as wide, right half)."""
     _, _, frames, height, width = shape
+    if not shifted:
+        return rope(torch.empty(1, 0, frames, height, width, device="meta"))
     columns = width // rope.patch_size[2]
     if 2 * columns > rope.max_seq_len:
         raise UserError(f"reference_positions='shifted' needs RoPE positions up to {2 * columns} columns but this "
