@@ -7,7 +7,7 @@ reference keys (targets see them where the reference has them, i.e. reference_po
 layout bookkeeping beyond the guidance-group count (and FLUX's text length for its single-stream blocks).
 
 The processors below mirror diffusers' stock ones line for line (AttnProcessor2_0 for a UNet's self-attention,
-FluxAttnProcessor, JointAttnProcessor2_0 for SD3), with one change: the scaled-dot-product attention call becomes
+FluxAttnProcessor, JointAttnProcessor2_0 for SD3, WanAttnProcessor for Wan's attn1), with one change: the scaled-dot-product attention call becomes
 `FloorState.attend`. Two layouts, matching StyleAligned's two:
 
     with floor(pipe):                  # one batch: image 0 of each guidance group is the reference
@@ -169,7 +169,26 @@ class SD3JointAttention:
         return out if encoder_hidden_states is None else (out, text_out)
 
 
-PROCESSORS = {"unet": UNetSelfAttention, "flux": FluxJointAttention, "sd3": SD3JointAttention}
+class WanSelfAttention:
+    """diffusers' WanAttnProcessor on a block's attn1: q/k RMS norm over all heads, then the head split, Wan's
+    RoPE; every token a video token."""
+
+    def __init__(self, name: str, state: FloorState):
+        self.name, self.state = name, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from stylealigned.backbones.wan import wan_rotation
+
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (x.unflatten(2, (attn.heads, -1)).transpose(1, 2) for x in (q, k, v))
+        rotate = wan_rotation(rotary_emb)
+        out = self.state.attend(self.name, rotate(q), rotate(k), v, slice(None))
+        return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2, 3).type_as(q)))
+
+
+PROCESSORS = {"unet": UNetSelfAttention, "flux": FluxJointAttention, "sd3": SD3JointAttention,
+              "wan": WanSelfAttention}
 
 
 @contextlib.contextmanager
@@ -228,17 +247,18 @@ def check(pipe, prompts: list[str], batch_size: int, **pipeline_kwargs) -> dict[
     import stylealigned as sa
 
     backbone = backbone_for(pipe)
+    backbone.read_settings(pipeline_kwargs)
     height, width = backbone.native_size()
     kwargs = dict(height=height, width=width) | pipeline_kwargs | dict(output_type="latent")
     noise = backbone.initial_noise(range(len(prompts)), 0, kwargs["height"], kwargs["width"])
     same = StyleAlignedConfig(adain_queries=False, adain_keys=False)
-    if backbone.family == "flux":
+    if backbone.family in ("flux", "wan"):
         same = same.replace(reference_positions="same")
     differences = {}
     for chunks in (None, batch_size):
         with sa.apply(pipe, same) as handle, handle.chunked(chunks):
-            ours = pipe(prompts, latents=noise, **kwargs).images
+            ours = pipe(prompts, latents=noise, **kwargs)[0]  # images, or a video pipeline's frames
         with floor(pipe, chunks):
-            mine = pipe(prompts, latents=noise, **kwargs).images
+            mine = pipe(prompts, latents=noise, **kwargs)[0]
         differences["one batch" if chunks is None else f"chunks of {chunks}"] = (ours - mine).abs().max().item()
     return differences
