@@ -7,8 +7,8 @@ reference keys (targets see them where the reference has them, i.e. reference_po
 layout bookkeeping beyond the guidance-group count (and FLUX's text length for its single-stream blocks).
 
 The processors below mirror diffusers' stock ones line for line (AttnProcessor2_0 for a UNet's self-attention,
-FluxAttnProcessor, JointAttnProcessor2_0 for SD3, WanAttnProcessor for Wan's attn1), with one change: the scaled-dot-product attention call becomes
-`FloorState.attend`. Two layouts, matching StyleAligned's two:
+FluxAttnProcessor, JointAttnProcessor2_0 for SD3, WanAttnProcessor for Wan's attn1), with one change: the
+scaled-dot-product attention call becomes `FloorState.attend`. Two layouts, matching StyleAligned's two:
 
     with floor(pipe):                  # one batch: image 0 of each guidance group is the reference
     with floor(pipe, batch_size=4):    # per denoiser call: the references once (their keys and values kept),

@@ -10,6 +10,7 @@ from PIL import Image
 from stylealigned.io import read_video
 from tests.test_cli import cli
 from tests.test_dit_cli import one_error_line
+from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
 from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, tiny_wan_paths  # noqa: F401 (fixture)
 
 FAST = ["--steps", "3", "--width", str(WAN_WIDTH), "--height", str(WAN_HEIGHT), "--device", "cpu"]
@@ -88,3 +89,27 @@ def test_transfer_of_a_still_image_to_clips(tiny_wan_paths, tmp_path, capsys):
     assert len(still) == 5 and max(np.abs(frame - still[0]).max() for frame in still) <= 8  # H.264 noise only
     assert all(len(read_video(out / name)) == 5 for name in ("01-a-dog.mp4", "02-a-house.mp4"))
     assert Trajectory.load(saved).latents.shape == (4, 4, 1, WAN_HEIGHT // 8, WAN_WIDTH // 8)
+
+
+def test_score_a_set_of_clips(tiny_wan_paths, tiny_clip_path, tiny_dino_path, tmp_path, capsys):  # noqa: F811
+    """Text alignment per clip (mean over its frames), set consistency frame by frame, temporal consistency of
+    neighbouring frames: against the image metrics applied to the decoded MP4s' frames."""
+    from stylealigned.eval import set_consistency, text_alignment
+
+    out = tmp_path / "run"
+    assert generate(capsys, tiny_wan_paths[1], out)[0] == 0
+    code, stdout, err = cli(capsys, "score", out, "--clip-model", tiny_clip_path, "--dino-model", tiny_dino_path,
+                            "--device", "cpu")
+    assert code in (0, None), err
+    scores = json.loads((out / "scores.json").read_text())
+    clips = [read_video(out / name) for name in NAMES]
+    texts = ["a cat", "a dog", "a house"]  # the prompts without the style suffix
+    per_clip = [sum(text_alignment(clip, [text] * 5, tiny_clip_path, "cpu")) / 5 for clip, text in zip(clips, texts)]
+    across = sum(set_consistency([clip[f] for clip in clips], tiny_dino_path, device="cpu") for f in range(5)) / 5
+    temporal = [sum(set_consistency(clip[f:f + 2], tiny_dino_path, device="cpu") for f in range(4)) / 4
+                for clip in clips]
+    assert [entry["text_alignment"] for entry in scores["images"]] == pytest.approx(per_clip, abs=1e-5)
+    assert scores["set_consistency"] == pytest.approx(across, abs=1e-5)
+    assert [entry["temporal_consistency"] for entry in scores["images"]] == pytest.approx(temporal, abs=1e-5)
+    assert scores["temporal_consistency"] == pytest.approx(sum(temporal) / 3, abs=1e-5)
+    assert "temporal consistency" in stdout
