@@ -58,39 +58,26 @@ def attention(q, k, v, shift_from=None, shift=0.0):
     return logits.softmax(-1) @ v
 
 
+def attend_target(q, k, v, ref, config, own, shared):
+    """One target clip's q, k, v (heads, tokens, dim) against its reference's `ref` = (q, k, v) (heads, its tokens,
+    dim), all after the q/k norms and before RoPE. `own` and `shared` are the RoPE angles of the target's tokens and
+    of the reference keys as the target sees them."""
+    q = adain(q, ref[0]) if config.adain_queries else q
+    k = adain(k, ref[1]) if config.adain_keys else k
+    v = adain(v, ref[2]) if config.adain_values else v
+    q, k = rope(q, own), rope(k, own)
+    if not config.share_attention:
+        return attention(q, k, v)
+    keys = torch.cat([k, config.shared_score_scale * rope(ref[1], shared)], dim=-2)
+    return attention(q, keys, torch.cat([v, ref[2]], dim=-2), shift_from=q.shape[-2], shift=config.shared_score_shift)
+
+
 def attend_clips(q, k, v, config, own, shared):
-    """One guidance group: q, k, v (clips, heads, tokens, dim) after the q/k norms, before RoPE; clip 0 is the
-    reference. `own` and `shared` are the RoPE angles of a clip's tokens and of the shared reference keys."""
+    """One guidance group: q, k, v (clips, heads, tokens, dim); clip 0 is the reference, attending to itself as in
+    the stock model."""
+    reference = (q[0], k[0], v[0])
     out = [attention(rope(q[0], own), rope(k[0], own), v[0])]
-    for i in range(1, q.shape[0]):
-        qi = adain(q[i], q[0]) if config.adain_queries else q[i]
-        ki = adain(k[i], k[0]) if config.adain_keys else k[i]
-        vi = adain(v[i], v[0]) if config.adain_values else v[i]
-        qi, ki = rope(qi, own), rope(ki, own)
-        if not config.share_attention:
-            out.append(attention(qi, ki, vi))
-            continue
-        keys = torch.cat([ki, config.shared_score_scale * rope(k[0], shared)], dim=-2)
-        values = torch.cat([vi, v[0]], dim=-2)
-        out.append(attention(qi, keys, values, shift_from=q.shape[-2], shift=config.shared_score_shift))
-    return torch.stack(out)
-
-
-def attend_still(q, k, v, config, ref, own, shared):
-    """Targets (clips, heads, tokens, dim) against a still reference's recorded (q, k, v) (heads, its tokens, dim),
-    as `attend_clips` treats targets; `shared` are the RoPE angles of its tokens as the targets see them."""
-    out = []
-    for i in range(q.shape[0]):
-        qi = adain(q[i], ref[0]) if config.adain_queries else q[i]
-        ki = adain(k[i], ref[1]) if config.adain_keys else k[i]
-        vi = adain(v[i], ref[2]) if config.adain_values else v[i]
-        qi, ki = rope(qi, own), rope(ki, own)
-        if not config.share_attention:
-            out.append(attention(qi, ki, vi))
-            continue
-        keys = torch.cat([ki, config.shared_score_scale * rope(ref[1], shared)], dim=-2)
-        out.append(attention(qi, keys, torch.cat([vi, ref[2]], dim=-2), shift_from=q.shape[-2],
-                             shift=config.shared_score_shift))
+    out += [attend_target(q[i], k[i], v[i], reference, config, own, shared) for i in range(1, q.shape[0])]
     return torch.stack(out)
 
 
@@ -129,7 +116,9 @@ class WanOracleProcessor:
             out = attention(rope(q, own), rope(k, own), v)
         elif self.context.still == "targets":  # its keys at frame 0 of the targets' (row, column) grid
             ref_shared = rope_angles(1, rows, columns, q.shape[-1], column_offset=offset)
-            out = attend_still(q, k, v, self.config, self.context.recorded[self.name], own, ref_shared)
+            reference = self.context.recorded[self.name]
+            out = torch.stack([attend_target(q[i], k[i], v[i], reference, self.config, own, ref_shared)
+                               for i in range(q.shape[0])])
         else:
             out = attend_clips(q, k, v, self.config, own, shared)
         return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2)))
