@@ -7,6 +7,10 @@ targets see every token of the reference clip. Wan 2.2's two experts (`transform
 `transformer_2` for low noise) both share; their layers are named `transformer.blocks.N.attn1` and
 `transformer_2.blocks.N.attn1`, counted in that order. The pipeline runs the conditional and unconditional
 prompts in transformer calls of their own: one guidance group each. Latents are (channels, frames, rows, columns).
+
+A still image leads a set of clips as a one-frame clip (`still_reference`): inverted alone (Wan's causal VAE encodes
+a first frame on its own), run as one frame in every denoiser call, its keys at frame 0 of the targets' grid (its
+own positions; the column moved by the width under "shifted").
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class WanBackbone(Backbone):
         still = state.call.get("still_reference", False)
         if still:
             shape[self.frame_axis] = 1
-        shifted = config.reference_positions == "shifted"
+        shifted = config.reference_positions == "shifted"  # (Wan 2.2's experts have one RoPE: same heads, sizes)
         state.call["reference_rotary"] = reference_rotary(self.denoiser.rope, shape, shifted) if shifted or still \
             else None
 
