@@ -109,7 +109,7 @@ class DenoiserHook(ModelHook):
         handle, state, backbone = self.handle, self.handle.state, self.handle.backbone
         forward = self.fn_ref.original_forward
         state.groups = backbone.guidance_groups() if handle.groups is None else handle.groups
-        still = state.call["still_reference"] = handle.still_reference
+        still = handle.still_reference
         backbone.begin_call(state, handle.config, kwargs)
         sample = args[0] if args else kwargs[backbone.sample_name]
         batch = sample.shape[0]
@@ -196,8 +196,7 @@ class StyleAlignedHandle:
         self.state = SharedState()
         self.batch_size: int | None = None
         self.groups: int | None = None  # guidance groups fixed by `layout` (a caller's own denoiser calls)
-        # the references are still images leading clips (`Backbone.still_reference`): run apart, as one frame
-        self.still_reference = False
+        self._still_reference = False
         denoisers = backbone.denoisers()
         modules = {prefix + name: module for prefix, denoiser in denoisers.items()
                    for name, module in denoiser.named_modules()}
@@ -229,6 +228,21 @@ class StyleAlignedHandle:
             registry = getattr(denoiser, "_diffusers_hook", None)
             if registry is not None:
                 registry.invalidate_child_registries_cache()
+
+    @property
+    def still_reference(self) -> bool:
+        """The references are still images leading clips (`Backbone.still_reference`): each denoiser call runs them
+        apart, as one frame. Also in `state.call` for the backbone while true; absent otherwise, so that an image
+        family's compiled denoiser sees the same state at every call."""
+        return self._still_reference
+
+    @still_reference.setter
+    def still_reference(self, still: bool) -> None:
+        self._still_reference = still
+        if still:
+            self.state.call["still_reference"] = True
+        else:
+            self.state.call.pop("still_reference", None)
 
     def remove(self) -> None:
         """Take off every hook this handle installed; the pipeline then behaves exactly as before."""
