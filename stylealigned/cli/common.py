@@ -36,7 +36,8 @@ LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and 
     "seed": (0, 2**63 - 1), "steps": (1, 1000), "guidance": (0, 100), "width": (8, MAX_SIZE), "height": (8, MAX_SIZE),
     "batch_size": (1, 4096), "offset": (0, 999), "inversion_guidance": (0, 100), "shared_score_scale": (0, 100),
     "shared_score_shift": (-100, 100), "port": (0, 65535), "sets": (1, 100), "threads": (1, 1024), "styles": (1, 100),
-    "control_scale": (0, 10), "frames": (1, 1000), "fps": (1, 240),  # 0 itself is refused by the ControlNet options (no control at all)
+    "control_scale": (0, 10),  # 0 itself is refused by the ControlNet options (no control at all)
+    "frames": (1, 1000), "fps": (1, 240),  # clips, on video models
     # the web app operator's limits on one job
     "max_prompts": (1, 1000), "max_steps": (1, 1000), "max_side": (8, MAX_SIZE), "max_upload_mb": (1, 10_000),
 }
