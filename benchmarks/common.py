@@ -279,3 +279,31 @@ def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
         with LiveTensorBytes() as tracker:
             yield result
         result.bytes = tracker.peak
+
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json: 30 blocks of 12 x 128, UMT5-XXL text (4096 wide)
+WAN_1_3B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)
+# Wan's scheduler (UniPC with flow sigmas, shift 3) and a stand-in VAE with the real 16 latent channels and 8x / 4x
+# (space / time) downsampling at a fraction of the cost
+WAN_SCHEDULER = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+SMALL_WAN_VAE = dict(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                     temperal_downsample=[False, True, True])
+
+
+def random_wan(words: list[str], device: torch.device, blocks: int = 30):
+    """Wan 2.1-T2V-1.3B's transformer (at the given depth), a small 16-channel video VAE and a small UMT5 encoder of
+    the real 4096 width."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    _, tokenizer = _dit_tokenizers(words)
+    with torch.device(device):
+        models = dict(transformer=WanTransformer3DModel(**WAN_1_3B_TRANSFORMER | dict(num_layers=blocks)),
+                      vae=AutoencoderKLWan(**SMALL_WAN_VAE),
+                      text_encoder=UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **SMALL_T5)))
+    return WanPipeline(**models, tokenizer=tokenizer, scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER))

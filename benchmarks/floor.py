@@ -73,6 +73,8 @@ def floor(pipe, batch_size: int | None = None, config: StyleAlignedConfig | None
     """Within this block `pipe` runs the floor in the layers `config` shares (StyleAligned's default layers);
     with `batch_size`, each denoiser call runs the references once, then the targets `batch_size` at a time."""
     backbone = backbone_for(pipe)
+    if len(backbone.denoisers()) > 1:
+        raise ValueError("the floor runs on a pipeline with one denoiser (not Wan 2.2's two experts)")
     denoiser, state, config = backbone.denoiser, SharedState(), config or StyleAlignedConfig()
     modules = dict(denoiser.named_modules())
     originals = {name: modules[name].processor for name in layers_to_share(backbone, config)}
@@ -122,6 +124,7 @@ def check(pipe, prompts: list[str], batch_size: int, **pipeline_kwargs) -> dict[
     import stylealigned as sa
 
     backbone = backbone_for(pipe)
+    backbone.read_settings(pipeline_kwargs)
     height, width = backbone.native_size()
     kwargs = dict(height=height, width=width) | pipeline_kwargs | dict(output_type="latent")
     noise = backbone.start_latents(backbone.initial_noise(range(len(prompts)), 0, kwargs["height"], kwargs["width"]),
@@ -130,8 +133,8 @@ def check(pipe, prompts: list[str], batch_size: int, **pipeline_kwargs) -> dict[
     differences = {}
     for chunks in (None, batch_size):
         with sa.apply(pipe, same) as handle, handle.chunked(chunks):
-            ours = pipe(prompt=prompts, latents=noise, **kwargs).images
+            ours = pipe(prompt=prompts, latents=noise, **kwargs)[0]  # images, or a video pipeline's frames
         with floor(pipe, chunks):
-            mine = pipe(prompt=prompts, latents=noise, **kwargs).images
+            mine = pipe(prompt=prompts, latents=noise, **kwargs)[0]
         differences["one batch" if chunks is None else f"chunks of {chunks}"] = (ours - mine).abs().max().item()
     return differences

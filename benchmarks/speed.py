@@ -6,6 +6,8 @@
     python benchmarks/speed.py --device cpu  [--model sd15-lite|sd15] [--sizes 4,16] [--batch-size 4] [--steps 2]
     python benchmarks/speed.py --device cuda --model flux   # FLUX.1-dev at full depth (19+38), 1024², bf16, 4 steps
     python benchmarks/speed.py --device cuda --model sd3    # SD3.5-medium at full depth (24), 1024², bf16, 4 steps
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --model wan --device cpu --repeats 3     # 5-frame 128² clips
+    python benchmarks/speed.py --device cuda --model wan    # Wan 2.1-1.3B at full depth (30), 480², 81 frames, bf16
     python benchmarks/speed.py --device cuda [--model sdxl] [--sizes 4,16,64] [--steps 10]   # SDXL, 1024², fp16
     python benchmarks/speed.py --panorama [benchmarks/panorama.py's options]   # panoramas: ours vs release vs plain
     OMP_NUM_THREADS=2 python benchmarks/speed.py --report [--device cuda]   # writes docs/performance.md (`report`)
@@ -38,9 +40,11 @@ block; `sd15`: SD1.5's UNet at full size; both with a small VAE and a one-layer 
 transformer blocks (24 heads of 128, 4096-wide T5 and 768-wide pooled CLIP inputs, RoPE axes 16/56/56, guidance
 embedding) at `--depth` double,single blocks (default 1,2 on CPU, 19,38 on a GPU). `sd3`: SD3.5-medium's joint
 blocks (24 heads of 64, caption projection 1536, pooled 2048, qk RMS norm, the first 13/24 with dual attention,
-384² position embeddings) at `--depth` blocks (3 on CPU, 24 on a GPU). FLUX and SD3 get small random CLIP/T5
+384² position embeddings) at `--depth` blocks (3 on CPU, 24 on a GPU). `wan`: Wan 2.1-T2V-1.3B's blocks (12 heads
+of 128, ffn 8960, 4096-wide UMT5 input, 3D RoPE) at `--depth` blocks (1 on CPU, 30 on a GPU), clips of `--frames`
+frames (5 on CPU, 81 on a GPU); a set of N images is then N clips. FLUX, SD3 and Wan get small random CLIP/T5
 encoders of the real output widths and a small VAE with the real 16 latent channels: the loop timed is the
-transformer's. On CPU, T5 prompts are `--max-sequence-length` 32 tokens (512 FLUX, 256 SD3 on a GPU).
+transformer's. On CPU, T5 prompts are `--max-sequence-length` 32 tokens (512 FLUX and Wan, 256 SD3 on a GPU).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 import stylealigned as sa  # noqa: E402
 from benchmarks.common import (MIB, SD15_LITE, peak_memory, peak_memory_method, random_flux,  # noqa: E402
-                               random_flux2, random_sd3, random_sd15, random_sdxl, synchronize)
+                               random_flux2, random_sd3, random_sd15, random_sdxl, random_wan, synchronize)
 from benchmarks.floor import check, floor  # noqa: E402
 from stylealigned.apply import layers_to_share  # noqa: E402
 from stylealigned.backbones import backbone_for  # noqa: E402
@@ -95,7 +99,10 @@ MODELS = {
     "flux2": Model("FLUX.2 transformer blocks (heads of 128: 24 on CPU, FLUX.1's width; 48 on a GPU, FLUX.2 [dev]'s), "
                    "klein's CFG in two calls; small VAE (32 latent channels), small Qwen3 encoder", (256, 1024), 4.0,
                    depth=("1,2", "8,48"), text_tokens=(32, 512), gpu_dtype="bf16"),
+    "wan": Model("Wan 2.1-T2V-1.3B transformer blocks (12 heads x 128); small video VAE (16 latent channels), small "
+                 "UMT5 encoder", (128, 480), 5.0, depth=("1", "30"), text_tokens=(32, 512), gpu_dtype="bf16"),
 }
+FRAMES = (5, 81)  # wan's default --frames (CPU, GPU)
 METHODS = ("vanilla", "floor", "apply", "transfer", "floor_chunked", "generate_set")
 FLOOR_OF = {"apply": "floor", "transfer": "floor", "generate_set": "floor_chunked"}
 PRESETS = {"apply": StyleAlignedConfig.text_to_image(), "transfer": StyleAlignedConfig.transfer()}
@@ -121,6 +128,8 @@ def build(args, device: torch.device, dtype: torch.dtype):
     elif args.model == "flux2":
         double, single = (int(d) for d in args.depth.split(","))
         pipe = random_flux2(words, device, double, single, heads=48 if device.type == "cuda" else 24)
+    elif args.model == "wan":
+        pipe = random_wan(words, device, int(args.depth))
     else:
         pipe = random_sd15(words, SD15_LITE if args.model == "sd15-lite" else {}, device)
     if dtype != torch.float32:
@@ -134,6 +143,8 @@ def pipeline_kwargs(args) -> dict:
                   width=args.resolution)
     if args.max_sequence_length:
         kwargs["max_sequence_length"] = args.max_sequence_length
+    if args.frames:
+        kwargs["num_frames"] = args.frames
     return kwargs
 
 
@@ -144,17 +155,18 @@ def run_method(method: str, pipe, prompts: list[str], args) -> None:
         sa.generate_set(pipe, prompts, seed=0, batch_size=args.batch_size, **kwargs)
         return
     backbone = backbone_for(pipe)
+    backbone.read_settings(kwargs)
     noise = backbone.start_latents(backbone.initial_noise(range(len(prompts)), 0, args.resolution, args.resolution),
                                    args.resolution, args.resolution)
-    if method == "vanilla":
+    if method == "vanilla":  # the output's first field: images, or a video pipeline's frames
         latents = torch.cat([pipe(prompt=prompts[s:s + args.batch_size], latents=noise[s:s + args.batch_size],
-                                  output_type="latent", **kwargs).images
+                                  output_type="latent", **kwargs)[0]
                              for s in range(0, len(prompts), args.batch_size)])
     else:
         layout = (sa.apply(pipe, backbone.fit_preset(PRESETS[method])) if method in PRESETS
                   else floor(pipe, args.batch_size if method == "floor_chunked" else None))
         with layout:
-            latents = pipe(prompt=prompts, latents=noise, output_type="latent", **kwargs).images
+            latents = pipe(prompt=prompts, latents=noise, output_type="latent", **kwargs)[0]
     for part in latents.split(args.batch_size):
         backbone.decode(part, args.resolution, args.resolution)
 
@@ -360,7 +372,9 @@ def parser() -> argparse.ArgumentParser:
                         help="fp32, fp16 or bf16 (default: fp32 on CPU; on a GPU bf16 for flux and sd3, else fp16)")
     parser.add_argument("--model", choices=MODELS, default=None, help="default: sdxl on a GPU, sd15-lite on CPU")
     parser.add_argument("--depth", default=None,
-                        help="flux: double,single blocks (default 1,2 CPU, 19,38 GPU); sd3: blocks (3 CPU, 24 GPU)")
+                        help="flux: double,single blocks (default 1,2 CPU, 19,38 GPU); sd3: blocks (3 CPU, 24 GPU); "
+                             "wan: blocks (1 CPU, 30 GPU)")
+    parser.add_argument("--frames", type=int, default=None, help="wan: frames per clip (default 5 CPU, 81 GPU)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="image side in pixels (default: 256 on CPU; 1024 for sdxl, and for flux/sd3 on a GPU)")
     parser.add_argument("--sizes", default=None,
@@ -390,10 +404,13 @@ def parsed(argv: list[str]) -> tuple[argparse.Namespace, torch.device, torch.dty
     model = MODELS[args.model]
     dit = model.depth is not None
     if args.depth and not dit:
-        options.error(f"--depth applies to the transformers (flux, flux2, sd3), not {args.model}")
+        options.error(f"--depth applies to the transformers (flux, flux2, sd3, wan), not {args.model}")
     if args.depth and not re.fullmatch(r"\d+,\d+" if args.model in ("flux", "flux2") else r"\d+", args.depth):
-        options.error("--depth is double,single blocks for flux and flux2 (e.g. 1,2) and a block count for sd3 "
-                      "(e.g. 3)")
+        options.error("--depth is double,single blocks for flux and flux2 (e.g. 1,2) and a block count for sd3 and "
+                      "wan (e.g. 3)")
+    if args.frames and args.model != "wan":
+        options.error(f"--frames applies to wan, not {args.model}")
+    args.frames = args.frames or (FRAMES[gpu] if args.model == "wan" else None)
     dtype = resolve_dtype(args.dtype or (model.gpu_dtype if gpu else None), device)
     args.depth = args.depth or (model.depth[gpu] if dit else None)
     args.max_sequence_length = args.max_sequence_length or (model.text_tokens[gpu] if dit else None)

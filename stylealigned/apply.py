@@ -2,8 +2,9 @@
 
 `apply(pipe, config)` asks the pipeline's backbone (`backbones/`) for its attention layers, and registers one
 `diffusers.hooks.ModelHook` named "stylealigned" on each selected attention module (the module's own forward runs
-with our processor swapped in for the call), on every GroupNorm if their statistics are shared, and on the denoiser (which reads
-each call's layout and, inside `handle.chunked(batch_size)`, runs the reference once and the targets in chunks).
+with our processor swapped in for the call), on every GroupNorm if their statistics are shared, and on each
+denoiser (a Wan 2.2 pipeline has two), which reads each call's layout and, inside `handle.chunked(batch_size)`,
+runs the reference once and the targets in chunks.
 Processors, LoRA layers or adapters loaded meanwhile are left alone; `remove()` takes off only these hooks.
 """
 
@@ -140,6 +141,9 @@ class DenoiserHook(ModelHook):
         handle, state, backbone = self.handle, self.handle.state, self.handle.backbone
         forward = self.fn_ref.original_forward
         state.groups = backbone.guidance_groups() if handle.groups is None else handle.groups
+        still = handle.still_reference
+        if still:  # for the backbone's begin_call; absent otherwise (per-call facts start empty)
+            state.call["still_reference"] = True
         inputs = by_name(module, args, kwargs)
         backbone.begin_call(state, handle.config, inputs)
         sample = inputs[backbone.sample_name]
@@ -148,16 +152,18 @@ class DenoiserHook(ModelHook):
         else:
             batch, device = sample.shape[0], sample.device
         references = state.references
-        if handle.batch_size is None or state.split(batch) - references <= handle.batch_size:
+        if not still and (handle.batch_size is None or state.split(batch) - references <= handle.batch_size):
             return forward(*args, **untagged(handle.pipe, kwargs))
         rows = torch.arange(batch, device=device).view(state.groups, -1)
-        pieces = [rows[:, :references]] + list(rows[:, references:].split(handle.batch_size, dim=1))
+        pieces = [rows[:, :references]] + list(rows[:, references:].split(handle.batch_size or batch, dim=1))
         outputs = []
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode, state.last = mode, piece is pieces[-1]
                 index = piece.reshape(-1)
                 _, chunk = chunk_inputs((), inputs, index, batch, backbone.unbatched_inputs, backbone.row_lists)
+                if still and mode == RECORD:
+                    _, chunk = first_frame((), chunk, backbone)
                 outputs.append((index, _first(forward(**untagged(handle.pipe, chunk)))))
         finally:
             state.mode, state.last = BATCH, False
@@ -200,18 +206,28 @@ def by_name(module: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 def merged(outputs: list[tuple[torch.Tensor, torch.Tensor | list]], batch: int) -> torch.Tensor | list:
     """The chunks' outputs (rows `index`, output) put back in batch order: a tensor, or a list of one tensor per
-    row where the module returns such a list."""
-    first = outputs[0][1]
-    if isinstance(first, list):
+    row where the module returns such a list. A tensor takes the targets' (the last chunk's) shape: a still
+    reference's one frame goes on every frame of its rows."""
+    last = outputs[-1][1]
+    if isinstance(last, list):
         rows = [None] * batch
         for index, out in outputs:
             for i, row in zip(index.tolist(), out):
                 rows[i] = row
         return rows
-    whole = first.new_empty(batch, *first.shape[1:])
+    whole = last.new_empty(batch, *last.shape[1:])
     for index, out in outputs:
         whole[index] = out
     return whole
+
+
+def first_frame(args: tuple, kwargs: dict, backbone: Backbone) -> tuple[tuple, dict]:
+    """A denoiser call's (args, kwargs) with its sample cut to the first frame: still references, run as one-frame
+    clips."""
+    if args:
+        return (args[0].narrow(backbone.frame_axis, 0, 1), *args[1:]), kwargs
+    sample = kwargs[backbone.sample_name]
+    return args, {**kwargs, backbone.sample_name: sample.narrow(backbone.frame_axis, 0, 1)}
 
 
 def _first(output):
@@ -247,9 +263,14 @@ class StyleAlignedHandle:
         self.state = SharedState()
         self.batch_size: int | None = None
         self.groups: int | None = None  # guidance groups fixed by `layout` (a caller's own denoiser calls)
-        denoiser = backbone.denoiser
-        modules = dict(denoiser.named_modules())
-        self._hooks: list[tuple[nn.Module, ModelHook]] = [(denoiser, DenoiserHook(self))]
+        # the references are still images leading clips (`Backbone.still_reference`): each denoiser call runs
+        # them apart, as one frame
+        self.still_reference = False
+        denoisers = backbone.denoisers()
+        modules = {prefix + name: module for prefix, denoiser in denoisers.items()
+                   for name, module in denoiser.named_modules()}
+        self._hooks: list[tuple[nn.Module, ModelHook]] = [(denoiser, DenoiserHook(self))
+                                                          for denoiser in denoisers.values()]
         self._hooks += [(modules[name], AttentionHook(SharedProcessor(name, config, self.state,
                                                                       backbone.attention_kind(name))))
                         for name in layers]
@@ -271,10 +292,11 @@ class StyleAlignedHandle:
         self.state.cache.clear()
 
     def _refresh_registries(self) -> None:
-        """Tell a registry on the denoiser (caching features keep one) that the hooks below it changed."""
-        registry = getattr(self.backbone.denoiser, "_diffusers_hook", None)
-        if registry is not None:
-            registry.invalidate_child_registries_cache()
+        """Tell a registry on each denoiser (caching features keep one) that the hooks below it changed."""
+        for denoiser in self.backbone.denoisers().values():
+            registry = getattr(denoiser, "_diffusers_hook", None)
+            if registry is not None:
+                registry.invalidate_child_registries_cache()
 
     def remove(self) -> None:
         """Take off every hook this handle installed; the pipeline then behaves exactly as before."""

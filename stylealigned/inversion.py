@@ -67,13 +67,15 @@ class Trajectory:
             raise UserError(
                 f"{path} is not a readable stylealigned trajectory ({error}); invert the reference again"
             ) from error
-        shape_ok = trajectory.latents.ndim in (3, 4) and len(trajectory.latents) == len(trajectory.timesteps) + 1
+        shape_ok = trajectory.latents.ndim in (3, 4, 5) and len(trajectory.latents) == len(trajectory.timesteps) + 1
         if not shape_ok or trajectory.mode not in MODES:
             raise UserError(f"{path} holds an inconsistent trajectory; invert the reference again")
         return trajectory
 
-    def check_compatible(self, pipe, num_inference_steps: int, width: int, height: int) -> None:
-        """Raise a UserError naming the first mismatch between this trajectory and a generation request."""
+    def check_compatible(self, pipe, num_inference_steps: int, width: int, height: int,
+                         backbone: Backbone | None = None) -> None:
+        """Raise a UserError naming the first mismatch between this trajectory and a generation request (on
+        `backbone`, the pipeline's, with the request's settings read)."""
         model = model_id(pipe)
         if model != self.model:
             raise UserError(
@@ -90,8 +92,10 @@ class Trajectory:
                 f"the trajectory has {len(self.timesteps)} steps but {num_inference_steps} were requested; "
                 f"use {len(self.timesteps)} steps or invert the reference again with {num_inference_steps}"
             )
-        shape = backbone_for(pipe).packed_shape(height, width)
-        if tuple(self.latents.shape[1:]) != shape:
+        backbone = backbone or backbone_for(pipe)
+        shape = backbone.packed_shape(height, width)
+        if tuple(self.latents.shape[1:]) != shape and not backbone.still_reference(self.latents.shape[1:], height,
+                                                                                     width):
             raise UserError(f"the trajectory's latents are {tuple(self.latents.shape[1:])} but a {width}x{height} "
                             f"latent of this model is {shape}; invert the reference again")
         expected = sampling_timesteps(pipe, num_inference_steps, width, height)

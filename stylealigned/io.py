@@ -1,4 +1,5 @@
-"""Images in and out: robust loading, PNGs with metadata written atomically, grids, output folders."""
+"""Images and clips in and out: robust loading, PNGs with metadata and MP4s written atomically, grids, contact
+sheets, output folders."""
 
 import json
 import os
@@ -88,6 +89,36 @@ def save_png(image: Image.Image, path, metadata: dict) -> None:
     if "prompt" in metadata:
         info.add_text("prompt", str(metadata["prompt"]))
     write_atomic(path, lambda file: image.save(file, format="PNG", pnginfo=info))
+
+
+def save_video(frames: Sequence[Image.Image], path, fps: int) -> None:
+    """Save PIL frames atomically as an H.264 MP4 at `fps`, through diffusers' `export_to_video` (imageio with
+    imageio-ffmpeg's ffmpeg)."""
+    from diffusers.utils import export_to_video
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as folder:
+        temporary = Path(folder) / path.name
+        export_to_video(list(frames), str(temporary), fps=fps)
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+
+
+def read_video(path) -> list[Image.Image]:
+    """The frames of a video file, as RGB PIL images."""
+    import imageio.v3 as iio
+
+    return [Image.fromarray(frame).convert("RGB") for frame in iio.imiter(path, plugin="FFMPEG")]
+
+
+def contact_sheet(clips: Sequence[Sequence[Image.Image]], labels: Sequence[str], per_clip: int = 4) -> Image.Image:
+    """One row per clip (clips of one length) of up to `per_clip` frames spread evenly from the first to the last,
+    each captioned with its frame number, the clip's label left of its row."""
+    last = len(clips[0]) - 1
+    picked = sorted({round(k * last / max(per_clip - 1, 1)) for k in range(per_clip)})
+    return make_grid([clip[index] for clip in clips for index in picked], len(picked),
+                     labels=[f"frame {index}" for _ in clips for index in picked],
+                     row_labels=[_fit(label, ImageFont.load_default(), 160) for label in labels])
 
 
 def read_png_metadata(path) -> dict:

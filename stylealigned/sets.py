@@ -70,7 +70,8 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
                  on_image: Callable[[int, Image.Image], None] | None = None, wave_size: int | None = None,
                  references: Sequence[str | Trajectory] | None = None, weights: Sequence[float] | None = None,
                  control_images=None, **pipeline_kwargs) -> list[Image.Image]:
-    """Generate one style-aligned set and return its images, the reference first.
+    """Generate one style-aligned set and return its images, the reference first (on a video pipeline, its clips:
+    each a list of PIL frames, `num_frames` long).
 
     Args:
         pipe: a diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5): text-to-image, or
@@ -118,6 +119,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     per_image, pipeline_kwargs = split_per_image(pipeline_kwargs, len(set_prompts))
     strengths = check_strengths(pipe, per_image.pop("strength"), pipeline_kwargs) if "strength" in per_image else None
     backbone = backbone_for(pipe)
+    backbone.read_settings(pipeline_kwargs)
     native_height, native_width = backbone.native_size()
     height = pipeline_kwargs.pop("height", None) or native_height
     width = pipeline_kwargs.pop("width", None) or native_width
@@ -125,7 +127,10 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     per_image |= controls
     kwargs = backbone.pipeline_inputs(dict(pipeline_kwargs, output_type="latent") | _size_inputs(pipe, height, width))
     for trajectory in trajectories.values():
-        _check_reference(pipe, trajectory, offset, kwargs)
+        _check_reference(pipe, backbone, trajectory, offset, kwargs)
+    still = [backbone.still_reference(t.latents.shape[1:], height, width) for t in trajectories.values()]
+    if any(still) and (not all(still) or len(trajectories) < count):
+        raise UserError("a still image leads a set of clips only with every reference a still image")
     if trajectories:
         kwargs["callback_on_step_end"] = pin_references(trajectories, offset)
 
@@ -133,6 +138,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     images: dict[int, Image.Image] = {}
     with apply(pipe, config) as handle, handle.chunked(batch_size), controlled:
         handle.set_weights([1.0] * count if weights is None else weights)
+        handle.still_reference = any(still)
         for wave in tqdm(waves, desc="waves", disable=len(waves) == 1):
             positions = list(range(count)) + [i for i in wave if i >= count]
             starts = _start_inputs(pipe, backbone, positions, seed, height, width, trajectories, offset)
@@ -140,19 +146,27 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             wave_strength = None if strengths is None else [strengths[i] for i in positions]
             with wave_strengths(pipe, wave_strength, [seed + i for i in positions], kwargs) as call_kwargs, \
                     tagged_prompts(pipe):
-                latents = pipe(prompt=[set_prompts[i] for i in positions], **starts, **wave_inputs,
-                               **call_kwargs).images
+                output = pipe(prompt=[set_prompts[i] for i in positions], **starts, **wave_inputs, **call_kwargs)
+                latents = output[0]  # its first field: images, or a video pipeline's frames
             rows = list(range(0 if wave.start == 0 else count, len(positions)))  # references from wave 0 only
             for start in range(0, len(rows), batch_size or len(rows)):
                 part = rows[start:start + (batch_size or len(rows))]  # fixed chunks, so decoding matches too
                 if not any(positions[k] in wanted for k in part):
                     continue
                 for k, image in zip(part, backbone.decode(latents[part], height, width)):
+                    if k < count and any(still):
+                        image = _held_still(backbone, latents[k], height, width, len(image))
                     if positions[k] in wanted:
                         images[positions[k]] = image
                         if on_image is not None:
                             on_image(positions[k], image)
     return [images[i] for i in wanted]
+
+
+def _held_still(backbone, latent: torch.Tensor, height: int, width: int, frames: int) -> list[Image.Image]:
+    """A still reference's clip: its one frame decoded alone (a causal video VAE decodes a clip of copies as
+    frames that differ), held for the clip's `frames`."""
+    return backbone.decode(latent[None].narrow(backbone.frame_axis, 0, 1), height, width)[0] * frames
 
 
 def split_per_image(kwargs: dict, count: int) -> tuple[dict, dict]:
@@ -216,13 +230,13 @@ def _references(reference: Trajectory | None, references: Sequence[str | Traject
     return references, prompts
 
 
-def _check_reference(pipe, reference: Trajectory, offset: int, kwargs: dict) -> None:
+def _check_reference(pipe, backbone, reference: Trajectory, offset: int, kwargs: dict) -> None:
     """The trajectory must match this generation and the scheduler must keep latents in its space."""
     if "strength" in _call_parameters(pipe):
         raise UserError(f"a real-image reference (trajectory) cannot lead an image-to-image set on "
                         f"{type(pipe).__name__}; give the reference's init image as the first image instead")
     steps = kwargs.setdefault("num_inference_steps", len(reference.timesteps))
-    reference.check_compatible(pipe, steps, kwargs["width"], kwargs["height"])
+    reference.check_compatible(pipe, steps, kwargs["width"], kwargs["height"], backbone)
     if not 0 <= offset < steps:
         raise UserError(f"offset must lie in 0..{steps - 1}, got {offset}")
     if float(getattr(pipe.scheduler, "init_noise_sigma", 1.0)) != 1.0:  # flow schedulers have none: sigma space

@@ -1,4 +1,5 @@
-"""The web app: a Gradio Blocks page for style-aligned sets (text to set, and from a reference image).
+"""The web app: a Gradio Blocks page for style-aligned sets (text to set, and from a reference image); on a video
+model (Wan) sets of clips, a player per clip.
 
 One pipeline, loaded once; every job goes through `generate_set` / `invert` one at a time (one concurrency group
 on Gradio's queue) and is written to its own run folder under `out`, exactly as the CLI writes it, then zipped.
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from .cli.common import (LIMITS, PRESETS, RunFolder, build_config, check_numbers, file_digest, fit_to_family,
-                         generate_into)
+from .cli.common import (DEFAULT_FPS, LIMITS, PRESETS, RunFolder, build_config, check_numbers, file_digest,
+                         fit_to_family, generate_into, video_settings)
 from .config import KNOBS, REFERENCE_POSITIONS, StyleAlignedConfig, knob_help, knobs_of_type
 from .errors import UserError
 from .io import slugify
@@ -108,6 +109,9 @@ class App:
         self.pipe, self.model, self.out, self.limits = pipe, model, Path(out), limits
         self.backbone = backbone_for(pipe)
         self.native_height, self.native_width = self.backbone.native_size()
+        clip: dict = {}
+        self.video = video_settings(pipe, clip, None, None) is not None  # clips: frames and fps apply
+        self.frames = clip.get("num_frames")  # the pipeline's default clip length
         self.device = threading.Lock()  # a cancelled job's thread may still be finishing its step
         self.page: gr.Blocks | None = None
 
@@ -124,8 +128,10 @@ class App:
         base = "text-to-image" if preset == CUSTOM else preset
         return fit_to_family(build_config(base, False, **given), given, self.pipe, batch_size or None)
 
-    def settings(self, prompts: list[str], seed, steps, guidance, width, height, batch_size) -> dict:
-        """Check the numbers against the CLI's ranges and this server's limits; the pipeline settings."""
+    def settings(self, prompts: list[str], seed, steps, guidance, width, height, batch_size, frames=None,
+                 fps=None) -> tuple[dict, int | None]:
+        """Check the numbers against the CLI's ranges and this server's limits; the pipeline settings (on a video
+        model with the clips' frames) and the MP4s' frames per second (None: a set of images)."""
         if not prompts:
             raise UserError("write at least one prompt (one per line)")
         if len(prompts) > self.limits.max_prompts:
@@ -143,18 +149,22 @@ class App:
         if max(width, height) > self.limits.max_side or width % 8 or height % 8:
             raise UserError(f"width and height must be multiples of 8 up to {self.limits.max_side}, "
                             f"got {width}x{height}")
-        return {"num_inference_steps": int(steps), "guidance_scale": float(guidance), "width": int(width),
-                "height": int(height)}
+        settings = {"num_inference_steps": int(steps), "guidance_scale": float(guidance), "width": int(width),
+                    "height": int(height)}
+        if not self.video:
+            return settings, None
+        return settings, video_settings(self.pipe, settings, frames and int(frames), fps and int(fps))
 
-    def folder(self, prompts: list[str], parameters: dict) -> RunFolder:
-        """A fresh run folder under `out`, named by time and the first prompt, never an existing one."""
+    def folder(self, prompts: list[str], parameters: dict, fps: int | None = None) -> RunFolder:
+        """A fresh run folder under `out`, named by time and the first prompt, never an existing one (MP4s at `fps`
+        for a set of clips)."""
         stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{slugify(prompts[0], 30)}"
         self.out.mkdir(parents=True, exist_ok=True)
         for n in range(1000):
             path = self.out / (stem if n == 0 else f"{stem}-{n}")
             try:
                 path.mkdir()
-                return RunFolder(path, prompts, parameters)
+                return RunFolder(path, prompts, parameters | ({} if fps is None else {"fps": fps}), fps=fps)
             except FileExistsError:
                 continue
         raise UserError(f"cannot find a free run folder name under {self.out}")
@@ -195,20 +205,21 @@ class App:
                 archive.write(folder.path / name, f"{folder.path.name}/{name}")
         gallery = [(image, label) for label, image in extra]
         gallery += [(str(file), f"{i}: {folder.prompts[i]}") for i, file in folder.files.items()]
-        return gallery, str(zip_path), f"Done: {len(folder.prompts)} images in run folder {folder.path.name}"
+        made = "images" if folder.fps is None else "clips"
+        return gallery, str(zip_path), f"Done: {len(folder.prompts)} {made} in run folder {folder.path.name}"
 
     @stoppable
     def generate_set(self, prompts: str, style: str, preset: str, seed, steps, guidance, width, height, batch_size,
-                     request: gr.Request, progress=gr.Progress(track_tqdm=True), **knobs):
-        """Text to set: the first prompt's image is the reference."""
+                     request: gr.Request, progress=gr.Progress(track_tqdm=True), frames=None, fps=None, **knobs):
+        """Text to set: the first prompt's image (or clip, on a video model) is the reference."""
         with messages():
             lines = styled(prompts, style)
-            settings = self.settings(lines, seed, steps, guidance, width, height, batch_size)
+            settings, fps = self.settings(lines, seed, steps, guidance, width, height, batch_size, frames, fps)
             config = self.config(preset, knobs, batch_size, "text-to-image")
             folder = self.folder(lines, {"command": "generate", "model": self.model, "style": style or None,
                                          "seed": int(seed), "scheduler": "auto", "dtype": str(self.pipe.dtype),
                                          **settings, "batch_size": batch_size or None, "config": config.to_dict(),
-                                         "preset": preset})
+                                         "preset": preset}, fps)
             progress(0, desc="denoising")
 
             def produce(todo, on_image):
@@ -222,8 +233,9 @@ class App:
     @stoppable
     def transfer(self, reference, reference_prompt: str, inversion: str, prompts: str, style: str, preset: str,
                  seed, steps, guidance, width, height, batch_size, request: gr.Request,
-                 progress=gr.Progress(track_tqdm=True), **knobs):
-        """From a reference image: invert it, then a set of targets in its style (00 is its reconstruction)."""
+                 progress=gr.Progress(track_tqdm=True), frames=None, fps=None, **knobs):
+        """From a reference image: invert it, then a set of targets in its style (00 is its reconstruction; on a
+        video model the image is a one-frame clip that every target clip attends to)."""
         from .inversion import MODES, invert
         from .io import load_image
 
@@ -237,7 +249,8 @@ class App:
             targets = styled(prompts, style)
             if not targets:
                 raise UserError("write at least one target prompt (one per line)")
-            settings = self.settings(targets + [reference_prompt], seed, steps, guidance, width, height, batch_size)
+            settings, fps = self.settings(targets + [reference_prompt], seed, steps, guidance, width, height,
+                                          batch_size, frames, fps)
             config = self.config(preset, knobs, batch_size, "transfer")
             image = load_image(reference, settings["width"], settings["height"])
             inversion_guidance = settings["guidance_scale"] if self.backbone.embedded_guidance else 2.0
@@ -250,7 +263,7 @@ class App:
                 "scheduler": "auto", "dtype": str(self.pipe.dtype), **settings, "batch_size": batch_size or None,
                 "config": config.to_dict(), "preset": preset, "reference": Path(reference).name,
                 "reference_sha256": file_digest(reference), "inversion": inversion,
-                "inversion_guidance": inversion_guidance, "offset": 0})
+                "inversion_guidance": inversion_guidance, "offset": 0}, fps)
             progress(0, desc="denoising")
 
             def produce(todo, on_image):
@@ -280,11 +293,12 @@ class App:
                               elem_id=f"{name}-steps")
             guidance = gr.Slider(0, LIMITS["guidance"][1], value=self.backbone.default_guidance(), step=0.5,
                                  label="Guidance", info="Classifier-free guidance scale.")
+        side = 16 if self.video else 8  # Wan: whole 2x2 patches of its 8x latents
         with gr.Row():
-            width = gr.Slider(8, self.limits.max_side, value=self.native_width, step=8, label="Width",
-                              info="Pixels, a multiple of 8.")
-            height = gr.Slider(8, self.limits.max_side, value=self.native_height, step=8, label="Height",
-                               info="Pixels, a multiple of 8.")
+            width = gr.Slider(side, self.limits.max_side, value=self.native_width, step=side, label="Width",
+                              info=f"Pixels, a multiple of {side}.")
+            height = gr.Slider(side, self.limits.max_side, value=self.native_height, step=side, label="Height",
+                               info=f"Pixels, a multiple of {side}.")
             batch = gr.Number(0, label="Batch size", precision=0, minimum=0, maximum=LIMITS["batch_size"][1],
                               info="Targets per denoiser call, to bound memory; 0 = all at once.")
         with gr.Accordion("Knobs", open=False):
@@ -295,10 +309,21 @@ class App:
             widget.input(lambda: CUSTOM, None, preset_box, api_visibility="private", queue=False)
         return [preset_box, seed, steps, guidance, width, height, batch], knobs
 
+    def clip_panel(self, name: str) -> list:
+        """Frames per clip and frames per second, shown on a video model only."""
+        with gr.Row(visible=self.video):
+            frames = gr.Number(self.frames, label="Frames", precision=0,
+                               minimum=1, maximum=LIMITS["frames"][1], elem_id=f"{name}-frames",
+                               info="Frames per clip (Wan: one more than a multiple of 4).")
+            fps = gr.Number(DEFAULT_FPS, label="FPS", precision=0, minimum=1, maximum=LIMITS["fps"][1],
+                            info="Frames per second of the MP4s.")
+        return [frames, fps]
+
     def outputs(self, name: str) -> list:
-        gallery = gr.Gallery(label="Set", columns=5, format="png", elem_id=f"{name}-gallery", object_fit="contain")
-        archive = gr.File(label="Download the set (zip: PNGs with their metadata, grid.png, run.json)",
-                          elem_id=f"{name}-zip")
+        contents = "MP4s" if self.video else "PNGs with their metadata"
+        gallery = gr.Gallery(label="Set: a player per clip" if self.video else "Set", columns=5, format="png",
+                             elem_id=f"{name}-gallery", object_fit="contain")
+        archive = gr.File(label=f"Download the set (zip: {contents}, grid.png, run.json)", elem_id=f"{name}-zip")
         status = gr.Markdown(elem_id=f"{name}-status")
         return [gallery, archive, status]
 
@@ -308,14 +333,16 @@ class App:
         after an hour and when the server closes."""
         os.environ.setdefault("GRADIO_TEMP_DIR", str((self.out / CACHE).resolve()))
         with gr.Blocks(title="stylealigned", delete_cache=(CACHE_AGE, CACHE_AGE)) as page:
-            gr.Markdown(f"# stylealigned\nStyle-aligned image sets with model `{self.model}`. "
+            gr.Markdown(f"# stylealigned\nStyle-aligned {'video' if self.video else 'image'} sets with model "
+                        f"`{self.model}`. "
                         f"Up to {self.limits.max_prompts} prompts and {self.limits.max_steps} steps a set; "
                         "one job on the device at a time, the others wait in the queue.")
-            with gr.Tab("Text to set"):
+            with gr.Tab("Text to video set" if self.video else "Text to set"):
                 prompts = gr.Textbox("a circle\na square\na triangle", lines=4, label="Prompts",
                                      info="One per line; the first is the reference.", elem_id="set-prompts")
                 style = gr.Textbox("", label="Style", info='Appended to every prompt as "PROMPT, STYLE".')
                 fixed, knobs = self.settings_panel("set", "text-to-image")
+                fixed += self.clip_panel("set")
                 with gr.Row():
                     go, stop = gr.Button("Generate", variant="primary", elem_id="set-go"), gr.Button("Cancel")
                 outputs = self.outputs("set")
@@ -337,6 +364,7 @@ class App:
                                      elem_id="transfer-prompts")
                 target_style = gr.Textbox("", label="Style", info='Appended to every target as "PROMPT, STYLE".')
                 fixed, knobs = self.settings_panel("transfer", "transfer")
+                fixed += self.clip_panel("transfer")
                 with gr.Row():
                     go, stop = gr.Button("Generate", variant="primary", elem_id="transfer-go"), gr.Button("Cancel")
                 outputs = self.outputs("transfer")

@@ -12,12 +12,14 @@ from .flux2 import Flux2Backbone
 from .qwenimage import QwenImageBackbone
 from .sd3 import SD3Backbone
 from .unet import UNetBackbone
+from .wan import WanBackbone
 from .zimage import ZImageBackbone
 
 FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbone, Flux2Backbone, SD3Backbone,
-                                        QwenImageBackbone, ZImageBackbone)
+                                        QwenImageBackbone, ZImageBackbone, WanBackbone)
 SUPPORTED = ("Stable Diffusion 1.x/2.x and SDXL (UNet), FLUX.1 and Chroma, FLUX.2 and FLUX.2-klein, SD3 and SD3.5, "
-             "Qwen-Image and Z-Image pipelines (text-to-image and img2img variants)")
+             "Qwen-Image and Z-Image pipelines (text-to-image and img2img variants), and Wan 2.1 / 2.2 "
+             "text-to-video (WanPipeline)")
 
 
 def backbone_for(pipe) -> Backbone:

@@ -53,6 +53,7 @@ class Backbone:
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
     embedded_guidance = False   # the guidance scale is an input of the denoiser (FLUX.1-dev), not CFG
+    frame_axis: int | None = None  # the latents' frame axis (batch first), on video families
 
     supports_panorama = False  # MultiDiffusion panoramas (`panorama.py`) run on this family
 
@@ -74,6 +75,11 @@ class Backbone:
     def denoiser(self) -> torch.nn.Module:
         """The pipeline's denoiser; under `pipe.unet = torch.compile(pipe.unet)` the module the wrapper compiles."""
         return self._denoiser
+
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        """Every denoiser the pipeline calls, by the prefix of its layers' names in `attention_layers` ("" for
+        one): each expert of a model with several (Wan 2.2), in the order `shared_layers` counts their layers."""
+        return {"": self.denoiser}
 
     # attention layers
     def attention_layers(self) -> list[str]:
@@ -127,7 +133,17 @@ class Backbone:
 
         return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
+    def read_settings(self, pipeline_kwargs: dict) -> None:
+        """Read the generation's settings that latents depend on besides height and width (a clip's frame count)
+        from the keyword arguments a set passes the pipeline's call."""
+
     # latents
+    def still_reference(self, shape: tuple[int, ...], height: int, width: int) -> bool:
+        """Whether a reference latent of `shape` (one item) is a still image that can lead this set of clips: a
+        single frame on its frame axis, where the set's have more (its rows of a batch hold it on every frame, and
+        the denoiser runs it as one frame)."""
+        return False
+
     def native_size(self) -> tuple[int, int]:
         """(height, width) in pixels that the model generates by default."""
         side = self.pipe.default_sample_size * self.pipe.vae_scale_factor

@@ -20,8 +20,8 @@ import typer
 
 from ..config import KNOBS, StyleAlignedConfig, knob_help, knobs_of_type
 from ..errors import UserError
-from ..io import (discard_earlier, image_filename, make_grid, prepare_output_dir, read_png_metadata, restore_earlier,
-                  save_png, write_json_atomic)
+from ..io import (contact_sheet, discard_earlier, image_filename, make_grid, prepare_output_dir, read_png_metadata,
+                  read_video, restore_earlier, save_png, save_video, write_json_atomic)
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -40,6 +40,7 @@ LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and 
     "shared_score_shift": (-100, 100), "port": (0, 65535), "sets": (1, 100), "threads": (1, 1024), "styles": (1, 100),
     "control_scale": (0, 10),  # 0 itself is refused by the ControlNet options (no control at all)
     "reference_weight": (0, 10**6), "window": (8, MAX_SIZE), "stride": (8, MAX_SIZE),
+    "frames": (1, 1000), "fps": (1, 240),  # clips, on video models
     # the web app operator's limits on one job
     "max_prompts": (1, 1000), "max_steps": (1, 1000), "max_side": (8, MAX_SIZE), "max_upload_mb": (1, 10_000),
 }
@@ -87,6 +88,10 @@ ReferencePrompts = Annotated[Optional[list[str]], typer.Option(
 ReferenceWeights = Annotated[Optional[list[float]], typer.Option(
     "--reference-weight", help="With several references: how much targets take from each, once per reference in "
                                "order (>= 0, normalised; default equal).")]
+Frames = Annotated[Optional[int], typer.Option(
+    help="Frames per clip, on video models (Wan: one more than a multiple of 4; default: the pipeline's, 81).")]
+Fps = Annotated[Optional[int], typer.Option(help="Frames per second of the MP4s, on video models (default 16).")]
+DEFAULT_FPS = 16  # Wan's
 Loras = Annotated[Optional[list[str]], typer.Option(
     "--lora", help="LoRA weights to load, PATH[:SCALE] (a .safetensors file or its folder; scale 1); repeatable.")]
 OPTION_TYPES = {"bool": bool, "float": float}  # every other knob is given as text
@@ -191,8 +196,9 @@ def versions() -> dict:
 
 @dataclass
 class RunFolder:
-    """Where a set is written: NN-<slug>.png per position, grid.png and run.json holding `parameters` and the
-    SHA-256 of every file written so far (what a resume checks before it keeps or replaces a file)."""
+    """Where a set is written: NN-<slug>.png per position (a set of clips: NN-<slug>.mp4 at `fps` frames per
+    second), grid.png (for clips, a contact sheet) and run.json holding `parameters` and the SHA-256 of every file
+    written so far (what a resume checks before it keeps or replaces a file)."""
 
     path: Path
     prompts: list[str]
@@ -201,9 +207,11 @@ class RunFolder:
     digests: dict[str, str] = field(default_factory=dict)
     written: int = 0
     resumable = True  # whether the command has --resume
+    fps: int | None = None  # a set of clips
 
     def __post_init__(self) -> None:
-        self.files = {i: self.path / image_filename(i, p) for i, p in enumerate(self.prompts)}
+        suffix = ".png" if self.fps is None else ".mp4"
+        self.files = {i: (self.path / image_filename(i, p)).with_suffix(suffix) for i, p in enumerate(self.prompts)}
 
     @property
     def outputs(self) -> list[str]:
@@ -259,6 +267,10 @@ class RunFolder:
                                                    "versions": versions()})
 
     def save(self, position: int, image) -> None:
+        """Write the image (or the clip: a list of frames) at `position`."""
+        if self.fps is not None:
+            self._written(self.files[position], lambda path: save_video(image, path, self.fps))
+            return
         self._written(self.files[position], lambda path: save_png(
             image, path, {**self.parameters, "position": position, "prompt": self.prompts[position],
                           "seed_of_image": self.parameters["seed"] + position}))
@@ -274,6 +286,11 @@ class RunFolder:
     def write_grid(self, extra: list[tuple[str, object]] = ()) -> Path:
         from PIL import Image
 
+        if self.fps is not None:
+            labels = [f"{i}: {p}" for i, p in enumerate(self.prompts)]
+            sheet = contact_sheet([read_video(file) for file in self.files.values()], labels)
+            self._written(self.path / "grid.png", lambda path: save_png(sheet, path, self.parameters))
+            return self.path / "grid.png"
         images = [(label, image) for label, image in extra]
         images += [(f"{i}: {p}", Image.open(file)) for (i, p), file in zip(enumerate(self.prompts), self.files.values())]
         grid = make_grid([image for _, image in images], columns=min(len(images), 5),
@@ -391,6 +408,22 @@ def load(model: str, device: str, dtype: str | None, scheduler: str, steps: int,
     if negative_prompt:
         settings["negative_prompt"] = negative_prompt
     return pipe, settings
+
+
+def video_settings(pipe, settings: dict, frames: int | None, fps: int | None) -> int | None:
+    """On a video pipeline (its call takes num_frames): the clip length into `settings` (default the pipeline's)
+    and the MP4s' frames per second; on an image pipeline None, and --frames or --fps are a UserError."""
+    check_numbers(frames=frames, fps=fps)
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("num_frames")
+    if parameter is None:
+        if frames is not None or fps is not None:
+            raise UserError(f"--frames and --fps apply to video models; {type(pipe).__name__} makes images")
+        return None
+    from ..backbones import backbone_for
+
+    settings["num_frames"] = frames or parameter.default
+    backbone_for(pipe).read_settings(settings)  # refuses a clip length or size the model cannot make, before writing
+    return fps or DEFAULT_FPS
 
 
 def fit_to_references(config: StyleAlignedConfig, knobs: dict, count: int) -> StyleAlignedConfig:

@@ -7,7 +7,7 @@ import typer
 
 from ..errors import UserError
 from ..eval.encoders import DEFAULT_CLIP, DEFAULT_DINO
-from ..eval.metrics import score_set
+from ..eval.metrics import score_clips, score_set
 from ..eval.run_folder import read_run_folder
 from ..io import write_json_atomic
 from . import app
@@ -24,7 +24,8 @@ def score(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
-    """Print text alignment (CLIP) and set consistency (DINO) and write them to DIR/scores.json."""
+    """Print text alignment (CLIP) and set consistency (DINO) and write them to DIR/scores.json; for a set of clips
+    frame by frame, with the temporal consistency within clips (DINO of neighbouring frames)."""
     run = read_run_folder(folder)
     texts = run.texts(full_prompt)
     try:
@@ -32,23 +33,30 @@ def score(
     except (OSError, SyntaxError, ValueError) as error:
         raise UserError(f"an image in {folder} cannot be read ({error}); "
                         "generate the set again or complete it with --resume".replace("\n", " ")) from None
-    scores = score_set(images, texts, clip_model, dino_model, device)
+    scores = (score_clips if run.clips else score_set)(images, texts, clip_model, dino_model, device)
     per_image = scores.pop("text_alignment_per_image")
+    temporal = scores.pop("temporal_consistency_per_clip", None) or [None] * len(per_image)
     record = {
         **scores,
         "text": "full prompt" if full_prompt else "prompt without the style suffix",
         "clip_model": clip_model,
         "dino_model": dino_model,
         "images": [{"file": path.name, "text": text, "text_alignment": value}
-                   for path, text, value in zip(run.images, texts, per_image)],
+                   | ({"temporal_consistency": smooth} if run.clips else {})
+                   for path, text, value, smooth in zip(run.images, texts, per_image, temporal)],
     }
     try:
         write_json_atomic(folder / "scores.json", record)
         list_as_ours(folder / "run.json", "scores.json")
     except OSError as error:
         raise write_failure(error, folder, "score again") from None
-    typer.echo(f"text alignment  {scores['text_alignment']:.4f}  (CLIP, mean of {len(per_image)} images)")
-    typer.echo(f"set consistency {scores['set_consistency']:.4f}  (DINO, mean over pairs, reference included)")
+    items = "clips (each the mean over its frames)" if run.clips else "images"
+    typer.echo(f"text alignment  {scores['text_alignment']:.4f}  (CLIP, mean of {len(per_image)} {items})")
+    pairs = "frame by frame, mean over pairs of clips" if run.clips else "mean over pairs"
+    typer.echo(f"set consistency {scores['set_consistency']:.4f}  (DINO, {pairs}, reference included)")
+    if scores.get("temporal_consistency") is not None:
+        typer.echo(f"temporal consistency {scores['temporal_consistency']:.4f}  (DINO, neighbouring frames, mean "
+                   "over clips)")
     typer.echo(f"wrote {folder / 'scores.json'}")
 
 

@@ -11,10 +11,11 @@ from ..backbones import backbone_for
 from ..errors import UserError
 from ..control import DEPTH_MODEL
 from . import app
-from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Loras, Model, Negative, NoShare, Out,
-                     Overwrite, Preset, PromptsFile, ReferenceWeights, Resume, RunFolder, Scheduler, Seed,
-                     Size, Steps, Style, build_config, check_numbers, file_digest, fit_to_family, fit_to_references,
-                     generate_into, load, read_prompts, reference_weights, with_knob_options, write_failure)
+from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Fps, Frames, Guidance, Loras, Model, Negative,
+                     NoShare, Out, Overwrite, Preset, PromptsFile, ReferenceWeights, Resume, RunFolder, Scheduler,
+                     Seed, Size, Steps, Style, build_config, check_numbers, file_digest, fit_to_family,
+                     fit_to_references, generate_into, load, read_prompts, reference_weights, video_settings,
+                     with_knob_options, write_failure)
 from .control import ControlImage, ControlNet, ControlOptions, ControlScale, DepthFrom, DepthModel
 
 
@@ -35,7 +36,7 @@ def transfer(
     trajectory: Annotated[Optional[Path], typer.Option(help="Reuse a trajectory saved by --save-trajectory.")] = None,
     save_trajectory: Annotated[Optional[Path], typer.Option(help="Save the inverted trajectory to this file.")] = None,
     controlnet: ControlNet = None, control_image: ControlImage = None, control_scale: ControlScale = None,
-    depth_from: DepthFrom = None, depth_model: DepthModel = DEPTH_MODEL,
+    depth_from: DepthFrom = None, depth_model: DepthModel = DEPTH_MODEL, frames: Frames = None, fps: Fps = None,
     prompts_file: PromptsFile = None, style: Style = None, model: Model = DEFAULT_MODEL,
     out: Out = Path("stylealigned-out"), seed: Seed = 0, steps: Steps = 50, guidance: Guidance = None,
     width: Size = None, height: Size = None, device: Device = "auto", dtype: Dtype = None,
@@ -43,7 +44,11 @@ def transfer(
     resume: Resume = False, overwrite: Overwrite = False, no_share: NoShare = False, preset: Preset = "transfer",
     knobs: dict = None,
 ) -> None:
-    """Generate targets in the style of a real image; 00 is the reference's reconstruction."""
+    """Generate targets in the style of a real image; 00 is the reference's reconstruction.
+
+    On a video model (Wan) the image is inverted as a one-frame clip that every target clip attends to at every
+    step (its keys at frame 0); each target is an MP4, 00 the still reconstruction, grid.png a contact sheet.
+    """
     from ..inversion import MODES, Trajectory, invert
     from ..io import load_image
 
@@ -71,6 +76,7 @@ def transfer(
     control = ControlOptions.check(controlnet, control_image, depth_from, depth_model, control_scale, len(targets),
                                    len(targets) + count)
     pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt, lora)
+    fps = video_settings(pipe, settings, frames, fps)
     pipe, control_images = control.setup(pipe, settings)
     config = fit_to_family(config, knobs, pipe, batch_size)
     images = [load_image(path, settings["width"], settings["height"]) for path in references]
@@ -92,7 +98,8 @@ def transfer(
         **_one_or_all(reference=[str(path) for path in sources],
                       reference_sha256=[file_digest(path) for path in sources]),
         "inversion": saved.mode, "inversion_guidance": saved.guidance_scale,
-        "offset": offset, **control.record(), "reference_weights": weights, "lora": lora})
+        "offset": offset, **control.record(), "reference_weights": weights, "lora": lora,
+        **({} if fps is None else {"fps": fps})}, fps=fps)
     todo = folder.open(resume, overwrite)
     if save_trajectory is not None:
         try:
@@ -110,7 +117,8 @@ def transfer(
 
     extra = [(f"reference{'' if count == 1 else f' {k}'} (input)", image) for k, image in enumerate(images)]
     if generate_into(folder, todo, produce, batch_size, grid_extra=extra, references=count):
-        typer.echo(f"wrote the reconstruction, {len(targets)} images, grid.png and run.json to {out}")
+        made = "images" if fps is None else "clips"
+        typer.echo(f"wrote the reconstruction, {len(targets)} {made}, grid.png and run.json to {out}")
 
 
 def _one_or_all(**lists: list) -> dict:

@@ -1,5 +1,6 @@
 """The paper's two metrics on PIL images, text alignment (CLIP) and set consistency (DINO), and the targets'
-diversity (DINO), the other side of the paper's consistency trade-off.
+diversity (DINO), the other side of the paper's consistency trade-off; for sets of clips, the same per frame and
+temporal consistency within each clip (`score_clips`).
 
 All run in batches on any device; `model` is a hub id or a local folder (see `encoders`).
 """
@@ -77,4 +78,31 @@ def score_set(images: list[Image.Image], texts: list[str | None], clip_model: st
         "set_consistency_includes_reference": True,
         "diversity": diversity(embeddings[1:]) if len(images) > 2 else None,
         "text_alignment_per_image": per_image,
+    }
+
+
+def score_clips(clips: list[list[Image.Image]], texts: list[str | None], clip_model: str = DEFAULT_CLIP,
+                dino_model: str = DEFAULT_DINO, device: str = "auto") -> dict:
+    """The metrics of a set of clips of one length (reference first): text alignment per clip (mean over its
+    frames; None skips a clip), set consistency (for each frame index, the mean pairwise DINO cosine among the
+    clips' frames at it; then the mean over frame indices), and temporal consistency (the mean DINO cosine of
+    neighbouring frames within a clip; per clip, and their mean)."""
+    if len({len(clip) for clip in clips}) != 1:
+        raise UserError("a set of clips is scored frame by frame; give clips of one length")
+    frames = len(clips[0])
+    scored = [(clip, text) for clip, text in zip(clips, texts, strict=True) if text is not None]
+    flat = text_alignment([frame for clip, _ in scored for frame in clip],
+                          [text for clip, text in scored for _ in clip], clip_model, device)
+    per_clip = [sum(flat[k * frames:(k + 1) * frames]) / frames for k in range(len(scored))]
+    embeddings = _dino([frame for clip in clips for frame in clip], dino_model, device, 32).unflatten(
+        0, (len(clips), frames))  # (clips, frames, d)
+    consistency = sum(mean_pairwise_cosine(embeddings[:, f]) for f in range(frames)) / frames
+    temporal = (embeddings[:, 1:] * embeddings[:, :-1]).sum(-1).mean(-1).tolist() if frames > 1 else None
+    return {
+        "text_alignment": sum(per_clip) / len(per_clip),
+        "set_consistency": consistency,
+        "set_consistency_includes_reference": True,
+        "temporal_consistency": None if temporal is None else sum(temporal) / len(temporal),
+        "temporal_consistency_per_clip": temporal,
+        "text_alignment_per_image": per_clip,
     }

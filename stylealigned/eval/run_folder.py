@@ -1,4 +1,5 @@
-"""Read back a folder that `stylealigned generate` wrote: its prompts, style suffix and images in prompt order."""
+"""Read back a folder that `stylealigned generate` wrote: its prompts, style suffix and images (or clips) in prompt
+order."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from PIL import Image
 from ..errors import UserError
 from .benchmark import PROMPT_TEMPLATE
 
-IMAGE_NAME = re.compile(r"^(\d+)-.*\.png$")  # NN-<slug>.png; grid.png does not match
+IMAGE_NAME = re.compile(r"^(\d+)-.*\.(png|mp4)$")  # NN-<slug>.png or .mp4 (a set of clips); grid.png does not match
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,17 @@ class RunFolder:
         return [full_text(prompt, self.style) if full_prompt else object_text(prompt, self.style)
                 for prompt in self.prompts]
 
-    def load_images(self) -> list[Image.Image]:
+    @property
+    def clips(self) -> bool:
+        """A set of clips (MP4s), not of images."""
+        return self.images[0].suffix == ".mp4"
+
+    def load_images(self) -> list:
+        """The images, or for a set of clips each clip's frames."""
+        if self.clips:
+            from ..io import read_video
+
+            return [read_video(path) for path in self.images]
         return [read_rgb(path) for path in self.images]
 
 
@@ -64,8 +75,8 @@ def read_run_folder(folder: str | Path) -> RunFolder:
         raise UserError(f"{record} is not a readable run record ({error}); generate the set again") from None
     numbered = {int(match[1]): path for path in folder.iterdir() if (match := IMAGE_NAME.match(path.name))}
     if len(numbered) != len(prompts):
-        raise UserError(f"{folder} holds {len(numbered)} NN-<slug>.png images for {len(prompts)} prompts in run.json; "
-                        "finish the run with `stylealigned generate --resume` first")
+        raise UserError(f"{folder} holds {len(numbered)} NN-<slug>.png/.mp4 files for {len(prompts)} prompts in "
+                        "run.json; finish the run with `stylealigned generate --resume` first")
     if len(prompts) < 2:
         raise UserError(f"{folder} holds a single image; set consistency needs a set of at least 2")
     return RunFolder([numbered[index] for index in sorted(numbered)], prompts, style)
