@@ -585,3 +585,20 @@ def test_a_chunked_set_is_within_one_level_of_one_batch_as_the_docs_say(tiny_sd_
     assert sorted(whole) == sorted(chunked)
     for name in whole:
         assert np.abs(whole[name].astype(int) - chunked[name].astype(int)).max() <= 1, name
+
+
+def test_a_failed_demo_puts_the_earlier_one_back(tmp_path, capsys, monkeypatch):
+    import stylealigned.demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "grid.png").write_bytes(b"an earlier demo's grid")
+    (out / "demo.json").write_text("{}")
+    before = snapshot(out)
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stylealigned.demo, "load_judge", broken)
+    assert cli(capsys, "demo", "--out", out, "--overwrite", "--device", "cpu")[0] == 130
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == ["demo.json", "grid.png"]
