@@ -11,6 +11,7 @@ from PIL import Image
 from stylealigned.errors import UserError
 from stylealigned.inversion import Trajectory, encode_image, invert
 from tests.conftest import SIZE
+from tests.tolerance import assert_rounding_close
 
 PROMPT = "a photo of a cat"
 
@@ -176,11 +177,11 @@ def test_a_v_prediction_is_read_as_the_noise_it_stands_for():
     from stylealigned.inversion import as_eps
 
     generator = torch.Generator().manual_seed(0)
-    z_0, eps = torch.randn(2, 4, 8, 8, generator=generator).unbind()
-    alpha_bar = torch.tensor(0.37)
+    z_0, eps = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64).unbind()
+    alpha_bar = torch.tensor(0.37, dtype=torch.float64)
     z_t = alpha_bar.sqrt() * z_0 + (1 - alpha_bar).sqrt() * eps
     v = alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * z_0
-    torch.testing.assert_close(as_eps(v, z_t, alpha_bar, "v_prediction"), eps, atol=1e-6, rtol=1e-6)
+    assert_rounding_close(as_eps(v, z_t, alpha_bar, "v_prediction"), eps, depth=8)  # v, z_t, then as_eps: 8 ops
     assert as_eps(eps, z_t, alpha_bar, "epsilon") is eps
     with pytest.raises(UserError, match="predicts 'sample'"):
         as_eps(eps, z_t, alpha_bar, "sample")

@@ -27,9 +27,10 @@ def rounding(dtype: torch.dtype, depth: int, scale: float = 1.0) -> float:
 
 
 def denoising_depth(pipe, steps: int) -> int:
-    """The depth of a denoising loop: `steps` calls of the pipeline's denoiser, one operation per module."""
-    denoiser = getattr(pipe, "unet", None) or pipe.transformer
-    return steps * sum(1 for _ in denoiser.modules())
+    """The depth of a denoising loop: `steps` calls of the pipeline's denoiser (and ControlNet), one operation per
+    module."""
+    networks = [getattr(pipe, "unet", None) or pipe.transformer, getattr(pipe, "controlnet", None)]
+    return steps * sum(1 for network in networks if network is not None for _ in network.modules())
 
 
 def assert_rounding_close(actual: torch.Tensor, expected: torch.Tensor, depth: int,

@@ -22,18 +22,31 @@ def demo(
     device: Device = "auto", overwrite: Overwrite = False,
 ) -> None:
     """Generate sets of 4 with the built-in model without and with sharing, and one transfer from a drawing."""
+    from ..io import discard_earlier, prepare_output_dir, restore_earlier
+
+    check_numbers(sets=sets, steps=steps, threads=threads, seed=seed)
+    ours = ["grid.png", "demo.json"]
+    prepare_output_dir(out, overwrite=overwrite, outputs=ours, record="demo.json", listed=lambda _: ours,
+                       resumable=False)
+    try:
+        _run(out, sets, steps, threads, seed, device)
+    except BaseException:
+        restore_earlier(out)  # what --overwrite set aside, back in place
+        raise
+    discard_earlier(out)
+
+
+def _run(out: Path, sets: int, steps: int, threads: int, seed: int, device: str) -> None:
+    """The demo's work once its folder is ready: generate, judge, write grid.png and demo.json, report."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from tqdm.auto import tqdm
     from transformers.utils import logging as transformers_logging
 
     from ..demo import TARGETS, load_judge, run_demo
-    from ..io import prepare_output_dir, save_png, write_json_atomic
+    from ..io import save_png, write_json_atomic
     from ..models import load_pipeline
 
-    check_numbers(sets=sets, steps=steps, threads=threads, seed=seed)
-    ours = ["grid.png", "demo.json"]
-    prepare_output_dir(out, overwrite=overwrite, outputs=ours, record="demo.json", listed=lambda _: ours)
     classifier = load_judge()
     diffusers_logging.disable_progress_bar()  # one progress bar, over the images, is enough
     transformers_logging.disable_progress_bar()
