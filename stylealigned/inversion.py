@@ -1,7 +1,8 @@
 """Real image -> reference latent trajectory: the sampler run backwards, or the cheaper forward-noising mode.
 
-On eps / v models (UNets) that is DDIM inversion; on flow-matching transformers (FLUX.1, SD3) the flow ODE's Euler
-step run backwards, and the noise mode is the rectified-flow interpolation (1 - sigma) z_0 + sigma eps.
+On eps / v models (UNets) that is DDIM inversion; on flow-matching transformers (FLUX.1/.2, SD3, Qwen-Image, Z-Image,
+Wan) the flow ODE's Euler step run backwards, and the noise mode is the rectified-flow interpolation
+(1 - sigma) z_0 + sigma eps.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     each a list of PIL frames, `num_frames` long).
 
     Args:
-        pipe: a diffusers pipeline of a supported family (SD 1.x/2.x, SDXL, FLUX.1, SD3/3.5): text-to-image, or
+        pipe: a diffusers pipeline of a supported family (`backbones.SUPPORTED`): text-to-image (or video), or
             image-to-image / inpainting with an init image (and mask) per image, see `pipeline_kwargs`.
         prompts: with `reference=None`, prompts[0] is the reference; with a trajectory, every prompt is a target.
         config: the StyleAligned knobs (default: the paper's text-to-image setting).
