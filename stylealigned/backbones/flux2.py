@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Conditioning, component
+from .base import Conditioning, component, t5_length
 from .flux import FluxBackbone
 from .layers import AttentionKind, JointAttention, Tokens, call_rotations, heads_of, image_slice, real_rotation, rows
 
@@ -84,10 +84,6 @@ class Flux2Backbone(FluxBackbone):
             generated[:, 2] += int(generated[:, 2].max()) + 1
         state.call["reference_rotary"] = self.denoiser.pos_embed(generated)
 
-    @property
-    def embedded_guidance(self):
-        return bool(self.denoiser.config.get("guidance_embeds", False))
-
     def pack(self, latents, height, width):
         """[B, C, h, w] -> 2x2 patches as tokens [B, h w / 4, 4 C], the layout of the denoising loop."""
         return self.pipe._pack_latents(self.pipe._patchify_latents(latents))
@@ -127,13 +123,12 @@ class Flux2Backbone(FluxBackbone):
     def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
         """Text embeddings and position ids; klein's CFG (not distilled) runs the empty prompt in a call apart."""
         pipe, device = self.pipe, self.pipe._execution_device
-        length = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         guided = guidance_scale > 1 and not self.embedded_guidance and not pipe.config.get("is_distilled", False)
         _, rows_, columns = self.latent_shape(height, width)
         image_ids = pipe._prepare_latent_ids(torch.empty(1, 1, rows_ // 2, columns // 2)).to(device)
 
         def inputs(text: str) -> dict:
-            embeds, text_ids = pipe.encode_prompt(prompt=text, device=device, **length)
+            embeds, text_ids = pipe.encode_prompt(prompt=text, device=device, **t5_length(max_sequence_length))
             return {"encoder_hidden_states": embeds, "txt_ids": text_ids, "img_ids": image_ids}
 
         return Conditioning(inputs(prompt), guided, inputs("") if guided else None)
