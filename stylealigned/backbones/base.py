@@ -33,6 +33,15 @@ def t5_length(max_sequence_length: int | None) -> dict:
     return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
+def resolution_shift(config, tokens: int, max_shift: float = 1.15) -> float:
+    """mu of a flow pipeline's resolution-dependent shift for `tokens` image tokens, from its scheduler's config and
+    the pipelines' defaults (diffusers' `calculate_shift`, the same function in FLUX, SD3, Qwen-Image, Z-Image)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                           config.get("base_shift", 0.5), config.get("max_shift", max_shift))
+
+
 def component(pipe, name: str):
     """The pipeline's component `name` (None if absent); the module itself under a torch.compile wrapper
     (`pipe.unet = torch.compile(pipe.unet)`)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Backbone, Conditioning, component, t5_length
+from .base import Backbone, Conditioning, component, resolution_shift, t5_length
 from .layers import JointAttention, call_rotations
 
 
@@ -89,13 +89,9 @@ class FluxBackbone(Backbone):
 
     def set_timesteps(self, scheduler, num_inference_steps, height, width):
         """As FluxPipeline sets them: sigmas 1 .. 1/n, shifted by mu for the image's token count."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
         config = scheduler.config
         _, rows, columns = self.latent_shape(height, width)
-        mu = calculate_shift((rows // 2) * (columns // 2), config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
+        mu = resolution_shift(config, (rows // 2) * (columns // 2))
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_inference_steps,
                                                                           num_inference_steps)
         scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas, mu=mu)

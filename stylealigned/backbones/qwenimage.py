@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import Backbone, Conditioning, component
+from .base import Backbone, Conditioning, component, resolution_shift
 from .layers import JointAttention, complex_rotation, joined
 
 # QwenImagePipeline's resolution shift: scheduler config keys and the defaults it takes where they are missing
-SHIFT_DEFAULTS = (("base_image_seq_len", 256), ("max_image_seq_len", 4096), ("base_shift", 0.5), ("max_shift", 1.15))
 NEGATIVE_PROMPT = " "  # the negative prompt of QwenImagePipeline's example, for guided inversion
 
 
@@ -106,10 +105,7 @@ class QwenImageBackbone(Backbone):
     # sampling and one step, for inversion
     def set_timesteps(self, scheduler, num_inference_steps, height, width):
         """As QwenImagePipeline sets them: sigmas 1 .. 1/n, shifted by mu for the image's token count."""
-        from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
-
-        tokens = self.packed_shape(height, width)[0]
-        mu = calculate_shift(tokens, *(scheduler.config.get(key, default) for key, default in SHIFT_DEFAULTS))
+        mu = resolution_shift(scheduler.config, self.packed_shape(height, width)[0])
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_inference_steps, num_inference_steps), mu=mu)
 
     def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):

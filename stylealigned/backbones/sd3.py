@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backbone, Conditioning, component, t5_length
+from .base import Backbone, Conditioning, component, resolution_shift, t5_length
 from .layers import JointAttention
 
 
@@ -51,17 +51,13 @@ class SD3Backbone(Backbone):
 
     def set_timesteps(self, scheduler, num_inference_steps, height, width):
         """As StableDiffusion3Pipeline sets them (shifted by mu only with dynamic shifting)."""
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
         config = scheduler.config
         if not config.get("use_dynamic_shifting"):
             scheduler.set_timesteps(num_inference_steps)
         else:
             _, rows, columns = self.latent_shape(height, width)
             patch = self.denoiser.config.patch_size
-            mu = calculate_shift((rows // patch) * (columns // patch), config.get("base_image_seq_len", 256),
-                                 config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                 config.get("max_shift", 1.16))
+            mu = resolution_shift(config, (rows // patch) * (columns // patch), max_shift=1.16)
             scheduler.set_timesteps(num_inference_steps, mu=mu)
 
     def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):

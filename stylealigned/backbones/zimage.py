@@ -16,7 +16,7 @@ import torch
 
 from ..errors import UserError
 from ..processors import BATCH
-from .base import Backbone, Conditioning, component, t5_length
+from .base import Backbone, Conditioning, component, resolution_shift, t5_length
 from .layers import AttentionKind, Tokens, complex_rotation, heads_of
 
 
@@ -97,13 +97,10 @@ class ZImageBackbone(Backbone):
 
     def set_timesteps(self, scheduler, num_inference_steps, height, width):
         """As ZImagePipeline sets them: sigmas 1 .. 1/n, and mu from the image's patch count."""
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+        from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas
 
-        config = scheduler.config
         _, rows, columns = self.latent_shape(height, width)
-        mu = calculate_shift((rows // 2) * (columns // 2), config.get("base_image_seq_len", 256),
-                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                             config.get("max_shift", 1.15))
+        mu = resolution_shift(scheduler.config, (rows // 2) * (columns // 2))
         scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(num_inference_steps), mu=mu)
 
     def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
