@@ -182,6 +182,17 @@ def image_filename(position: int, prompt: str) -> str:
 ASIDE = ".stylealigned-earlier"  # where --overwrite keeps an earlier run's files until the new run has written one
 
 
+def writable_folder(path: Path, what: str) -> None:
+    """`path` is a folder this process can write in (created if missing), else a UserError naming it as `what`."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as error:
+        raise UserError(f"cannot write to {what} {path}: {error.strerror}; choose another --out") from None
+
+
 def prepare_output_dir(path, overwrite: bool = False, resume: bool = False, outputs: Sequence[str] = (),
                        record: str = "run.json", listed: Callable[[dict], list] = lambda data: data.get("files", []),
                        resumable: bool = True):
@@ -196,13 +207,7 @@ def prepare_output_dir(path, overwrite: bool = False, resume: bool = False, outp
     path = Path(path)
     if overwrite and resume:
         raise UserError("--overwrite and --resume contradict each other; pass one of them")
-    if path.exists() and not path.is_dir():
-        raise UserError(f"output folder {path} is a file; choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
-    except OSError as error:
-        raise UserError(f"cannot write to output folder {path}: {error.strerror}; choose another --out") from None
+    writable_folder(path, "output folder")
     earlier = (path / record).exists() or any(path.glob("*.png"))
     if earlier and not (overwrite or resume):
         hint = " or --resume to complete them" if resumable else ""

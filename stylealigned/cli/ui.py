@@ -54,14 +54,6 @@ def ui(
 
 def prepare_out(out: Path) -> None:
     """--out must be a folder this process can write in (created if missing), before the server starts."""
-    import tempfile
+    from ..io import writable_folder
 
-    from ..errors import UserError
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a folder for the run folders")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out).close()
-    except OSError as error:
-        raise UserError(f"cannot write to --out {out} ({error.strerror}); pass a folder you can write in") from None
+    writable_folder(out, "--out")
