@@ -186,12 +186,12 @@ def chunk_inputs(args: tuple, kwargs: dict, index: torch.Tensor, batch: int, unb
                  row_lists: tuple[str, ...] = ()):
     """(args, kwargs) of a module call for rows `index` of its `batch`; keyword inputs named in `unbatched` (no
     batch dimension) pass whole, those in `row_lists` (lists of one entry per row) keep their rows' entries."""
-    rows = index.tolist()
-
     def part(key, value):
         if key in unbatched:
             return value
-        return [value[i] for i in rows] if key in row_lists else take_rows(value, index, batch)
+        if key in row_lists:  # the index read on the host only here: no device sync for tensor inputs
+            return [value[i] for i in index.tolist()]
+        return take_rows(value, index, batch)
 
     return take_rows(args, index, batch), {key: part(key, value) for key, value in kwargs.items()}
 
