@@ -27,7 +27,16 @@ again (with a newer classifier, say) without generating.
     abstract-vs-concrete  no sharing and the paper default, split by style kind; the toy world has no abstract
                           styles, so its palette-only styles (pastel, neon) stand in for them beside the pattern
                           styles (outline, striped, pixel, polka)
+    positions             no sharing, reference keys at shifted positions, at the same positions (RoPE models)
+    score-scale           shared_score_scale 1.0 (the default) and 1.1 (AlignedGen's lambda)
+    transfer-mode         transfer from the drawn reference: inverted, or forward-noised (`--inversion noise`)
+    transfer-ablation     the transfer preset and each of its knobs turned back: shared norms, shift log 2, AdaIN
+                          on the values
 Diversity: mean pairwise distance (1 - cosine) among a set's targets in the classifier's pooled features.
+Layout copying: intersection over union of a target's and its reference's silhouettes (the classifier's
+foreground, thresholded); the unshared sets give the overlap two independent images have by chance.
+--model builtin-flux runs the same on the built-in transformer; each configuration is fitted to the model's
+family (a preset's norm sharing is dropped where the family has no such norms; the rest is refused).
 """
 
 from __future__ import annotations
@@ -44,10 +53,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from stylealigned.backbones.unet import LAYER_GROUPS
+from stylealigned.backbones import backbone_for
 from stylealigned.config import StyleAlignedConfig
 from stylealigned.demo import GUIDANCE, TARGETS, ToySet, draw_reference, generate, judge, load_judge, random_sets
-from stylealigned.eval.ablations import CONFIGS
+from stylealigned.eval.ablations import CONFIGS, runs_on
 from stylealigned.eval.degrade import DEGRADATIONS, LEVELS, degrade
 from stylealigned.eval.experiments import LAYER_FRACTIONS, MAX_SET_SIZE, SET_SIZES, fraction_name
 from stylealigned.eval.metrics import diversity
@@ -59,9 +68,11 @@ from stylealigned.toy.world import OBJECTS
 
 CONFIGURATIONS = ["no-share", "full", "no-adain", "full-attention-share", "shared-layers-0.5", "transfer"]
 METRICS = {"style_agrees": "style agreement", "object_right": "object accuracy", "leaks": "content leakage",
-           "seen_agrees": "agreement with reference as classified"}
+           "seen_agrees": "agreement with reference as classified", "layout": "layout copying (silhouette IoU)"}
+SILHOUETTE = 0.5  # foreground distance (summed over channels, pixels in [-1, 1]) above which a pixel is the object
 BOOTSTRAP = 2000
-EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete")
+EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete",
+               "positions", "score-scale", "transfer-mode", "transfer-ablation")
 PALETTE_STYLES = ("pastel", "neon")  # colour only: the toy's stand-in for abstract styles
 
 
@@ -75,6 +86,7 @@ class Variant:
     reference: int = 0  # which object of the set is the styled reference (reference-choice)
     drawn: bool = False  # transfer from the world's drawing of the reference
     degradation: tuple[str, int] | None = None
+    inversion: str = "ddim"  # how the drawn reference becomes a trajectory (inversion.MODES)
 
     def toy_set(self, toy_set: ToySet, index: int, seed: int) -> ToySet:
         """The set this variant renders: rotated so object `reference` leads, extended to `targets` targets."""
@@ -92,24 +104,51 @@ class Variant:
         return degrade(drawing, *self.degradation, seed=seed) if self.degradation else drawing
 
 
-def variants(experiment: str, set_sizes: list[int]) -> list[Variant]:
-    """The arms of `experiment` on the built-in model (a UNet: the named groups are its down / mid / up blocks)."""
-    full = CONFIGS["full"]
+def variants(experiment: str, set_sizes: list[int], backbone) -> list[Variant]:
+    """The arms of `experiment` on a built-in model, those its family can run (layer groups are the family's)."""
+    full, transfer = CONFIGS["full"], CONFIGS["transfer"]
     if experiment == "set-size":
         return [Variant(f"size-{size}", full, targets=size - 1) for size in set_sizes]
     if experiment == "layer-sweep":
         return [Variant(fraction_name(f), _sharing(f)) for f in LAYER_FRACTIONS] + [
-            Variant(name, _sharing(layers)) for name, layers in LAYER_GROUPS]
+            Variant(name, _sharing(layers)) for name, layers in backbone.layer_groups()]
     if experiment == "reference-choice":
         return [Variant(f"reference-{k}", full, reference=k) for k in range(TARGETS + 1)]
     if experiment == "reference-quality":
-        transfer = CONFIGS["transfer"]
         return [Variant("clean", transfer, drawn=True)] + [
             Variant(f"{kind}-{level}", transfer, drawn=True, degradation=(kind, level))
             for kind in DEGRADATIONS for level in LEVELS]
     if experiment == "abstract-vs-concrete":
         return [Variant("no-share", CONFIGS["no-share"]), Variant("full", full)]
-    return [Variant(name, CONFIGS[name], drawn=name == "transfer") for name in CONFIGURATIONS]
+    if experiment == "positions":
+        return [Variant("no-share", CONFIGS["no-share"]), Variant("full", full),
+                Variant("same-positions", lambda: StyleAlignedConfig.text_to_image(reference_positions="same"))]
+    if experiment == "score-scale":
+        return [Variant("full", full),
+                Variant("scale-1.1", lambda: StyleAlignedConfig.text_to_image(shared_score_scale=1.1))]
+    if experiment == "transfer-mode":
+        return [Variant("inverted", transfer, drawn=True), Variant("noised", transfer, drawn=True, inversion="noise")]
+    if experiment == "transfer-ablation":
+        arms = {"transfer": {}, "no-shared-norms": {"share_group_norm": False, "share_layer_norm": False},
+                "no-shift": {"shared_score_shift": 0.0}, "adain-values": {"adain_values": True},
+                "text-to-image": None}
+        return [Variant(name, full if changes is None else _transfer_with(changes), drawn=True)
+                for name, changes in arms.items()]
+    return [Variant(name, CONFIGS[name], drawn=name == "transfer") for name in CONFIGURATIONS
+            if runs_on(backbone, name)]
+
+
+def all_variants(experiments: list[str], set_sizes: list[int], backbone) -> list[Variant]:
+    """The arms of several experiments run on the same sets, each arm once (by name)."""
+    arms = {}
+    for experiment in experiments:
+        arms |= {variant.name: variant for variant in variants(experiment, set_sizes, backbone)
+                 if variant.name not in arms}
+    return list(arms.values())
+
+
+def _transfer_with(changes: dict) -> Callable[[], StyleAlignedConfig]:
+    return lambda: StyleAlignedConfig.transfer(**changes)
 
 
 def _sharing(layers) -> Callable[[], StyleAlignedConfig]:
@@ -134,8 +173,9 @@ def generate_round(pipe, toy_set: ToySet, index: int, args) -> None:
         if all(file.exists() for file in files):
             continue
         shown = variant.toy_set(toy_set, index, args.seed)
-        reference, targets = generate(pipe, shown, variant.config(), seed, args.steps,
-                                      drawn=variant.reference_drawing(shown, seed))
+        config = backbone_for(pipe).fit_preset(variant.config())
+        reference, targets = generate(pipe, shown, config, seed, args.steps,
+                                      drawn=variant.reference_drawing(shown, seed), inversion=variant.inversion)
         files[0].parent.mkdir(parents=True, exist_ok=True)
         for position, (file, image) in enumerate(zip(files, [reference, *targets])):
             save_png(image, file, {"config": variant.name, "set": index, "position": position, "seed": seed + position,
@@ -145,6 +185,17 @@ def generate_round(pipe, toy_set: ToySet, index: int, args) -> None:
 def read_image(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
+
+
+def silhouette(image: Image.Image) -> np.ndarray:
+    """Where the object is: the classifier's foreground view of the image, thresholded."""
+    return foreground(to_tensor([image]))[0, 0].numpy() > SILHOUETTE
+
+
+def layout_copying(reference: Image.Image, target: Image.Image) -> float:
+    """Intersection over union of the two images' silhouettes."""
+    a, b = silhouette(reference), silhouette(target)
+    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 @torch.no_grad()
@@ -167,8 +218,9 @@ def judge_sets(out: Path, toy_sets: list[ToySet], classifier, chosen: list[Varia
             shown = variant.toy_set(toy_set, index, seed)
             images = [read_image(file) for file in paths]
             reference, targets = judge(shown, images[:1], classifier)[0], judge(shown, images[1:], classifier)
-            for verdict in targets:
+            for verdict, target in zip(targets, images[1:]):
                 verdict["seen_agrees"] = verdict["style"] == reference["style"]
+                verdict["layout"] = layout_copying(images[0], target)
             kind = "palette" if toy_set.style in PALETTE_STYLES else "pattern"
             records.append({"config": variant.name, "set": index, "kind": kind, "verdicts": targets,
                             "reference_style_right": reference["style_agrees"],
@@ -304,9 +356,9 @@ def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
     records = judge_sets(out, toy_sets, load_judge(), args.variants, args.seed)
     summary = summarise(records)
     extra = checks(summary)
-    if args.experiment == "reference-choice" and records:
+    if "reference-choice" in args.experiment and records:
         extra = spread(records)
-    if args.experiment == "abstract-vs-concrete" and records:
+    if "abstract-vs-concrete" in args.experiment and records:
         by_kind = summarise(records, lambda record: f"{record['config']}, {record['kind']}")
         extra = ["Split by style kind (palette-only styles pastel, neon stand in for abstract ones):", "",
                  table(by_kind, "").strip()]
@@ -315,48 +367,61 @@ def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
     (out / "effect.md").write_text(text)
     write_json_atomic(out / "effect.json", summary)
     plot(summary.get("by_kind", summary), out / "effect.png")
-    if args.experiment == "layer-sweep" and records:
+    if "layer-sweep" in args.experiment and records:
         plot_tradeoff(summary, out / "tradeoff.png")
     return text
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", default="ablations", choices=EXPERIMENTS, help="what to compare")
+    parser.add_argument("--experiment", default="ablations",
+                        help=f"what to compare: one or several (comma-separated, run on the same sets) of "
+                             f"{', '.join(EXPERIMENTS)}")
     parser.add_argument("--set-sizes", default=",".join(map(str, SET_SIZES)),
                         help=f"set-size only: images per set, comma-separated, 3..{MAX_SET_SIZE}")
     parser.add_argument("--sets", type=int, default=100, help="sets per configuration")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0, help="set composition and noise seeds")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    parser.add_argument("--model", default="builtin", help="'builtin' or a copy of its folder")
+    parser.add_argument("--model", default="builtin", help="'builtin', 'builtin-flux' or a copy of either's folder")
     parser.add_argument("--out", type=Path, help="default runs/effect (ablations) or runs/effect-EXPERIMENT")
     parser.add_argument("--report-only", action="store_true", help="judge the sets on disk again; generate none")
     parser.add_argument("--report-every", type=int, default=10, help="rounds between interim reports")
     args = parser.parse_args()
-    sizes = sorted({int(size) for size in args.set_sizes.split(",")}) if args.experiment == "set-size" else []
+    args.experiment = list(dict.fromkeys(name.strip() for name in args.experiment.split(",")))
+    if unknown := [name for name in args.experiment if name not in EXPERIMENTS]:
+        parser.error(f"unknown --experiment {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    sizes = sorted({int(size) for size in args.set_sizes.split(",")}) if "set-size" in args.experiment else []
     if any(not 3 <= size <= MAX_SET_SIZE for size in sizes):
         parser.error(f"--set-sizes must lie in 3..{MAX_SET_SIZE}, got {args.set_sizes}")
-    args.set_sizes, args.variants = sizes, variants(args.experiment, sizes)
-    args.out = args.out or Path("runs/effect" if args.experiment == "ablations" else f"runs/effect-{args.experiment}")
+    args.set_sizes = sizes
+    name = "effect" if args.experiment == ["ablations"] else "effect-" + "+".join(args.experiment)
+    args.out = args.out or Path("runs") / (name if args.model == "builtin" else f"{name}-{Path(args.model).name}")
     return args
+
+
+def trained(pipe) -> str:
+    """How long the model was trained, from its training.json."""
+    training = Path(pipe.name_or_path) / "training.json"
+    steps = json.loads(training.read_text()) if training.exists() else {}
+    return ", ".join(f"{value} {key.replace('_steps', '').upper()} training steps" for key, value in steps.items()
+                     if key.endswith("_steps")) or "training unknown"
 
 
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     parameters = {"steps": args.steps, "seed": args.seed, "model": args.model}
-    if args.experiment != "ablations":
-        parameters |= {"experiment": args.experiment, "set_sizes": args.set_sizes}
+    if args.experiment != ["ablations"]:
+        parameters |= {"experiment": ",".join(args.experiment), "set_sizes": args.set_sizes}
     record = args.out / "parameters.json"
     if record.exists() and json.loads(record.read_text()) != parameters:
         raise SystemExit(f"error: {args.out} holds a run with other parameters ({record}); choose another --out")
     write_json_atomic(record, parameters)
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    training = Path(pipe.name_or_path) / "training.json"
-    trained = json.loads(training.read_text()).get("unet_steps", "?") if training.exists() else "?"
-    header = (f"Built-in model after {trained} UNet training steps, experiment {args.experiment}; {args.steps} DDIM "
+    args.variants = all_variants(args.experiment, args.set_sizes, backbone_for(pipe))
+    header = (f"{args.model}: {trained(pipe)}, experiment {', '.join(args.experiment)}; {args.steps} sampling "
               f"steps, guidance {GUIDANCE:g}; rate [95% bootstrap interval over sets].")
     toy_sets = random_sets(args.sets, args.seed)
     for index, toy_set in enumerate([] if args.report_only else toy_sets):

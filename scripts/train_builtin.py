@@ -1,6 +1,7 @@
-"""Train the built-in toy text-to-image model and its ground-truth classifier on the synthetic world.
+"""Train the built-in toy text-to-image models and their ground-truth classifier on the synthetic world.
 
     python scripts/train_builtin.py --seed 0 --steps 12000 --resume
+    python scripts/train_builtin.py --resume --stages flux --flux-steps 6000
 
 Stages, in order (choose with --stages), each checkpointed in --work every --save-every seconds:
   vae         AutoencoderKL 64x64x3 -> 16x16x4, trained on rendered images
@@ -8,8 +9,10 @@ Stages, in order (choose with --stages), each checkpointed in --work every --sav
   unet        CLIP text encoder and UNet jointly: noise-prediction loss (min-SNR weighted), EMA, and
               classifier-free guidance dropout through empty captions
   classifier  the object/style CNN, on renders and VAE round trips with augmentations
-Every UNet checkpoint also rewrites --out (a StableDiffusionPipeline folder holding the EMA weights), so the
-shipped model is always the latest one. --resume continues from --work; when --work has no checkpoint (a fresh
+  flux        builtin-flux: a small FluxTransformer2DModel and its T5 encoder jointly, flow matching on the same
+              latents, beside the frozen VAE and CLIP text encoder of --out (FLUX's pooled text)
+Every UNet checkpoint also rewrites --out (a StableDiffusionPipeline folder holding the EMA weights), and every
+FLUX checkpoint --flux-out (a FluxPipeline folder), so the shipped models are always the latest ones. --resume continues from --work; when --work has no checkpoint (a fresh
 clone), it warm-starts from the model already in --out (the EMA weights, with a new optimiser). Logs go to stdout.
 Run in the background on one core: `nohup python scripts/train_builtin.py --resume > runs/train.log 2>&1 &`.
 """
@@ -28,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, StableDiffusionPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
 from stylealigned.toy import world
 from stylealigned.toy.classifier import ShapeStyleClassifier, to_tensor
-from stylealigned.toy.vocab import word_level_tokenizer
+from stylealigned.toy.vocab import t5_tokenizer, word_level_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 VAE_CONFIG = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
@@ -46,6 +49,16 @@ UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_blo
                    attention_head_dim=4, norm_num_groups=16)
 TEXT_CONFIG = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=77)
+# builtin-flux: FLUX.1's block layout at toy scale. 64x64 images are 16x16x4 latents, packed 2x2 into 64 tokens;
+# RoPE axes (t, h, w) split the 32 channels of a head.
+FLUX_CONFIG = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=32,
+                   num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=TEXT_CONFIG["hidden_size"],
+                   guidance_embeds=False, axes_dims_rope=(8, 12, 12))
+T5_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                 relative_attention_max_distance=16, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+                 tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+T5_LENGTH = 12  # the T5 tokenizer's model_max_length: captions are at most 5 words and </s>
+FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
@@ -151,44 +164,34 @@ class Trainer:
                              truncation=True, return_tensors="pt").input_ids
         return text_encoder(ids)[0]
 
-    def train_unet(self) -> None:
+    def batch(self, step: int) -> tuple[torch.Tensor, list[str], torch.Generator]:
+        """Step `step`'s clean latents (scaled, shifted), their sampled captions and a generator for its noise."""
+        rng = np.random.default_rng(seeds_for(self.args, 2, step, 1).start)
+        index = rng.integers(len(self.data["latents"]), size=self.args.batch)
+        clean = (self.data["latents"][index] - self.data.get("shift", 0.0)) * self.data["scaling_factor"]
+        objects, styles = self.data["objects"], self.data["styles"]
+        captions = [world.caption(world.OBJECTS[objects[i]], world.STYLES[styles[i]], rng) for i in index]
+        return clean, captions, torch.Generator().manual_seed(int(index[0]) + step)
+
+    def fit(self, stage: str, models: torch.nn.ModuleDict, loss_at, export, warm_step: int = 0) -> None:
+        """AdamW with warmup and clipping, an EMA copy, logs every 50 steps, and every --save-every seconds a
+        checkpoint in --work plus `export(ema, step)`; resumes from the stage's checkpoint."""
         args = self.args
-        torch.manual_seed(args.seed)
-        unet, text_encoder = UNet2DConditionModel(**UNET_CONFIG), self.new_text_encoder()
-        state, step = self.checkpoint("unet"), 0
-        if state is None and args.resume and (self.out / "unet").exists():
-            log("unet", note="warm start from --out")
-            unet = UNet2DConditionModel.from_pretrained(self.out / "unet").float()
-            text_encoder = CLIPTextModel.from_pretrained(self.out / "text_encoder").float()
-            step = json.loads((self.out / "training.json").read_text())["unet_steps"]
-        models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
         ema = copy.deepcopy(models).requires_grad_(False)
-        optimizer = torch.optim.AdamW(models.parameters(), lr=args.lr, weight_decay=1e-2)
+        trainable = [p for p in models.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=1e-2)
+        state, step = self.checkpoint(stage), warm_step
         if state:
             models.load_state_dict(state["models"]), ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
-        noise_schedule = DDPMScheduler(**SCHEDULE)
-        alphas = noise_schedule.alphas_cumprod
-        latents, scale = self.data["latents"], self.data["scaling_factor"]
-        objects, styles = self.data["objects"].tolist(), self.data["styles"].tolist()
+        total = args.steps if stage == "unet" else args.flux_steps
         last_save, started, losses = time.time(), time.time(), []
-        while step < args.steps:
-            rng = np.random.default_rng(seeds_for(args, 2, step, 1).start)
-            index = rng.integers(len(latents), size=args.batch)
-            clean = latents[index] * scale
-            captions = [world.caption(world.OBJECTS[objects[i]], world.STYLES[styles[i]], rng) for i in index]
-            generator = torch.Generator().manual_seed(int(index[0]) + step)
-            noise = torch.randn(clean.shape, generator=generator)
-            timesteps = torch.randint(0, len(alphas), (args.batch,), generator=generator)
-            noisy = noise_schedule.add_noise(clean, noise, timesteps)
-            prediction = unet(noisy, timesteps, self.encode_text(text_encoder, captions)).sample
-            snr = alphas[timesteps] / (1 - alphas[timesteps])
-            weight = torch.clamp(snr, max=args.snr_gamma) / snr
-            loss = (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+        while step < total:
+            loss = loss_at(step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(models.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             for group in optimizer.param_groups:
                 group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
             optimizer.step()
@@ -199,14 +202,83 @@ class Trainer:
                     average.lerp_(current, 1 - decay)
             losses.append(loss.item())
             if step % 50 == 0:
-                log("unet", step=step, loss=float(np.mean(losses)), steps_per_s=50 / (time.time() - started))
+                log(stage, step=step, loss=float(np.mean(losses)), steps_per_s=50 / (time.time() - started))
                 started, losses = time.time(), []
-            if time.time() - last_save > args.save_every or step == args.steps:
+            if time.time() - last_save > args.save_every or step == total:
                 save_atomic({"models": models.state_dict(), "ema": ema.state_dict(),
-                             "optimizer": optimizer.state_dict(), "step": step}, self.work / "unet.pt")
-                self.export(ema["unet"], ema["text_encoder"], step)
+                             "optimizer": optimizer.state_dict(), "step": step}, self.work / f"{stage}.pt")
+                export(ema, step)
                 last_save = time.time()
-                log("unet", step=step, note="checkpoint and export")
+                log(stage, step=step, note="checkpoint and export")
+
+    def train_unet(self) -> None:
+        args = self.args
+        torch.manual_seed(args.seed)
+        unet, text_encoder, step = UNet2DConditionModel(**UNET_CONFIG), self.new_text_encoder(), 0
+        if self.checkpoint("unet") is None and args.resume and (self.out / "unet").exists():
+            log("unet", note="warm start from --out")
+            unet = UNet2DConditionModel.from_pretrained(self.out / "unet").float()
+            text_encoder = CLIPTextModel.from_pretrained(self.out / "text_encoder").float()
+            step = json.loads((self.out / "training.json").read_text())["unet_steps"]
+        noise_schedule = DDPMScheduler(**SCHEDULE)
+        alphas = noise_schedule.alphas_cumprod
+
+        def loss_at(step: int) -> torch.Tensor:
+            clean, captions, generator = self.batch(step)
+            noise = torch.randn(clean.shape, generator=generator)
+            timesteps = torch.randint(0, len(alphas), (args.batch,), generator=generator)
+            noisy = noise_schedule.add_noise(clean, noise, timesteps)
+            prediction = unet(noisy, timesteps, self.encode_text(text_encoder, captions)).sample
+            snr = alphas[timesteps] / (1 - alphas[timesteps])
+            weight = torch.clamp(snr, max=args.snr_gamma) / snr
+            return (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+        models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+        self.fit("unet", models, loss_at, lambda ema, step: self.export(ema["unet"], ema["text_encoder"], step), step)
+
+    # -- builtin-flux ---------------------------------------------------------------------------------------------
+    def flux_pipeline(self, transformer, text_encoder_2) -> FluxPipeline:
+        """The FluxPipeline builtin-flux ships: this transformer and T5 with the frozen VAE and CLIP of --out."""
+        vae = AutoencoderKL.from_pretrained(self.out / "vae").float()
+        vae.register_to_config(scaling_factor=self.data["scaling_factor"], shift_factor=self.data["shift"])
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_SCHEDULE), vae=vae,
+                            text_encoder=CLIPTextModel.from_pretrained(self.out / "text_encoder").float(),
+                            tokenizer=self.tokenizer, text_encoder_2=text_encoder_2,
+                            tokenizer_2=t5_tokenizer(world.vocabulary(), model_max_length=T5_LENGTH),
+                            transformer=transformer)
+
+    def train_flux(self) -> None:
+        """Flow matching (velocity noise - clean at logit-normal sigmas) with text through the pipeline's own
+        encode_prompt, so training sees exactly the embeddings sampling will."""
+        args = self.args
+        torch.manual_seed(args.seed)
+        self.data["shift"] = float(self.data["latents"].mean())
+        tokenizer_2 = t5_tokenizer(world.vocabulary(), model_max_length=T5_LENGTH)
+        pipe = self.flux_pipeline(FluxTransformer2DModel(**FLUX_CONFIG),
+                                  T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **T5_CONFIG)))
+        pipe.text_encoder.requires_grad_(False)
+        side = self.data["latents"].shape[-1]
+        image_ids = pipe._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", torch.float32)
+
+        def loss_at(step: int) -> torch.Tensor:
+            clean, captions, generator = self.batch(step)
+            noise = torch.randn(clean.shape, generator=generator)
+            sigmas = torch.sigmoid(torch.randn(args.batch, generator=generator))[:, None, None, None]
+            noisy = pipe._pack_latents((1 - sigmas) * clean + sigmas * noise, *clean.shape)
+            embeds, pooled, text_ids = pipe.encode_prompt(captions, None, device="cpu",
+                                                          max_sequence_length=T5_LENGTH)
+            velocity = pipe.transformer(hidden_states=noisy, timestep=sigmas.flatten(), pooled_projections=pooled,
+                                        encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids,
+                                        return_dict=False)[0]
+            return F.mse_loss(velocity, pipe._pack_latents(noise - clean, *clean.shape))
+
+        models = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder_2": pipe.text_encoder_2})
+        self.fit("flux", models, loss_at, self.export_flux)
+
+    def export_flux(self, ema: torch.nn.ModuleDict, step: int) -> None:
+        """Write the FluxPipeline folder --flux-out (fp16 weights) in one move per component."""
+        pipe = self.flux_pipeline(*(copy.deepcopy(ema[name]) for name in ("transformer", "text_encoder_2")))
+        self.publish(pipe.to(torch.float16), Path(self.args.flux_out), {"flux_steps": step, "seed": self.args.seed})
 
     def export(self, unet, text_encoder, step: int) -> None:
         """Write the StableDiffusionPipeline folder --out in fp16, replacing each component folder in one move."""
@@ -216,13 +288,17 @@ class Trainer:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=self.tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+        self.publish(pipe, self.out, {"unet_steps": step, "seed": self.args.seed})
+
+    def publish(self, pipe, out: Path, training: dict) -> None:
+        """Save `pipe` with training.json into `out`, replacing each component folder in one move."""
         staging = self.work / "export"
         shutil.rmtree(staging, ignore_errors=True)
         pipe.save_pretrained(staging)
-        (staging / "training.json").write_text(json.dumps({"unet_steps": step, "seed": self.args.seed}))
-        self.out.mkdir(parents=True, exist_ok=True)
+        (staging / "training.json").write_text(json.dumps(training))
+        out.mkdir(parents=True, exist_ok=True)
         for entry in sorted(staging.iterdir()):
-            target = self.out / entry.name
+            target = out / entry.name
             if target.is_dir():
                 shutil.rmtree(target)
             os.replace(entry, target)
@@ -284,7 +360,10 @@ def parse_args():
     parser.add_argument("--resume", action="store_true", help="continue from --work, or warm-start from --out")
     parser.add_argument("--out", default=str(ROOT / "stylealigned" / "builtin"), help="the shipped pipeline folder")
     parser.add_argument("--work", default=str(ROOT / "runs" / "builtin"), help="checkpoints and cached latents")
-    parser.add_argument("--stages", default="vae,latents,unet,classifier")
+    parser.add_argument("--stages", default="vae,latents,unet,classifier", help="add flux for builtin-flux")
+    parser.add_argument("--flux-out", default=str(ROOT / "stylealigned" / "builtin_flux"),
+                        help="the shipped builtin-flux folder")
+    parser.add_argument("--flux-steps", type=int, default=6000, help="builtin-flux training steps in total")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--warmup", type=int, default=200)
@@ -308,10 +387,12 @@ def main() -> None:
     trainer = Trainer(args)
     stages = args.stages.split(",")
     trainer.train_vae()  # always: later stages need the VAE, and a finished VAE returns at once
-    if "latents" in stages or "unet" in stages:
+    if {"latents", "unet", "flux"} & set(stages):
         trainer.encode_latents()
     if "unet" in stages:
         trainer.train_unet()
+    if "flux" in stages:
+        trainer.train_flux()
     if "classifier" in stages:
         trainer.train_classifier()
 

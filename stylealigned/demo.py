@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .backbones import backbone_for
 from .config import StyleAlignedConfig
 from .errors import UserError
 from .inversion import invert
@@ -65,8 +66,10 @@ def draw_reference(toy_set: ToySet, seed: int) -> Image.Image:
 
 
 def generate(pipe, toy_set: ToySet, config: StyleAlignedConfig, seed: int, steps: int,
-             drawn: Image.Image | None = None, on_image=None) -> tuple[Image.Image, list[Image.Image]]:
-    """The reference and the targets of one set: generated from its prompt, or, given `drawn`, inverted from it.
+             drawn: Image.Image | None = None, on_image=None,
+             inversion: str = "ddim") -> tuple[Image.Image, list[Image.Image]]:
+    """The reference and the targets of one set: generated from its prompt, or, given `drawn`, inverted from it
+    (`inversion`: how, one of `inversion.MODES`).
 
     Image i of the set starts from noise seeded `seed + i`, so two configurations with one seed differ only by
     what they share. With `drawn`, the reference returned is the drawing itself.
@@ -76,7 +79,8 @@ def generate(pipe, toy_set: ToySet, config: StyleAlignedConfig, seed: int, steps
         images = generate_set(pipe, [toy_set.reference_prompt, *toy_set.target_prompts], config, seed=seed,
                               on_image=on_image, **settings)
         return images[0], images[1:]
-    trajectory = invert(pipe, drawn, toy_set.reference_prompt, steps, guidance_scale=INVERSION_GUIDANCE)
+    trajectory = invert(pipe, drawn, toy_set.reference_prompt, steps, guidance_scale=INVERSION_GUIDANCE,
+                        mode=inversion, seed=seed)
     targets = generate_set(pipe, toy_set.target_prompts, config, reference=trajectory, seed=seed,
                            indices=range(1, len(toy_set.targets) + 1), on_image=on_image, **settings)
     return drawn, targets
@@ -128,7 +132,8 @@ def run_demo(pipe, classifier, count: int, steps: int, seed: int, on_image=None)
             rows += [reference, *targets]
             labels += [toy_set.reference_prompt] + [_label(t, v) for t, v in zip(toy_set.target_prompts, found)]
             row_labels.append(f"set {number}: {'shared' if name == 'shared' else 'not shared'}")
-    drawn, targets = generate(pipe, transfer_set, StyleAlignedConfig.transfer(), seed, steps,
+    transfer = backbone_for(pipe).fit_preset(StyleAlignedConfig.transfer())  # no shared norms on transformers
+    drawn, targets = generate(pipe, transfer_set, transfer, seed, steps,
                               drawn=draw_reference(transfer_set, seed), on_image=on_image)
     found = judge(transfer_set, targets, classifier)
     rows += [drawn, *targets]

@@ -33,7 +33,10 @@ from safetensors import SafetensorError, safe_open
 from .backbones import FAMILIES, backbone_for
 from .errors import UserError
 
-BUILTIN_MODEL_DIR = Path(__file__).parent / "builtin"
+# The built-in models by name: the UNet and the FLUX.1-style transformer (`scripts/train_builtin.py`), with the side
+# in pixels they were trained at (FluxPipeline's own default is 1024).
+BUILTIN_MODELS = {"builtin": Path(__file__).parent / "builtin", "builtin-flux": Path(__file__).parent / "builtin_flux"}
+BUILTIN_SIDE = 64
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # "auto": DDIM (the paper's sampler) on UNets, the model's own flow-matching scheduler on FLUX and SD3;
@@ -104,10 +107,13 @@ def checkpoint_kind(path) -> tuple[str, type]:
 def _from_pretrained(model: str, dtype: torch.dtype, config) -> DiffusionPipeline:
     """Dispatch on what `model` names; hub and cache failures become one-line UserErrors."""
     path = Path(model).expanduser()
-    if model == "builtin":
-        if not (BUILTIN_MODEL_DIR / "model_index.json").is_file():
-            raise UserError("the built-in model is not installed; reinstall stylealigned or pass --model")
-        return DiffusionPipeline.from_pretrained(BUILTIN_MODEL_DIR, dtype=dtype)
+    if model in BUILTIN_MODELS:
+        if not (BUILTIN_MODELS[model] / "model_index.json").is_file():
+            raise UserError(f"the built-in model {model} is not installed; reinstall stylealigned or pass --model")
+        pipe = DiffusionPipeline.from_pretrained(BUILTIN_MODELS[model], dtype=dtype)
+        if hasattr(pipe, "default_sample_size"):  # FluxPipeline's default size, in latent pixels
+            pipe.default_sample_size = BUILTIN_SIDE // pipe.vae_scale_factor
+        return pipe
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers pipeline folder (it has no model_index.json)")
@@ -265,7 +271,7 @@ def with_image_input(pipe: DiffusionPipeline, inpaint: bool = False) -> Diffusio
 
 def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "auto", config=None,
                   controlnet: str | None = None) -> DiffusionPipeline:
-    """Load `model` ("builtin", a diffusers folder, a .safetensors/.ckpt file or a hub id) ready to sample.
+    """Load `model` ("builtin", "builtin-flux", a diffusers folder, a .safetensors/.ckpt file or a hub id) ready to sample.
 
     `config` (single files only): a local diffusers folder or hub id giving the pipeline's component configs.
     `controlnet`: a ControlNet (hub id, folder or file) to load the model's ControlNet pipeline with.

@@ -15,13 +15,9 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-from tokenizers.models import Unigram
-from transformers import (
-    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast,
-)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from stylealigned.toy.vocab import ALPHABET, word_level_tokenizer
+from stylealigned.toy.vocab import t5_tokenizer, word_level_tokenizer
 
 WORDS = "a an the cat dog house tree car bird in on of with watercolor oil style painting sketch photo red blue".split()
 TEXT_HIDDEN = 32  # CLIP width (and projection); SD3 concatenates its two CLIPs' hidden states to 2 * TEXT_HIDDEN
@@ -31,24 +27,6 @@ FLUX_SIZE = 32
 SD3_SIZE = 32
 # T5 pads every prompt to max_sequence_length tokens (512 for FLUX, 256 for SD3 by default); 16 keeps tests fast.
 PROMPT_KWARGS = {"max_sequence_length": 16}
-
-
-def t5_tokenizer(words: list[str]) -> T5TokenizerFast:
-    """A T5-style Unigram tokenizer: <pad>=0, </s>=1 appended to every text, <unk>=2; one token per listed word.
-
-    Other text falls back to single characters of ALPHABET (T5 does not lowercase: capitals become <unk>).
-    """
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + word, -1.0) for word in dict.fromkeys(words)] + [(c, -5.0) for c in ALPHABET]
-    backend = Tokenizer(Unigram(pieces, unk_id=2))
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
-    )
-    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(
-        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)],
-    )
-    return T5TokenizerFast(tokenizer_object=backend, extra_ids=0, model_max_length=512)
 
 
 def tiny_t5(vocab_size: int, width: int, seed: int) -> T5EncoderModel:

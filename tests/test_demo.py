@@ -4,6 +4,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -14,10 +15,12 @@ from stylealigned.toy.world import OBJECTS, STYLES
 from .test_cli import cli
 
 
-def test_demo_writes_grid_and_summary(tmp_path, capsys):
+@pytest.mark.parametrize("model", ["builtin", "builtin-flux"])
+def test_demo_writes_grid_and_summary(tmp_path, capsys, model):
     out, threads = tmp_path / "demo", torch.get_num_threads()
     try:
-        code, stdout, stderr = cli(capsys, "demo", "--out", out, "--sets", "1", "--steps", "4", "--device", "cpu")
+        code, stdout, stderr = cli(capsys, "demo", "--out", out, "--sets", "1", "--steps", "4", "--device", "cpu",
+                                   "--model", model)
     finally:
         torch.set_num_threads(threads)  # the demo runs on one thread by default; leave other tests as they were
     assert code == 0, stderr
@@ -36,11 +39,17 @@ def test_demo_writes_grid_and_summary(tmp_path, capsys):
     agreement, accuracy = summary["style_agreement"], summary["object_accuracy"]
     assert f"{agreement['shared']:.2f} shared vs {agreement['unshared']:.2f} not shared" in lines[0]
     assert f"{accuracy['shared']:.2f} shared vs {accuracy['unshared']:.2f} not shared" in lines[1]
-    pipe = load_pipeline("builtin", device="cpu")  # the same demo in this process: the files hold its results
+    pipe = load_pipeline(model, device="cpu")  # the same demo in this process: the files hold its results
     pipe.set_progress_bar_config(disable=True)
     expected = run_demo(pipe, load_judge(), 1, 4, 0)
     assert summary == json.loads(json.dumps(expected.summary))
     assert np.array_equal(written, np.asarray(expected.grid.convert("RGB")))
+
+
+def test_demo_refuses_a_model_its_classifier_cannot_judge(tmp_path, capsys):
+    code, _, stderr = cli(capsys, "demo", "--out", tmp_path / "demo", "--model", "black-forest-labs/FLUX.1-dev")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1 and "builtin-flux" in stderr
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_keeps_earlier_results_without_overwrite(tmp_path, capsys):

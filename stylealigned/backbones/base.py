@@ -33,6 +33,23 @@ def t5_length(max_sequence_length: int | None) -> dict:
     return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
+def call_takes(pipe, name: str) -> bool:
+    """Whether the pipeline's __call__ has the parameter `name`."""
+    return name in inspect.signature(type(pipe).__call__).parameters
+
+
+def true_cfg_inputs(pipe, kwargs: dict, negative_prompt: str) -> dict:
+    """A set's `guidance_scale` as `true_cfg_scale` against `negative_prompt` (unless one is given), for pipelines
+    whose `guidance_scale` only a guidance-distilled denoiser reads (FLUX.1 without a guidance embedding, Qwen)."""
+    if "guidance_scale" not in kwargs or "true_cfg_scale" in kwargs or not call_takes(pipe, "true_cfg_scale"):
+        return kwargs
+    kwargs = dict(kwargs)
+    kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+    if kwargs["true_cfg_scale"] > 1:
+        kwargs.setdefault("negative_prompt", negative_prompt)
+    return kwargs
+
+
 def resolution_shift(config, tokens: int, max_shift: float = 1.15) -> float:
     """mu of a flow pipeline's resolution-dependent shift for `tokens` image tokens, from its scheduler's config and
     the pipelines' defaults (diffusers' `calculate_shift`, the same function in FLUX, SD3, Qwen-Image, Z-Image)."""

@@ -11,7 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Backbone, Conditioning, component, resolution_shift, t5_length
+from .base import (Backbone, Conditioning, call_takes, component, resolution_shift, t5_length,
+                   true_cfg_inputs)
+
+PIPELINE_T5_LENGTH = 512  # FluxPipeline's default max_sequence_length
 from .layers import JointAttention, call_rotations
 
 
@@ -52,6 +55,25 @@ class FluxBackbone(Backbone):
     @property
     def embedded_guidance(self):
         return bool(self.denoiser.config.get("guidance_embeds", False))
+
+    def default_guidance(self) -> float:
+        """FluxPipeline's embedded guidance (FLUX.1-dev); without an embedding (schnell, builtin-flux) guidance is
+        true CFG, off (1) unless asked for."""
+        return super().default_guidance() if self.embedded_guidance else 1.0
+
+    def pipeline_inputs(self, kwargs):
+        """Without a guidance embedding a set's guidance scale is true CFG against the empty prompt; T5 runs at its
+        tokenizer's length where that is shorter than the pipeline's default (builtin-flux's 12 tokens)."""
+        if not self.embedded_guidance:
+            kwargs = true_cfg_inputs(self.pipe, kwargs, "")
+        if not call_takes(self.pipe, "max_sequence_length"):
+            return kwargs
+        return {**kwargs, "max_sequence_length": self.text_length(kwargs.get("max_sequence_length"))}
+
+    def text_length(self, given: int | None) -> int:
+        """T5's token count: `given`, else the tokenizer's model_max_length capped at the pipeline's default."""
+        own = getattr(getattr(self.pipe, "tokenizer_2", None), "model_max_length", PIPELINE_T5_LENGTH)
+        return given or min(own, PIPELINE_T5_LENGTH)
 
     def controlnet(self):
         from diffusers import FluxControlNetModel
@@ -97,14 +119,21 @@ class FluxBackbone(Backbone):
         scheduler.set_timesteps(num_inference_steps if sigmas is None else None, sigmas=sigmas, mu=mu)
 
     def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
-        """T5 + CLIP embeddings and position ids; FLUX.1-dev's guidance is embedded, so one batch row."""
-        pipe = self.pipe
-        embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=pipe._execution_device,
-                                                      num_images_per_prompt=1, **t5_length(max_sequence_length))
+        """T5 + CLIP embeddings and position ids. FLUX.1-dev's guidance is embedded (one batch row); without an
+        embedding guidance is true CFG, the empty prompt in a call of its own."""
+        pipe, device = self.pipe, self.pipe._execution_device
         _, rows, columns = self.latent_shape(height, width)
-        image_ids = pipe._prepare_latent_image_ids(1, rows // 2, columns // 2, pipe._execution_device, embeds.dtype)
-        return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids,
-                             "img_ids": image_ids}, guided=False)
+
+        def inputs(text: str) -> dict:
+            embeds, pooled, text_ids = pipe.encode_prompt(prompt=text, prompt_2=None, device=device,
+                                                          num_images_per_prompt=1,
+                                                          max_sequence_length=self.text_length(max_sequence_length))
+            image_ids = pipe._prepare_latent_image_ids(1, rows // 2, columns // 2, device, embeds.dtype)
+            return {"encoder_hidden_states": embeds, "pooled_projections": pooled, "txt_ids": text_ids,
+                    "img_ids": image_ids}
+
+        guided = not self.embedded_guidance and guidance_scale > 1
+        return Conditioning(inputs(prompt), guided=False, negative=inputs("") if guided else None)
 
     def predict(self, latents, timestep, conditioning, guidance_scale):
         transformer = self.denoiser
@@ -136,6 +165,12 @@ class ChromaBackbone(FluxBackbone):
         from diffusers import ChromaTransformer2DModel
 
         return isinstance(component(pipe, "transformer"), ChromaTransformer2DModel)
+
+    def default_guidance(self) -> float:
+        return Backbone.default_guidance(self)
+
+    def pipeline_inputs(self, kwargs):
+        return kwargs  # ChromaPipeline's guidance_scale is its classifier-free guidance
 
     def conditioning(self, prompt, guidance_scale, height, width, max_sequence_length=None):
         pipe, guided = self.pipe, guidance_scale > 1

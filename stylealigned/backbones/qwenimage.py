@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .base import Backbone, Conditioning, component, resolution_shift
+from .base import Backbone, Conditioning, component, resolution_shift, true_cfg_inputs
 from .layers import JointAttention, complex_rotation, joined
 
 # QwenImagePipeline's resolution shift: scheduler config keys and the defaults it takes where they are missing
@@ -63,13 +63,7 @@ class QwenImageBackbone(Backbone):
         """Qwen-Image guides with `true_cfg_scale` against a negative prompt; its `guidance_scale` is read by
         guidance-distilled variants only. So a set's guidance scale becomes true CFG, against the pipeline's own
         suggested negative prompt " " unless one is given."""
-        if "guidance_scale" not in kwargs or "true_cfg_scale" in kwargs or self.denoiser.config.guidance_embeds:
-            return kwargs
-        kwargs = dict(kwargs)
-        kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
-        if kwargs["true_cfg_scale"] > 1:
-            kwargs.setdefault("negative_prompt", " ")
-        return kwargs
+        return kwargs if self.denoiser.config.guidance_embeds else true_cfg_inputs(self.pipe, kwargs, NEGATIVE_PROMPT)
 
     def begin_call(self, state, config, kwargs):
         """The rotary frequencies the shared reference keys are rotated with, from this call's image grid."""
