@@ -130,6 +130,17 @@ for _name, _build in BUILDERS.items():
 
 
 @pytest.fixture(scope="session")
+def tiny_builtin_flux_path() -> str:
+    """The shipped built-in transformer, by name: small enough to stand beside the tiny pipelines in tests."""
+    return "builtin-flux"
+
+
+@pytest.fixture
+def builtin_flux_pipe(tiny_builtin_flux_path):
+    return loaded(tiny_builtin_flux_path)
+
+
+@pytest.fixture(scope="session")
 def run():
     """`run(pipe, prompts, **kw)` -> numpy images [N, SIZE, SIZE, 3]: 3 DDIM steps, seed 0, overridable."""
 

@@ -21,7 +21,7 @@ def one_error_line(err: str) -> str:
     return errors[0]
 
 
-@pytest.fixture(params=["flux", "sd3", "flux2"])
+@pytest.fixture(params=["flux", "sd3", "flux2", "builtin_flux"])
 def model(request):
     return request.param, request.getfixturevalue(f"tiny_{request.param}_path")
 
@@ -77,7 +77,7 @@ def test_a_trajectory_from_another_model_is_refused(tiny_flux_path, tiny_sd3_pat
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "flux2", "builtin_flux"])
 def test_eval_on_a_transformer_runs_the_configurations_that_apply(family, request, tmp_path, monkeypatch, capsys,
                                                                   tiny_clip_path, tiny_dino_path):  # noqa: F811
     noise_image(3, size=(32, 32)).save(tmp_path / "reference.png")

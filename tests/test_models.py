@@ -17,7 +17,6 @@ from diffusers import (
 from safetensors.torch import save_file
 
 from stylealigned import models
-from stylealigned.backbones import backbone_for
 from stylealigned.errors import UserError
 from stylealigned.models import SCHEDULERS, checkpoint_kind, load_pipeline, resolve_device, resolve_dtype, set_scheduler
 
@@ -112,13 +111,6 @@ def test_builtin(monkeypatch, tmp_path, tiny_sd_path):
     monkeypatch.setitem(models.BUILTIN_MODELS, "builtin", Path(tiny_sd_path))
     assert isinstance(load_pipeline("builtin", device="cpu"), StableDiffusionPipeline)
 
-
-def test_builtin_flux_loads_offline_as_a_flux_pipeline_at_its_trained_size():
-    from diffusers import FluxPipeline
-
-    pipe = load_pipeline("builtin-flux", device="cpu")
-    assert isinstance(pipe, FluxPipeline) and backbone_for(pipe).native_size() == (64, 64)
-    assert backbone_for(pipe).text_length(None) == pipe.tokenizer_2.model_max_length < 512
 
 
 @pytest.mark.parametrize("text_key, kind", [(SD1_TEXT_KEY, "sd1"), (SD2_TEXT_KEY, "sd2"), (SDXL_TEXT_KEY, "sdxl")])

@@ -188,7 +188,7 @@ def test_the_reference_tab_makes_a_set_from_an_upload(client, tmp_path):
     assert zipfile.ZipFile(archive).testzip() is None
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "flux2"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "flux2", "builtin_flux"])
 def test_transformer_backbones_work_in_the_app_unchanged(family, request, tmp_path):
     from PIL import Image
 
