@@ -88,7 +88,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             without one are generated without control (`control.control_inputs`).
         seed: image i starts from noise seeded by `seed + i`.
         batch_size: the memory bound (None: none): targets per denoiser call after the references' pass, images
-            of each guidance group per ControlNet call, latents per VAE decode, and the default wave size / 8.
+            of each guidance group per ControlNet call and latents per VAE decode; waves default to 8 x as many.
         offset: with a trajectory, the first `offset` steps keep the reference at `offset + 1`, as in the paper.
         indices: set positions to return (default all); the reference is always computed, returned if listed.
         on_image: called with (position, image) as soon as each image is decoded.
