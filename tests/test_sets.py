@@ -133,7 +133,7 @@ def test_a_callers_step_end_callback_runs_after_the_pin(sd_pipe):
     seen = []
 
     class Look(PipelineCallback):
-        tensor_inputs = ["prompt_embeds"]
+        tensor_inputs = ("prompt_embeds",)
 
         def callback_fn(self, pipe, step, timestep, tensors):
             seen.append((tensors["latents"][0].clone(), tensors["prompt_embeds"].shape))
