@@ -324,7 +324,8 @@ def with_step_ends(kwargs: dict, callbacks: Sequence[Callable | None]) -> dict:
 
 
 class StyleAlignedHandle:
-    """What `apply` installed on one pipeline; `remove()` (or leaving the `with` block) takes it off again."""
+    """What `apply` installed on one pipeline: its hooks and method patches, all in one list that `remove()` (or
+    leaving the `with` block) takes off again; `run`, how the pipeline's calls run under it (`RunState`)."""
 
     def __init__(self, pipe, config: StyleAlignedConfig, backbone: Backbone, layers: list[str]):
         self.pipe, self.config, self.backbone, self.layers = pipe, config, backbone, layers
