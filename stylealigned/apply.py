@@ -1,11 +1,15 @@
-"""Install StyleAligned on a diffusers pipeline and take it off again, through diffusers' own hook registry.
+"""Install StyleAligned on a diffusers pipeline and take it off again: one installer, one undo.
 
 `apply(pipe, config)` asks the pipeline's backbone (`backbones/`) for its attention layers, and registers one
 `diffusers.hooks.ModelHook` named "stylealigned" on each selected attention module (the module's own forward runs
 with our processor swapped in for the call), on every GroupNorm if their statistics are shared, and on each
-denoiser (a Wan 2.2 pipeline has two), which reads each call's layout and, inside `handle.chunked(batch_size)`,
-runs the reference once and the targets in chunks.
-Processors, LoRA layers or adapters loaded meanwhile are left alone; `remove()` takes off only these hooks.
+denoiser (a Wan 2.2 pipeline has two), which reads each call's layout and, inside `handle.chunked(...)`, runs the
+references once and the targets in chunks. Whatever else a set intercepts goes through the same handle, which takes
+it off with the rest: a hook on the ControlNet (`handle.hooked`) and pipeline methods replaced for a block
+(`handle.replaced`: prompt tags, per-image strengths); the step-end callbacks a set needs are composed into the
+call's one (`with_step_ends`). How the calls run (chunk sizes, layout, still references, the prompt table) is one
+object, `handle.run`; nothing is stored on the pipeline (`applied` finds the handle in the denoiser's registry).
+Processors, LoRA layers or adapters loaded meanwhile are left alone; `remove()` takes off only what it put on.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -21,11 +26,10 @@ from torch import nn
 
 from .backbones import Backbone, backbone_for
 from .config import StyleAlignedConfig
-from .attention import attention_kernel
 from .errors import UserError
 from .norms import shared_group_norm
 from .processors import BATCH, RECORD, REPLAY, SharedProcessor, SharedState, backend_kernel
-from .prompts import untagged
+from .prompts import PromptRows, untagged
 
 HOOK = "stylealigned"
 
@@ -46,6 +50,17 @@ def select_layers(names: Sequence[str], shared_layers: float | str | tuple[str, 
     count = round(shared_layers * len(names))
     picks = {int((i + 0.5) * len(names) / count) for i in range(count)} if count else set()
     return [name for i, name in enumerate(names) if i in picks]
+
+
+@dataclass
+class RunState:
+    """How the pipeline's calls run under one handle: set by what drives them (sets, panoramas), read by the hooks."""
+
+    denoiser_chunk: int | None = None    # targets per denoiser call after the references' own pass (None: one call)
+    controlnet_chunk: int | None = None  # images of each guidance group per ControlNet call (None: one call)
+    groups: int | None = None            # guidance groups fixed by `layout` (a caller's own denoiser calls)
+    still_reference: bool = False        # the references are still images leading clips: run apart, as one frame
+    prompt_rows: PromptRows | None = None  # the running call's prompt table (`prompts.tagged_prompts`)
 
 
 def layers_to_share(backbone: Backbone, config: StyleAlignedConfig) -> list[str]:
@@ -71,8 +86,9 @@ class AttentionHook(ModelHook):
                 own.__call__).parameters:
             raise ValueError(f"{self.processor.name} runs an IP-Adapter, which StyleAligned cannot share yet; "
                              "leave the layer out of shared_layers")
-        with swapped_processor(module, self.processor), attention_kernel(backend_kernel(own)):
-            return self.fn_ref.original_forward(*args, **kwargs)  # on the attention backend the user chose, if any
+        self.processor.kernel = backend_kernel(own)  # the attention backend the user chose, if any, for this call
+        with swapped_processor(module, self.processor):
+            return self.fn_ref.original_forward(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -138,33 +154,33 @@ class DenoiserHook(ModelHook):
             self.handle.state.call.clear()
 
     def layout_forward(self, module, *args, **kwargs):
-        handle, state, backbone = self.handle, self.handle.state, self.handle.backbone
+        run, state, backbone = self.handle.run, self.handle.state, self.handle.backbone
         forward = self.fn_ref.original_forward
-        state.groups = backbone.guidance_groups() if handle.groups is None else handle.groups
-        still = handle.still_reference
+        state.groups = backbone.guidance_groups() if run.groups is None else run.groups
+        still, chunk = run.still_reference, run.denoiser_chunk
         if still:  # for the backbone's begin_call; absent otherwise (per-call facts start empty)
             state.call["still_reference"] = True
         inputs = by_name(module, args, kwargs)
-        backbone.begin_call(state, handle.config, inputs)
+        backbone.begin_call(state, self.handle.config, inputs)
         sample = inputs[backbone.sample_name]
         if isinstance(sample, list):  # one tensor per batch row (Z-Image)
             batch, device = len(sample), sample[0].device
         else:
             batch, device = sample.shape[0], sample.device
         references = state.references
-        if not still and (handle.batch_size is None or state.split(batch) - references <= handle.batch_size):
-            return forward(*args, **untagged(handle.pipe, kwargs))
+        if not still and (chunk is None or state.split(batch) - references <= chunk):
+            return forward(*args, **untagged(run.prompt_rows, kwargs))
         rows = torch.arange(batch, device=device).view(state.groups, -1)
-        pieces = [rows[:, :references]] + list(rows[:, references:].split(handle.batch_size or batch, dim=1))
+        pieces = [rows[:, :references]] + list(rows[:, references:].split(chunk or batch, dim=1))
         outputs = []
         try:
             for mode, piece in zip([RECORD] + [REPLAY] * (len(pieces) - 1), pieces):
                 state.mode, state.last = mode, piece is pieces[-1]
                 index = piece.reshape(-1)
-                _, chunk = chunk_inputs((), inputs, index, batch, backbone.unbatched_inputs, backbone.row_lists)
+                _, part = chunk_inputs((), inputs, index, batch, backbone.unbatched_inputs, backbone.row_lists)
                 if still and mode == RECORD:
-                    _, chunk = first_frame((), chunk, backbone)
-                outputs.append((index, _first(forward(**untagged(handle.pipe, chunk)))))
+                    _, part = first_frame((), part, backbone)
+                outputs.append((index, _first(forward(**untagged(run.prompt_rows, part)))))
         finally:
             state.mode, state.last = BATCH, False
             state.cache.clear()
@@ -240,56 +256,123 @@ def hooked_layers(denoiser: nn.Module) -> list[str]:
             if isinstance(getattr(getattr(module, "_diffusers_hook", None), "hooks", {}).get(HOOK), AttentionHook)]
 
 
-def _register(module: nn.Module, hook: ModelHook) -> None:
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK)
+def applied(pipe) -> StyleAlignedHandle | None:
+    """The handle applied to `pipe` now, if any: found through the hook on its denoiser (nothing is on the pipeline)."""
+    registry = getattr(backbone_for(pipe).denoiser, "_diffusers_hook", None)
+    hook = None if registry is None else registry.hooks.get(HOOK)
+    return hook.handle if isinstance(hook, DenoiserHook) else None
 
 
-def _unregister(module: nn.Module) -> None:
-    """Remove our hook; a registry left empty goes too, with the forward it bound, so the module is as before."""
-    registry = module._diffusers_hook
-    registry.remove_hook(HOOK, recurse=False)
-    if not registry.hooks:
-        del module._diffusers_hook
-        forward = vars(module).get("forward")
-        if getattr(forward, "__func__", None) is type(module).forward and forward.__self__ is module:
-            del module.forward
+class ModuleHook:
+    """An interception of a module: our "stylealigned" hook in its diffusers hook registry."""
+
+    def __init__(self, module: nn.Module, hook: ModelHook):
+        self.module, self.hook = module, hook
+
+    def install(self) -> None:
+        HookRegistry.check_if_exists_or_initialize(self.module).register_hook(self.hook, HOOK)
+
+    def uninstall(self) -> None:
+        """Remove our hook; a registry left empty goes too, with the forward it bound, so the module is as before."""
+        module = self.module
+        registry = module._diffusers_hook
+        registry.remove_hook(HOOK, recurse=False)
+        if not registry.hooks:
+            del module._diffusers_hook
+            forward = vars(module).get("forward")
+            if getattr(forward, "__func__", None) is type(module).forward and forward.__self__ is module:
+                del module.forward
+
+
+class MethodPatch:
+    """An interception of a pipeline method: `method` in its place. Pipeline methods are not modules, and diffusers'
+    hook registry hooks modules only, so this is the one other mechanism: an instance attribute over the class's
+    method, and after it exactly what was there before (an instance attribute of the user's own included)."""
+
+    def __init__(self, owner, name: str, method: Callable):
+        self.owner, self.name, self.method, self.own = owner, name, method, _NONE
+
+    def install(self) -> None:
+        self.own = vars(self.owner).get(self.name, _NONE)
+        setattr(self.owner, self.name, self.method)
+
+    def uninstall(self) -> None:
+        if self.own is _NONE:
+            delattr(self.owner, self.name)
+        else:
+            setattr(self.owner, self.name, self.own)
+
+
+def with_step_ends(kwargs: dict, callbacks: Sequence[Callable | None]) -> dict:
+    """A pipeline call's arguments with the step-end `callbacks` (None: none) run, in turn and before the caller's
+    own `callback_on_step_end`, as the call's one callback; each sees the tensors as the ones before left them.
+    Ours change `latents`, which the call then passes along with any tensors the caller's asks for."""
+    callbacks = [callback for callback in callbacks if callback is not None]
+    if not callbacks:
+        return kwargs
+    theirs = kwargs.get("callback_on_step_end")
+    names = getattr(theirs, "tensor_inputs", None) or kwargs.get("callback_on_step_end_tensor_inputs")
+    callbacks += [] if theirs is None else [theirs]
+
+    def step_end(pipe, step: int, timestep, tensors: dict) -> dict:
+        for callback in callbacks:
+            tensors = {**tensors, **callback(pipe, step, timestep, tensors)}
+        return tensors
+
+    inputs = {} if names is None else {"callback_on_step_end_tensor_inputs": list(dict.fromkeys(["latents", *names]))}
+    return kwargs | {"callback_on_step_end": step_end} | inputs
 
 
 class StyleAlignedHandle:
-    """What `apply` installed on one pipeline; `remove()` (or leaving the `with` block) takes it off again."""
+    """What `apply` installed on one pipeline: its hooks and method patches, all in one list that `remove()` (or
+    leaving the `with` block) takes off again; `run`, how the pipeline's calls run under it (`RunState`)."""
 
     def __init__(self, pipe, config: StyleAlignedConfig, backbone: Backbone, layers: list[str]):
         self.pipe, self.config, self.backbone, self.layers = pipe, config, backbone, layers
-        self.state = SharedState()
-        self.batch_size: int | None = None
-        self.groups: int | None = None  # guidance groups fixed by `layout` (a caller's own denoiser calls)
-        # the references are still images leading clips (`Backbone.still_reference`): each denoiser call runs
-        # them apart, as one frame
-        self.still_reference = False
+        self.state, self.run = SharedState(), RunState()
         denoisers = backbone.denoisers()
         modules = {prefix + name: module for prefix, denoiser in denoisers.items()
                    for name, module in denoiser.named_modules()}
-        self._hooks: list[tuple[nn.Module, ModelHook]] = [(denoiser, DenoiserHook(self))
-                                                          for denoiser in denoisers.values()]
-        self._hooks += [(modules[name], AttentionHook(SharedProcessor(name, config, self.state,
-                                                                      backbone.attention_kind(name))))
-                        for name in layers]
+        self._interceptions: list[ModuleHook | MethodPatch] = [ModuleHook(denoiser, DenoiserHook(self))
+                                                                for denoiser in denoisers.values()]
+        self._interceptions += [ModuleHook(modules[name], AttentionHook(SharedProcessor(
+            name, config, self.state, backbone.attention_kind(name)))) for name in layers]
         if config.share_group_norm:
-            self._hooks += [(module, GroupNormHook(name, self.state)) for name, module in modules.items()
-                            if isinstance(module, nn.GroupNorm)]
+            self._interceptions += [ModuleHook(module, GroupNormHook(name, self.state))
+                                    for name, module in modules.items() if isinstance(module, nn.GroupNorm)]
         self._install()
         self.active = True
 
     def _install(self) -> None:
-        for module, hook in self._hooks:
-            _register(module, hook)
+        for interception in self._interceptions:
+            interception.install()
         self._refresh_registries()
 
     def _uninstall(self) -> None:
-        for module, _ in reversed(self._hooks):
-            _unregister(module)
+        for interception in reversed(self._interceptions):
+            interception.uninstall()
         self._refresh_registries()
         self.state.cache.clear()
+
+    def hooked(self, module: nn.Module, hook: ModelHook) -> contextlib.AbstractContextManager:
+        """Within this block `hook` is our hook on `module` too (a ControlNet's)."""
+        return self._intercepting(ModuleHook(module, hook))
+
+    def replaced(self, name: str, method: Callable) -> contextlib.AbstractContextManager:
+        """Within this block the pipeline's method `name` is `method` (`MethodPatch`)."""
+        return self._intercepting(MethodPatch(self.pipe, name, method))
+
+    @contextlib.contextmanager
+    def _intercepting(self, interception: ModuleHook | MethodPatch) -> Iterator[None]:
+        """`interception` on for the block, taken off after it, or with the rest by `remove()` (one undo)."""
+        interception.install()
+        self._interceptions.append(interception)
+        try:
+            yield
+        finally:
+            if interception in self._interceptions:  # not taken off by `remove()` meanwhile
+                self._interceptions.remove(interception)
+                interception.uninstall()
 
     def _refresh_registries(self) -> None:
         """Tell a registry on each denoiser (caching features keep one) that the hooks below it changed."""
@@ -299,17 +382,16 @@ class StyleAlignedHandle:
                 registry.invalidate_child_registries_cache()
 
     def remove(self) -> None:
-        """Take off every hook this handle installed; the pipeline then behaves exactly as before."""
+        """Take off every hook and patch this handle installed; the pipeline then behaves exactly as before."""
         if not self.active:
             return
         self._uninstall()
+        self._interceptions.clear()
         self.active = False
-        if getattr(self.pipe, "_stylealigned_handle", None) is self:
-            del self.pipe._stylealigned_handle
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
-        """Within this block the denoiser is the plain model (e.g. to invert an image); StyleAligned returns after."""
+        """Within this block the pipeline is the plain one (e.g. to invert an image); StyleAligned returns after."""
         if not self.active:
             yield
             return
@@ -336,25 +418,24 @@ class StyleAlignedHandle:
     def layout(self, mode: str, groups: int) -> Iterator[None]:
         """Within this block each denoiser call runs in `mode` with `groups` guidance groups, for loops that call the
         denoiser themselves: RECORD with the references alone, then REPLAY with targets against them (panoramas)."""
-        self.state.mode, self.groups = mode, groups
+        self.state.mode, self.run.groups = mode, groups
         try:
             yield
         finally:
-            self.state.mode, self.groups = BATCH, None
+            self.state.mode, self.run.groups = BATCH, None
 
     @contextlib.contextmanager
-    def chunked(self, batch_size: int | None) -> Iterator[None]:
-        """Within this block each denoiser call runs the references once, then the targets `batch_size` at a time."""
-        if batch_size is None:
-            yield
-            return
-        if self.config.full_attention_share:
+    def chunked(self, denoiser_chunk: int | None, controlnet_chunk: int | None = None) -> Iterator[None]:
+        """Within this block each denoiser call runs the references once, then the targets `denoiser_chunk` at a
+        time, and a ControlNet hooked for a set runs `controlnet_chunk` images of each guidance group at a time
+        (None: all at once)."""
+        if denoiser_chunk is not None and self.config.full_attention_share:
             raise ValueError("full_attention_share shares among all images at once: it cannot run in chunks")
-        self.batch_size = batch_size
+        self.run.denoiser_chunk, self.run.controlnet_chunk = denoiser_chunk, controlnet_chunk
         try:
             yield
         finally:
-            self.batch_size = None
+            self.run.denoiser_chunk = self.run.controlnet_chunk = None
             self.state.cache.clear()
 
 
@@ -385,9 +466,7 @@ def apply(pipe, config: StyleAlignedConfig | None = None) -> StyleAlignedHandle:
     backbone = backbone_for(pipe)
     config = config or StyleAlignedConfig()
     backbone.check_config(config)
-    previous = getattr(pipe, "_stylealigned_handle", None)
+    previous = applied(pipe)
     if previous is not None:
         previous.remove()
-    handle = StyleAlignedHandle(pipe, config, backbone, layers_to_share(backbone, config))
-    pipe._stylealigned_handle = handle
-    return handle
+    return StyleAlignedHandle(pipe, config, backbone, layers_to_share(backbone, config))

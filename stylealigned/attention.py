@@ -7,13 +7,13 @@ Per-layer tensors are (G, M, heads, tokens, head_dim).
 On transformers an image's tokens are text and image tokens: `image` (a slice of the token axis) says which are
 image tokens, the only ones normalised and shared. `rotate` applies the layer's rotary embedding at an image's own
 positions (text and image tokens); `rotate_shared` rotates the reference's image-token keys at the positions
-targets see them at. Both are None on models without RoPE. Nothing here knows about diffusers.
+targets see them at. Both are None on models without RoPE. `kernel` runs the attention (None: torch's SDPA), e.g.
+the attention backend a user chose; it is passed down, never kept. Nothing here knows about diffusers.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -27,8 +27,9 @@ EPS = 1e-5
 ALL = slice(None)
 Stats = tuple[Tensor, Tensor]
 Rotation = Callable[[Tensor], Tensor] | None
-Kernel = Callable[..., Tensor]  # attention over (batch, heads, tokens, head_dim): SDPA's signature
-_kernel: Kernel | None = None  # set by `attention_kernel`; None runs torch's SDPA
+# attention over (batch, heads, tokens, head_dim) with keywords attn_mask and scale, as SDPA takes them; one whose
+# `takes_masks` attribute is not true gets key biases as a head channel (`channel_bias`), never a mask
+Kernel = Callable[..., Tensor]
 
 
 def token_stats(x: Tensor) -> Stats:
@@ -61,34 +62,20 @@ def adain(x: Tensor, stats: Stats, ref_stats: Stats, out: Tensor | None = None) 
     return torch.addcmul(ref_mean, centred, gain, out=centred)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None,
+              kernel: Kernel | None = None) -> Tensor:
     """Fused scaled-dot-product attention over (..., heads, tokens, head_dim), leading dims flattened for the kernel.
 
     `mask` (boolean: True attends, or additive) broadcasts against (..., heads, queries, keys); `scale` multiplies
-    the logits (None: 1 / sqrt(head_dim)). Runs torch's SDPA, or the kernel set by `attention_kernel`.
+    the logits (None: 1 / sqrt(head_dim)). Runs `kernel`, or torch's SDPA.
     """
     lead = q.shape[:-3]
     if mask is not None and mask.ndim > 4:
         mask = mask.expand(*lead, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
-    kernel = _kernel or F.scaled_dot_product_attention
+    kernel = kernel or F.scaled_dot_product_attention
     out = kernel(q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]), v.reshape(-1, *v.shape[-3:]),
                  attn_mask=mask, scale=scale)
     return out.reshape(*lead, *out.shape[-3:])
-
-
-@contextlib.contextmanager
-def attention_kernel(kernel: Kernel | None) -> Iterator[None]:
-    """Within this block `attention` runs `kernel` (None: torch's SDPA), e.g. the attention backend a user chose.
-
-    A kernel takes (batch, heads, tokens, head_dim) q, k, v and keywords attn_mask and scale, as SDPA does; one
-    whose `takes_masks` attribute is not true gets key biases as a head channel (`channel_bias`), never a mask.
-    """
-    global _kernel
-    previous, _kernel = _kernel, kernel
-    try:
-        yield
-    finally:
-        _kernel = previous
 
 
 def for_rows(rotate: Rotation, rows: slice) -> Rotation:
@@ -118,19 +105,20 @@ def on_tokens(x: Tensor, tokens: slice, fn: Callable[[Tensor, Tensor | None], Te
 
 def attend_with_reference(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v: Tensor,
                           score_scale: float = 1.0, score_shift: float = 0.0, mask: Tensor | None = None,
-                          shared_bias: Tensor | None = None) -> Tensor:
+                          shared_bias: Tensor | None = None, kernel: Kernel | None = None) -> Tensor:
     """Targets (G, T, H, N, D) attend to their own tokens and to their group's shared reference tokens (G, H, R, D),
     or each target to its own (G, T, H, R, D) (`per_target`).
 
     The reference keys are multiplied by `score_scale`; `score_shift`, and `shared_bias` (R,) per shared key if
     given, are added to the logits toward them (no logits tensor is built). On the CPU without a mask or per-key
-    biases this is `merged_attention`, else one fused call over the keys side by side (`key_biased_attention`).
+    biases under torch's SDPA this is `merged_attention`, else one fused call over the keys side by side
+    (`key_biased_attention`).
     `mask` (G, T, 1, N, N), boolean (True attends) or additive, masks the targets' own keys; the shared keys are
     never masked.
     """
     targets = q.shape[1]
     ref_k = ref_k * score_scale if score_scale != 1.0 else ref_k
-    if shared_bias is None and mask is None and merges(q, k, v, ref_k, ref_v):
+    if shared_bias is None and mask is None and kernel is None and merges(q, k, v, ref_k, ref_v):
         return merged_attention(q, k, v, ref_k, ref_v, score_shift)
     keys = torch.cat([k, per_target(ref_k, targets)], dim=-2)
     values = torch.cat([v, per_target(ref_v, targets)], dim=-2)
@@ -138,7 +126,7 @@ def attend_with_reference(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v:
     if score_shift != 0.0 or shared_bias is not None:
         key_bias = torch.zeros(keys.shape[-2], dtype=q.dtype, device=q.device)
         key_bias[k.shape[-2]:] = score_shift if shared_bias is None else shared_bias + score_shift
-    return key_biased_attention(q, keys, values, key_bias, mask)
+    return key_biased_attention(q, keys, values, key_bias, mask, kernel)
 
 
 def per_target(shared: Tensor, targets: int) -> Tensor:
@@ -148,7 +136,7 @@ def per_target(shared: Tensor, targets: int) -> Tensor:
 
 
 def key_biased_attention(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tensor | None = None,
-                         mask: Tensor | None = None) -> Tensor:
+                         mask: Tensor | None = None, kernel: Kernel | None = None) -> Tensor:
     """Attention where `key_bias` (keys,), finite, is added to every query's logit toward each key (None: no bias).
 
     The bias goes in as one broadcast mask row, or as a head channel where that keeps a faster kernel
@@ -158,10 +146,10 @@ def key_biased_attention(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tens
     """
     if mask is None:
         if key_bias is None:
-            return attention(q, keys, values)
-        if channel_bias(q):
-            return bias_in_channel(q, keys, values, key_bias)
-        return attention(q, keys, values, key_bias.to(q.dtype).view(1, 1, 1, -1))
+            return attention(q, keys, values, kernel=kernel)
+        if channel_bias(q, kernel):
+            return bias_in_channel(q, keys, values, key_bias, kernel)
+        return attention(q, keys, values, key_bias.to(q.dtype).view(1, 1, 1, -1), kernel=kernel)
     own = mask.to(q.dtype) if mask.is_floating_point() else torch.zeros(
         mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
     extra = keys.shape[-2] - own.shape[-1]
@@ -169,15 +157,15 @@ def key_biased_attention(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tens
     bias = torch.cat([own, shared], dim=-1)
     if key_bias is not None:
         bias = bias + key_bias
-    return attention(q, keys, values, bias)
+    return attention(q, keys, values, bias, kernel=kernel)
 
 
 def merges(*tensors: Tensor) -> bool:
-    """Whether targets' attention over their own and the shared keys runs as `merged_attention`: on the CPU under
-    torch's SDPA, whose flash kernel also returns each query's log-sum-exp, unless autograd records (that output
-    carries no gradient)."""
+    """Whether targets' attention over their own and the shared keys, under torch's SDPA, runs as
+    `merged_attention`: on the CPU, whose flash kernel also returns each query's log-sum-exp, unless autograd records
+    (that output carries no gradient)."""
     recording = torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
-    return _kernel is None and tensors[0].device.type == "cpu" and not recording
+    return tensors[0].device.type == "cpu" and not recording
 
 
 def merged_attention(q: Tensor, k: Tensor, v: Tensor, ref_k: Tensor, ref_v: Tensor, shift: float = 0.0) -> Tensor:
@@ -208,19 +196,19 @@ def _cpu_flash(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
 
 
-def channel_bias(q: Tensor) -> bool:
+def channel_bias(q: Tensor, kernel: Kernel | None = None) -> bool:
     """Whether a key bias goes in as a head channel (`bias_in_channel`) rather than an additive mask row.
 
-    Yes on CUDA in half precision, where the flash kernel (the fastest there) takes no mask, and under a kernel
-    that takes no masks (`attention_kernel`). No elsewhere: SDPA's CPU and fp32 kernels take the row as a
-    broadcast bias, and on the CPU the row measures faster than the channel's padding (benchmarks/attention.py).
+    Yes on CUDA in half precision, where the flash kernel (the fastest there) takes no mask, and under a `kernel`
+    that takes no masks. No elsewhere: SDPA's CPU and fp32 kernels take the row as a broadcast bias, and on the
+    CPU the row measures faster than the channel's padding (benchmarks/attention.py).
     """
-    if _kernel is not None and not getattr(_kernel, "takes_masks", False):
+    if kernel is not None and not getattr(kernel, "takes_masks", False):
         return True
     return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def bias_in_channel(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tensor) -> Tensor:
+def bias_in_channel(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tensor, kernel: Kernel | None = None) -> Tensor:
     """`key_bias` as one more head channel: 1 in every query, bias x sqrt(D) in each key, so that q.k / sqrt(D)
     gains exactly the bias; zero channels pad the head to a multiple of 8 (what fused kernels take), values are
     zero-padded alike and the padding sliced off the output. SDPA's scale stays 1 / sqrt(D) of the real head."""
@@ -229,17 +217,17 @@ def bias_in_channel(q: Tensor, keys: Tensor, values: Tensor, key_bias: Tensor) -
     q, keys, values = (F.pad(x, (0, pad)) for x in (q, keys, values))
     q[..., dim] = 1
     keys[..., dim] = key_bias.to(q.dtype) * dim**0.5
-    return attention(q, keys, values, scale=dim**-0.5)[..., :dim]
+    return attention(q, keys, values, scale=dim**-0.5, kernel=kernel)[..., :dim]
 
 
-def full_attention_share(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def full_attention_share(q: Tensor, k: Tensor, v: Tensor, kernel: Kernel | None = None) -> Tensor:
     """The paper's ablation: every image attends to all tokens of all images in its group."""
     groups, images, heads, tokens, dim = q.shape
 
     def joined(x: Tensor) -> Tensor:
         return x.transpose(1, 2).reshape(groups, heads, images * tokens, dim)
 
-    out = attention(joined(q), joined(k), joined(v))
+    out = attention(joined(q), joined(k), joined(v), kernel=kernel)
     return out.reshape(groups, heads, images, tokens, dim).transpose(1, 2)
 
 
@@ -312,7 +300,8 @@ def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, 
 
 
 def align_targets(q: Tensor, k: Tensor, v: Tensor, ref: Reference, config: StyleAlignedConfig, image: slice = ALL,
-                  rotate: Rotation = None, mask: Tensor | None = None, overwrite: bool = False) -> Tensor:
+                  rotate: Rotation = None, mask: Tensor | None = None, overwrite: bool = False,
+                  kernel: Kernel | None = None) -> Tensor:
     """Targets (G, T, H, N, D), before RoPE: AdaIN of their image tokens to the reference's, RoPE, then attention
     to their own tokens and, per the config, to the reference's shared tokens.
 
@@ -329,20 +318,21 @@ def align_targets(q: Tensor, k: Tensor, v: Tensor, ref: Reference, config: Style
     q, k, v = normalised(q, ref.query_stats), normalised(k, ref.key_stats), normalised(v, ref.value_stats)
     q, k = rotated(q, rotate, overwrite), rotated(k, rotate, overwrite)
     if not config.share_attention:
-        return attention(q, k, v, mask)
+        return attention(q, k, v, mask, kernel=kernel)
     return attend_with_reference(q, k, v, ref.key, ref.value, config.shared_score_scale, config.shared_score_shift,
-                                 mask, ref.key_bias)
+                                 mask, ref.key_bias, kernel)
 
 
-def reference_attention(q: Tensor, k: Tensor, v: Tensor, rotate: Rotation = None,
-                        mask: Tensor | None = None) -> Tensor:
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, rotate: Rotation = None, mask: Tensor | None = None,
+                        kernel: Kernel | None = None) -> Tensor:
     """The references (G, H, N, D) attend to their own tokens only: the stock model's attention."""
-    return attention(rotated(q, rotate), rotated(k, rotate), v, mask)
+    return attention(rotated(q, rotate), rotated(k, rotate), v, mask, kernel=kernel)
 
 
 def shared_attention(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, image: slice = ALL,
                      rotate: Rotation = None, rotate_shared: Rotation = None, mask: Tensor | None = None,
-                     overwrite: bool = False, weights: tuple[float, ...] = (1.0,)) -> Tensor:
+                     overwrite: bool = False, weights: tuple[float, ...] = (1.0,),
+                     kernel: Kernel | None = None) -> Tensor:
     """Attention of (G, M, H, N, D) images (before RoPE) where the first K = len(weights) of each group are the
     references, mixed by `weights` (`make_reference`).
 
@@ -351,15 +341,15 @@ def shared_attention(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig
     rows of q, k, v are overwritten). `mask` (G, M, 1, N, N) is the model's own attention mask, if any.
     """
     if config.full_attention_share:
-        return full_attention_share(q, k, v)
+        return full_attention_share(q, k, v, kernel)
     count = len(weights)
     ref_q, ref_k, ref_v = q[:, :count], k[:, :count], v[:, :count]
     ref_out = reference_attention(ref_q, ref_k, ref_v, for_rows(rotate, slice(None, count)),
-                                  None if mask is None else mask[:, :count])
+                                  None if mask is None else mask[:, :count], kernel)
     if q.shape[1] == count:
         return ref_out
     ref = make_reference(ref_q, ref_k, ref_v, config, image, rotate_shared, weights)
     targets = align_targets(q[:, count:], k[:, count:], v[:, count:], ref, config, image,
                             for_rows(rotate, slice(count, None)), None if mask is None else mask[:, count:],
-                            overwrite)
+                            overwrite, kernel)
     return torch.cat([ref_out, targets], dim=1)

@@ -5,8 +5,9 @@ A set on a ControlNet pipeline (`StableDiffusionControlNetPipeline`, `StableDiff
 are generated without control, as in the paper's demo: they get a placeholder image, and a "stylealigned" hook on
 the ControlNet zeroes what it adds for their rows, so they come out exactly as the plain pipeline makes them. A
 reference given a control image of its own (the list then holds one per set position) keeps it. The hook is
-installed for the set's calls only; with a batch size it also runs the ControlNet that many images at a time, so its
-memory is bounded as the denoiser's is, and the denoiser's chunked forward slices the residuals with their images.
+installed through the set's `StyleAlignedHandle` for the set's calls only; it also runs the ControlNet
+`handle.run.controlnet_chunk` images of each guidance group at a time, so its memory is bounded as the denoiser's
+is, and the denoiser's chunked forward slices the residuals with their images.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import torch
 from diffusers.hooks import ModelHook
 from PIL import Image, ImageOps
 
-from .apply import _register, _unregister, chunk_inputs  # the "stylealigned" hook, taken off as apply's are
-from .backbones import Backbone, backbone_for
+from .apply import chunk_inputs
 from .errors import UserError
 from .io import load_image, to_rgb
 from .models import HUB_ID, hub_call
@@ -37,18 +37,17 @@ def control_argument(pipe) -> str:
     return "control_image" if "control_image" in inspect.signature(type(pipe).__call__).parameters else "image"
 
 
-def control_inputs(pipe, control_images, count: int, height: int, width: int, references: int = 1,
-                   batch_size: int | None = None) -> tuple[dict, contextlib.AbstractContextManager]:
-    """(per-image pipeline inputs, context to run the set in) for `control_images` on a set of `count` positions
-    whose first `references` are references.
+def control_inputs(pipe, control_images, count: int, height: int, width: int,
+                   references: int = 1) -> tuple[dict, list[int] | None]:
+    """(per-image pipeline inputs, the uncontrolled reference slots for `guided`; None without control images)
+    for `control_images` on a set of `count` positions whose first `references` are references.
 
     `control_images`: one image (a path or a PIL image) for every target; a list with one per target; or a list
     with one per position, references first, where a reference's entry may be None (no control). Images are fitted
-    (center crop, resize) to width x height. Within the context the ControlNet runs `batch_size` images at a time,
-    adds nothing to the uncontrolled references and reads tagged prompts (`prompts.untagged`).
+    (center crop, resize) to width x height.
     """
     if control_images is None:
-        return {}, contextlib.nullcontext()
+        return {}, None
     controlnet = getattr(pipe, "controlnet", None)
     if controlnet is None:
         raise UserError(f"control images need a ControlNet pipeline, not {type(pipe).__name__}; load the model "
@@ -59,7 +58,7 @@ def control_inputs(pipe, control_images, count: int, height: int, width: int, re
     free = [slot for slot in range(references) if images[slot] is None]
     blank = Image.new("RGB", (width, height))
     inputs = {control_argument(pipe): [blank if image is None else image for image in images]}
-    return inputs, guided(pipe, free, batch_size)
+    return inputs, free
 
 
 def position_images(control_images, count: int, references: int, height: int, width: int) -> list:
@@ -89,27 +88,27 @@ def fit(image, height: int, width: int) -> Image.Image:
 
 
 class ControlNetHook(ModelHook):
-    """Runs the ControlNet `batch_size` images per guidance group at a time (as the denoiser runs in chunks), and
-    zeroes the residuals it returns for the uncontrolled reference `slots` of each group."""
+    """Runs the ControlNet `handle.run.controlnet_chunk` images per guidance group at a time (as the denoiser runs in
+    chunks), and zeroes the residuals it returns for the uncontrolled reference `slots` of each group."""
 
-    def __init__(self, backbone: Backbone, slots: list[int], batch_size: int | None):
+    def __init__(self, handle, slots: list[int]):
         super().__init__()
-        self.backbone, self.slots, self.batch_size = backbone, slots, batch_size
+        self.handle, self.slots = handle, slots
 
     def new_forward(self, module, *args, **kwargs):
-        backbone, forward = self.backbone, self.fn_ref.original_forward
+        backbone, run, forward = self.handle.backbone, self.handle.run, self.fn_ref.original_forward
         sample = args[0] if args else kwargs[backbone.sample_name]
         batch = sample.shape[0]
         # guess mode with guidance runs the ControlNet on the conditional half alone: one group
         groups = 1 if kwargs.get("guess_mode") else backbone.guidance_groups()
-        size = batch if self.batch_size is None else self.batch_size * groups
+        size = batch if run.controlnet_chunk is None else run.controlnet_chunk * groups
         if size >= batch:
-            output = forward(*args, **untagged(backbone.pipe, kwargs))
+            output = forward(*args, **untagged(run.prompt_rows, kwargs))
         else:
             pieces = []
             for index in torch.arange(batch, device=sample.device).split(size):
                 chunk_args, chunk_kwargs = chunk_inputs(args, kwargs, index, batch, backbone.unbatched_inputs)
-                pieces.append(forward(*chunk_args, **untagged(backbone.pipe, chunk_kwargs)))
+                pieces.append(forward(*chunk_args, **untagged(run.prompt_rows, chunk_kwargs)))
             output = cat_rows(pieces)
         rows = [group * (batch // groups) + slot for group in range(groups) for slot in self.slots]
         return zero_rows(output, torch.tensor(rows, device=sample.device), batch) if rows else output
@@ -138,14 +137,12 @@ def zero_rows(value, rows: torch.Tensor, batch: int):
     return value
 
 
-@contextlib.contextmanager
-def guided(pipe, slots: list[int], batch_size: int | None):
-    """Within this block the ControlNet runs in chunks of `batch_size` and adds nothing to the reference `slots`."""
-    _register(pipe.controlnet, ControlNetHook(backbone_for(pipe), slots, batch_size))
-    try:
-        yield
-    finally:
-        _unregister(pipe.controlnet)
+def guided(handle, slots: list[int] | None) -> contextlib.AbstractContextManager:
+    """Within this block the ControlNet of the handle's pipeline adds nothing to the reference `slots` and runs in
+    chunks (`ControlNetHook`); None (no control images): nothing changes."""
+    if slots is None:
+        return contextlib.nullcontext()
+    return handle.hooked(handle.pipe.controlnet, ControlNetHook(handle, slots))
 
 
 def depth_maps(images: Sequence, height: int, width: int, model: str = DEPTH_MODEL,

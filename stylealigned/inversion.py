@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from .apply import applied
 from .backbones import Backbone, backbone_for
 from .errors import UserError
 from .io import write_atomic
@@ -177,7 +178,7 @@ def invert(
     backbone = backbone_for(pipe)
     if mode not in MODES:
         raise UserError(f"unknown inversion mode '{mode}'; choose one of: {', '.join(MODES)}")
-    handle = getattr(pipe, "_stylealigned_handle", None)  # an applied StyleAligned must not touch the inversion
+    handle = applied(pipe)  # an applied StyleAligned must not touch the inversion
     with handle.suspended() if handle is not None else contextlib.nullcontext():
         return _invert(backbone, image, prompt, num_inference_steps, guidance_scale, mode, seed, max_sequence_length)
 

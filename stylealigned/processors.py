@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import (ALL, Reference, align_targets, kept, make_reference, reference_attention, shared_attention,
-                        shared_tokens)
+from .attention import (ALL, Kernel, Reference, align_targets, kept, make_reference, reference_attention,
+                        shared_attention, shared_tokens)
 from .config import StyleAlignedConfig
 
 BATCH, RECORD, REPLAY = "batch", "record", "replay"
@@ -64,6 +64,7 @@ class SharedAttention:
 
     def __init__(self, name: str, config: StyleAlignedConfig, state: SharedState):
         self.name, self.config, self.state = name, config, state
+        self.kernel: Kernel | None = None  # the attention kernel of the module's call (`apply.AttentionHook`)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, image: slice = ALL, rotate=None, rotate_shared=None,
                mask: Tensor | None = None, inputs: Tensor | None = None, project: Projection | None = None) -> Tensor:
@@ -72,16 +73,16 @@ class SharedAttention:
         mode = self.state.mode
         if mode == BATCH:  # q, k, v are this layer's own projections: the targets' are overwritten, not copied
             return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask, overwrite=True,
-                                    weights=self.state.weights)
+                                    weights=self.state.weights, kernel=self.kernel)
         if mode == RECORD:
             self.state.cache[self.name] = self.stored(make_reference(q, k, v, self.config, image, rotate_shared,
                                                                      self.state.weights, keys=False), inputs)
-            return reference_attention(q, k, v, rotate, mask)
+            return reference_attention(q, k, v, rotate, mask, self.kernel)
         ref = self.state.cached(self.name)
         if ref.inputs is not None:
             key, value = shared_tokens(*project(ref.inputs), rotate_shared)
             ref = replace(ref, key=key, value=value)
-        return align_targets(q, k, v, ref, self.config, image, rotate, mask, overwrite=True)
+        return align_targets(q, k, v, ref, self.config, image, rotate, mask, overwrite=True, kernel=self.kernel)
 
     def stored(self, ref: Reference, inputs: Tensor) -> Reference:
         """What the cache keeps of a layer's references for later passes: the AdaIN statistics and, where targets
@@ -138,7 +139,7 @@ MASKED_BACKENDS = ("native", "_native_math", "_native_efficient")  # diffusers b
 
 
 class DispatchedAttention:
-    """diffusers' attention dispatcher (`dispatch_attention_fn`) with one backend, as an `attention_kernel`.
+    """diffusers' attention dispatcher (`dispatch_attention_fn`) with one backend, as an attention `Kernel`.
 
     `backend` None runs the active one (diffusers' `attention_backend` block). The dispatcher takes and returns
     (batch, tokens, heads, dim): these are views of our (batch, heads, tokens, dim), nothing is copied.

@@ -2,11 +2,12 @@
 
 With classifier-free guidance a pipeline call keeps its prompts' embeddings three times over for the whole call:
 the negative ones, the positive ones, and both joined for the denoiser (a wave of 33 SD1.5 prompts: 22 MiB in fp32;
-SD3's 333 joint text tokens: 258 MiB in bf16). Inside `tagged_prompts(pipe)` the pipeline's `encode_prompt` keeps
+SD3's 333 joint text tokens: 258 MiB in bf16). Inside `tagged_prompts(handle)` the pipeline's `encode_prompt` keeps
 each distinct row of every token sequence it returns once, in a `PromptRows` table (one row for a wave's shared
 negative prompt), and returns a tag per row in its place: one token of `TAG_WIDTH` channels, the row's index in
-the table. The pipeline repeats, joins and slices the tags as it would the embeddings; the hooks in front of the
-denoiser and the ControlNet look each call's (or chunk's) tags up (`untagged`), so the models see the same numbers.
+the table (`handle.run.prompt_rows`). The pipeline repeats, joins and slices the tags as it would the embeddings;
+the hooks in front of the denoiser and the ControlNet look each call's (or chunk's) tags up (`untagged`), so the
+models see the same numbers.
 """
 
 from __future__ import annotations
@@ -77,23 +78,20 @@ class TaggingEncoder:
 
 
 @contextlib.contextmanager
-def tagged_prompts(pipe) -> Iterator[PromptRows]:
-    """Within this block `pipe`'s calls keep each distinct prompt-embedding row once (module docstring)."""
-    own = vars(pipe).get("encode_prompt")
-    encoder = TaggingEncoder(pipe.encode_prompt)
-    pipe.encode_prompt = encoder
+def tagged_prompts(handle) -> Iterator[PromptRows]:
+    """Within this block the calls of the pipeline a `StyleAlignedHandle` is applied to keep each distinct
+    prompt-embedding row once (module docstring): its `encode_prompt` replaced through the handle."""
+    encoder = TaggingEncoder(handle.pipe.encode_prompt)
+    handle.run.prompt_rows = encoder.rows
     try:
-        yield encoder.rows
+        with handle.replaced("encode_prompt", encoder):
+            yield encoder.rows
     finally:
-        if own is None:
-            del pipe.encode_prompt
-        else:
-            pipe.encode_prompt = own
+        handle.run.prompt_rows = None
 
 
-def untagged(pipe, kwargs: dict) -> dict:
-    """A model call's keyword inputs with tags replaced by the embeddings they stand for."""
-    if not any(is_tags(value) for value in kwargs.values()):
+def untagged(rows: PromptRows | None, kwargs: dict) -> dict:
+    """A model call's keyword inputs with tags replaced by the embeddings in `rows` they stand for (None: no tags)."""
+    if rows is None or not any(is_tags(value) for value in kwargs.values()):
         return kwargs
-    rows = vars(pipe)["encode_prompt"].rows
     return {key: rows.lookup(value) if is_tags(value) else value for key, value in kwargs.items()}

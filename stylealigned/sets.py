@@ -6,10 +6,12 @@ fixed ranges of positions (`waves_of`) and a wave is always denoised and decoded
 its position: any subset of positions (a resumed run, one process of several) reproduces the full set's images
 bit for bit.
 
-Each wave denoises up to `wave_size` targets together with the reference through the pipeline's own call; the
-denoiser (UNet or transformer) runs the reference once per step and the targets `batch_size` at a time against what
-that pass kept (`StyleAlignedHandle.chunked`), and the call keeps each distinct prompt embedding once
-(`prompts.py`). Latents are decoded `batch_size` at a time at the end of a wave, by the model family's backbone.
+One `batch_size` (the memory bound) sets four sizes, each named where it applies: the wave (`wave_size`, default
+`WAVE_CHUNKS x batch_size` targets denoised together with the references through one pipeline call), the denoiser
+chunk (the denoiser runs the references once per step and then the targets that many at a time against what that
+pass kept: `StyleAlignedHandle.chunked`), the ControlNet chunk (images of each guidance group per ControlNet call:
+`control.py`) and the decode chunk (latents per VAE decode at the end of a wave, by the model family's backbone).
+Each call keeps each distinct prompt embedding once (`prompts.py`).
 
 Per-image pipeline inputs (an init image, a mask, a control image, a strength: any argument listed once per set
 position) are split with the prompts, so each wave's call gets its positions' entries; inside the denoiser every
@@ -25,10 +27,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .apply import apply
+from .apply import apply, with_step_ends
 from .backbones import backbone_for
 from .config import StyleAlignedConfig
-from .control import control_inputs
+from .control import control_inputs, guided
 from .errors import UserError
 from .inversion import Trajectory
 from .prompts import tagged_prompts
@@ -85,11 +87,12 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             with one per target, or one per position (references first, None for no control); references
             without one are generated without control (`control.control_inputs`).
         seed: image i starts from noise seeded by `seed + i`.
-        batch_size: targets per denoiser call (memory bound); None = all targets of a wave at once.
+        batch_size: the memory bound (None: none): targets per denoiser call after the references' pass, images
+            of each guidance group per ControlNet call and latents per VAE decode; waves default to 8 x as many.
         offset: with a trajectory, the first `offset` steps keep the reference at `offset + 1`, as in the paper.
         indices: set positions to return (default all); the reference is always computed, returned if listed.
         on_image: called with (position, image) as soon as each image is decoded.
-        wave_size: targets denoised together (default `8 x batch_size`, or all).
+        wave_size: targets denoised together by one pipeline call (default `8 x batch_size`, or all).
         pipeline_kwargs: passed to the pipeline call (num_inference_steps, guidance_scale, height, width, ...).
             One given as a list or tuple with one entry per set position (reference first, counting a trajectory
             reference's slot) is per image: each wave's call receives the list of the entries for that wave's
@@ -100,6 +103,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             per image, seeded `seed + position`). On an image-to-image or inpainting pipeline the reference is an
             image like the others (entry 0: its own init image, mask, strength), and `strength` may be per image:
             each image then starts at its own strength (`strengths.py`). A trajectory cannot lead such a set.
+            A `callback_on_step_end` of yours runs after the set's own (a trajectory's pin, staggered strengths).
     """
     config = config or StyleAlignedConfig()
     prompts = list(prompts)
@@ -123,7 +127,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     native_height, native_width = backbone.native_size()
     height = pipeline_kwargs.pop("height", None) or native_height
     width = pipeline_kwargs.pop("width", None) or native_width
-    controls, controlled = control_inputs(pipe, control_images, len(set_prompts), height, width, count, batch_size)
+    controls, uncontrolled = control_inputs(pipe, control_images, len(set_prompts), height, width, count)
     per_image |= controls
     kwargs = backbone.pipeline_inputs(dict(pipeline_kwargs, output_type="latent") | _size_inputs(pipe, height, width))
     for trajectory in trajectories.values():
@@ -131,26 +135,28 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     still = [backbone.still_reference(t.latents.shape[1:], height, width) for t in trajectories.values()]
     if any(still) and (not all(still) or len(trajectories) < count):
         raise UserError("a still image leads a set of clips only with every reference a still image")
-    if trajectories:
-        kwargs["callback_on_step_end"] = pin_references(trajectories, offset)
+    pins = pin_references(trajectories, offset) if trajectories else None
+    denoiser_chunk = controlnet_chunk = decode_chunk = batch_size  # one memory bound where each model runs
 
-    waves = [wave for wave in waves_of(len(set_prompts), batch_size, wave_size, count) if set(wave) & set(wanted)]
+    waves = [wave for wave in waves_of(len(set_prompts), denoiser_chunk, wave_size, count) if set(wave) & set(wanted)]
     images: dict[int, Image.Image] = {}
-    with apply(pipe, config) as handle, handle.chunked(batch_size), controlled:
+    with apply(pipe, config) as handle, handle.chunked(denoiser_chunk, controlnet_chunk), \
+            guided(handle, uncontrolled):
         handle.set_weights([1.0] * count if weights is None else weights)
-        handle.still_reference = any(still)
+        handle.run.still_reference = any(still)
         for wave in tqdm(waves, desc="waves", disable=len(waves) == 1):
             positions = list(range(count)) + [i for i in wave if i >= count]
             starts = _start_inputs(pipe, backbone, positions, seed, height, width, trajectories, offset)
             wave_inputs = {key: [values[i] for i in positions] for key, values in per_image.items()}
             wave_strength = None if strengths is None else [strengths[i] for i in positions]
-            with wave_strengths(pipe, wave_strength, [seed + i for i in positions], kwargs) as call_kwargs, \
-                    tagged_prompts(pipe):
-                output = pipe(prompt=[set_prompts[i] for i in positions], **starts, **wave_inputs, **call_kwargs)
+            with wave_strengths(handle, wave_strength, [seed + i for i in positions], kwargs) as (call_kwargs, hold), \
+                    tagged_prompts(handle):
+                output = pipe(prompt=[set_prompts[i] for i in positions], **starts, **wave_inputs,
+                              **with_step_ends(call_kwargs, [pins, hold]))
                 latents = output[0]  # its first field: images, or a video pipeline's frames
             rows = list(range(0 if wave.start == 0 else count, len(positions)))  # references from wave 0 only
-            for start in range(0, len(rows), batch_size or len(rows)):
-                part = rows[start:start + (batch_size or len(rows))]  # fixed chunks, so decoding matches too
+            for start in range(0, len(rows), decode_chunk or len(rows)):
+                part = rows[start:start + (decode_chunk or len(rows))]  # fixed chunks, so decoding matches too
                 if not any(positions[k] in wanted for k in part):
                     continue
                 for k, image in zip(part, backbone.decode(latents[part], height, width)):
@@ -209,11 +215,11 @@ def _start_inputs(pipe, backbone, positions: list[int], seed: int, height: int, 
     return starts
 
 
-def waves_of(count: int, batch_size: int | None = None, wave_size: int | None = None,
+def waves_of(count: int, denoiser_chunk: int | None = None, wave_size: int | None = None,
              references: int = 1) -> list[range]:
     """The fixed waves of a set of `count` images: ranges of set positions, the first one holding the references
-    (positions 0..references-1)."""
-    size = wave_size or (WAVE_CHUNKS * batch_size if batch_size else max(count - references, 1))
+    (positions 0..references-1); `wave_size` targets each (default: `WAVE_CHUNKS` denoiser chunks, or all)."""
+    size = wave_size or (WAVE_CHUNKS * denoiser_chunk if denoiser_chunk else max(count - references, 1))
     return [range(0 if start == references else start, min(start + size, count))
             for start in range(references, max(count, references + 1), size)]
 
@@ -242,5 +248,3 @@ def _check_reference(pipe, backbone, reference: Trajectory, offset: int, kwargs:
     if float(getattr(pipe.scheduler, "init_noise_sigma", 1.0)) != 1.0:  # flow schedulers have none: sigma space
         raise UserError(f"{type(pipe.scheduler).__name__} keeps latents in another scale than the inverted "
                         "trajectory; use --scheduler ddim (or another variance-preserving scheduler)")
-    if "callback_on_step_end" in kwargs:
-        raise UserError("a trajectory reference uses the step-end callback itself; drop callback_on_step_end")

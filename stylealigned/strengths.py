@@ -3,8 +3,9 @@
 The call runs at the largest strength. An image with a smaller strength starts later: the pipeline's own
 `prepare_latents` is run once per strength, with each image's generator seeded as generate_set seeds it, and each
 image takes its initial latent (and its noise and image latents, where the pipeline returns them) from the run at
-its own strength, its generator left as that run leaves it. A step-end callback holds the image on that latent
-until its first step, as `pin_reference` holds a trajectory reference. Since nothing a target computes reaches
+its own strength, its generator left as that run leaves it (`prepare_latents` replaced for the call through the
+set's `StyleAlignedHandle`). A step-end callback holds the image on that latent until its first step, as
+`pin_reference` holds a trajectory reference (the call runs both, and the caller's own: `apply.with_step_ends`). Since nothing a target computes reaches
 another image, each image comes out as in a set of the reference and itself alone, each at its own strength.
 This needs a deterministic one-step sampler (DDIM, Euler, flow Euler): a multistep solver (DPM-Solver++, UniPC,
 PNDM) would carry its history across the held steps and a stochastic one (Euler ancestral) draw noise during them,
@@ -56,25 +57,26 @@ def check_steps_left(pipe, strengths: Sequence[float], num_inference_steps: int,
 
 
 @contextlib.contextmanager
-def wave_strengths(pipe, strengths: Sequence[float] | None, seeds: Sequence[int], kwargs: dict) -> Iterator[dict]:
-    """The call arguments `kwargs` for a wave whose images have these strengths (None: as given), valid inside."""
+def wave_strengths(handle, strengths: Sequence[float] | None, seeds: Sequence[int],
+                   kwargs: dict) -> Iterator[tuple[dict, Callable | None]]:
+    """(the call arguments `kwargs` for a wave whose images have these strengths (None: as given), the step-end
+    callback the call must run too, or None), valid inside; `handle`: the set's `StyleAlignedHandle`."""
     if strengths is None or len(set(strengths)) == 1:
-        yield kwargs if strengths is None else dict(kwargs, strength=strengths[0])
+        yield (kwargs if strengths is None else dict(kwargs, strength=strengths[0])), None
         return
-    if "callback_on_step_end" in kwargs:
-        raise UserError("per-image strengths use the step-end callback themselves; drop callback_on_step_end")
     steps = kwargs.get("num_inference_steps",
-                       inspect.signature(type(pipe).__call__).parameters["num_inference_steps"].default)
-    with staggered_starts(pipe, strengths, seeds, steps) as hold:
-        yield dict(kwargs, strength=max(strengths), callback_on_step_end=hold)
+                       inspect.signature(type(handle.pipe).__call__).parameters["num_inference_steps"].default)
+    with staggered_starts(handle, strengths, seeds, steps) as hold:
+        yield dict(kwargs, strength=max(strengths)), hold
 
 
 @contextlib.contextmanager
-def staggered_starts(pipe, strengths: Sequence[float], seeds: Sequence[int],
+def staggered_starts(handle, strengths: Sequence[float], seeds: Sequence[int],
                      num_inference_steps: int) -> Iterator[Callable]:
-    """Within this block the pipeline's call, run at `max(strengths)` with one generator per image, starts image k
-    at `strengths[k]`; yields the step-end callback that the call must be given."""
-    original, prepare = vars(pipe).get("prepare_latents"), pipe.prepare_latents
+    """Within this block the call of the handle's pipeline, run at `max(strengths)` with one generator per image,
+    starts image k at `strengths[k]`; yields the step-end callback that the call must run."""
+    pipe = handle.pipe
+    prepare = pipe.prepare_latents
     signature = inspect.signature(prepare)
     held: dict = {}
 
@@ -99,13 +101,8 @@ def staggered_starts(pipe, strengths: Sequence[float], seeds: Sequence[int],
                 latents[k] = held["latents"][k]
         return {"latents": latents}
 
-    pipe.prepare_latents = prepare_latents
-    try:
+    with handle.replaced("prepare_latents", prepare_latents):
         yield hold
-    finally:
-        del pipe.prepare_latents
-        if original is not None:
-            pipe.prepare_latents = original
 
 
 def _prepared_at(pipe, prepare: Callable, arguments: dict, strength: float, seeds: Sequence[int],

@@ -15,9 +15,10 @@ import stylealigned as sa
 from stylealigned import sets
 from stylealigned.apply import HOOK
 from stylealigned.backbones import backbone_for
-from stylealigned.control import control_inputs, depth_maps
+from stylealigned.control import control_inputs, depth_maps, guided
 from stylealigned.errors import UserError
 from stylealigned.inversion import invert
+from stylealigned.prompts import tagged_prompts
 from stylealigned.models import load_controlnet, load_pipeline, with_controlnet, with_image_input
 from tests.conftest import loaded
 from tests.dit_pipelines import PROMPT_KWARGS
@@ -259,6 +260,36 @@ def test_removal_restores_the_pipeline_bit_for_bit(request, family):
     assert torch.equal(direct(), before)
 
 
+def interceptions(pipe) -> dict[str, list[str]]:
+    """Where anything of ours could sit: the pipeline's instance attributes, and each component's (denoiser,
+    ControlNet, text encoders, VAE) modules with a hook registry or a forward of their own."""
+    return {"pipeline": sorted(vars(pipe)), **{name: leftovers(part) for name, part in pipe.components.items()
+                                               if isinstance(part, torch.nn.Module)}}
+
+
+def test_one_undo_takes_every_interception_off(request):
+    """A set's hooks (denoiser, attention, ControlNet) and method patches (prompt tags) run through one handle, and
+    its `remove()` takes them all off, even from inside the blocks that put them on; a set leaves nothing behind."""
+    pipe = control_pipe(request, "sd")
+    pipe(PROMPTS[:1], image=controls(1)[0], output_type="latent", **settings("sd"))  # the call's own attributes
+    before, during = interceptions(pipe), []
+
+    def look(pipe, step, timestep, tensors):
+        during.append(interceptions(pipe))
+        return {}
+
+    sets.generate_set(pipe, PROMPTS[:3], control_images=controls(1)[0], batch_size=1, callback_on_step_end=look,
+                      **settings("sd"))
+    assert interceptions(pipe) == before and len(during) == settings("sd")["num_inference_steps"]
+    with sa.apply(pipe) as handle, handle.chunked(1, 1), guided(handle, [0]), tagged_prompts(handle):
+        inside = interceptions(pipe)
+        handle.remove()
+        assert interceptions(pipe) == before
+    assert interceptions(pipe) == before
+    assert "encode_prompt" in inside["pipeline"] and inside["controlnet"] == ["<root>"] and inside["unet"]
+    assert during[0] == inside  # the set's calls ran with all of them on
+
+
 # control images, ControlNets, depth maps
 
 
@@ -269,13 +300,14 @@ def test_the_forms_control_images_come_in(request, tmp_path):
     big.save(tmp_path / "big.png")
     for given, expected, zeroed in [(one, [one] * 3, True), (more, more, True), ([None] + more, more, True),
                                     ([one] + more, [one] + more, False)]:
-        inputs, context = control_inputs(pipe, given, 4, SIZE, SIZE)
+        inputs, uncontrolled = control_inputs(pipe, given, 4, SIZE, SIZE)
         listed = inputs["image"]
         assert len(listed) == 4 and all(image.size == (SIZE, SIZE) and image.mode == "RGB" for image in listed)
         assert [np.asarray(image).tolist() for image in listed[4 - len(expected):]] == [
             np.asarray(image).tolist() for image in expected]
-        with context:  # the ControlNet is hooked (it reads tagged prompts), zeroing the reference where uncontrolled
+        with sa.apply(pipe) as handle, guided(handle, uncontrolled):  # the ControlNet's hook, through the handle
             assert pipe.controlnet._diffusers_hook.hooks[HOOK].slots == ([0] if zeroed else [])
+        assert leftovers(pipe.controlnet) == []
     fitted = control_inputs(pipe, tmp_path / "big.png", 3, 16, 24)[0]["image"]
     assert fitted[1] is fitted[2] and fitted[1].size == (24, 16)  # loaded once, center-cropped to width x height
     assert np.asarray(fitted[0]).max() == 0  # the reference's placeholder

@@ -9,7 +9,7 @@ from diffusers.models.transformers.transformer_flux import FluxAttention
 
 import stylealigned as sa
 from stylealigned import sets
-from stylealigned.apply import HOOK, hooked_layers, layers_to_share
+from stylealigned.apply import HOOK, applied, hooked_layers, layers_to_share
 from stylealigned.backbones import backbone_for
 from tests import flux2_pipelines
 from tests.dit_pipelines import FLUX_SIZE, PROMPT_KWARGS, SD3_SIZE
@@ -260,7 +260,7 @@ def test_applying_twice_replaces(pipe):
         expected = latents(pipe, PROMPTS[:3])
     first = sa.apply(pipe, sa.StyleAlignedConfig(shared_layers=1.0, adain_values=True))
     second = sa.apply(pipe)
-    assert not first.active and second.active and pipe._stylealigned_handle is second
+    assert not first.active and second.active and applied(pipe) is second
     registries = {name: list(module._diffusers_hook.hooks) for name, module in pipe.transformer.named_modules()
                   if hasattr(module, "_diffusers_hook")}
     assert registries == {name: [HOOK] for name in ["", *second.layers]}

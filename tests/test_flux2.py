@@ -70,6 +70,23 @@ def test_reference_alone_removal_and_chunks(pipe64):
     assert torch.equal(latents(pipe64, guidance_scale=4.0), stock)
 
 
+def test_position_ids_are_read_once_per_pipeline_call(pipe64, monkeypatch):
+    """The set's image-token count (a host read of the ids: a device sync) and the shared keys' rotary embedding come
+    from the ids once per text-to-image call, which passes the same ids to every transformer call (2 steps x 2)."""
+    backbone = type(backbone_for(pipe64))
+    reads, read = [], backbone.reference_rotary
+
+    def counted(self, ids, config):
+        reads.append(ids)
+        return read(self, ids, config)
+
+    monkeypatch.setattr(backbone, "reference_rotary", counted)
+    with sa.apply(pipe64):
+        latents(pipe64, guidance_scale=4.0)
+        latents(pipe64, guidance_scale=4.0)
+    assert len(reads) == 2  # one per pipeline call
+
+
 def test_conditioning_images_are_not_shared(pipe64):
     """With FLUX.2's own conditioning image (editing), only the set's image tokens are shared."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))  # 64 px at least

@@ -2,7 +2,7 @@
 a padded head channel.
 
 No GPU was lent to this work: the CUDA choice (the head channel, so that flash attention runs in fp16/bf16) is
-exercised on the CPU through `attention_kernel` with a kernel that refuses masks, and the kernel-restricted test runs
+exercised on the CPU through a `kernel` argument that refuses masks, and the kernel-restricted test runs
 on CUDA where there is one and on the CPU's flash kernel otherwise.
 """
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from stylealigned.attention import (attention_kernel, attend_with_reference, bias_in_channel, channel_bias,
-                                    key_biased_attention, merged_attention)
+from stylealigned.attention import (attend_with_reference, bias_in_channel, channel_bias, key_biased_attention,
+                                    merged_attention)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}  # ~ output rounding
@@ -81,10 +81,11 @@ def test_a_kernel_without_masks_gets_the_head_channel(monkeypatch, dtype):
     """The CUDA half-precision path (and a user's mask-less attention backend): the bias as a channel, exact."""
     q, keys, values, bias = inputs(64, dtype)
     spy = MaskSpy(monkeypatch, refuse=True)
-    with attention_kernel(lambda *args, **kwargs: F.scaled_dot_product_attention(*args, **kwargs)):
-        assert channel_bias(q)
-        out = key_biased_attention(q, keys, values, bias)
-    assert not channel_bias(q)  # the kernel is SDPA's again after the block
+    def kernel(*args, **kwargs):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+    assert channel_bias(q, kernel) and not channel_bias(q)  # without a kernel: SDPA's, which takes masks
+    out = key_biased_attention(q, keys, values, bias, kernel=kernel)
     assert spy.masks == [None] and spy.shapes == [(72, 72, 72)]
     torch.testing.assert_close(out.double(), explicit(q, keys, values, bias), atol=TOLERANCE[dtype], rtol=0)
 
@@ -99,8 +100,7 @@ def test_zero_shift_passes_no_mask():
         masks.append(attn_mask)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
-    with attention_kernel(kernel):
-        attend_with_reference(q, k, v, k[:, 0], v[:, 0])
+    attend_with_reference(q, k, v, k[:, 0], v[:, 0], kernel=kernel)
     assert masks == [None]
 
 
@@ -187,7 +187,6 @@ def test_a_chosen_kernel_still_gets_the_shift(monkeypatch):
 
     kernel.takes_masks = True
     inputs = grouped_inputs(40, torch.float32)
-    with attention_kernel(kernel):
-        out = attend_with_reference(*inputs, score_shift=math.log(2))
+    out = attend_with_reference(*inputs, score_shift=math.log(2), kernel=kernel)
     assert calls == [(1, 1, 1, 40)]
     torch.testing.assert_close(out.double(), explicit_shifted(*inputs, math.log(2)), atol=2e-6, rtol=0)

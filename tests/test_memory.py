@@ -57,7 +57,7 @@ def test_tagged_prompts_lower_a_chunked_sets_peak(sd_pipe, monkeypatch):
     """The pipeline call keeping one-token tags instead of its prompt embeddings three times over shows in the peak
     (the same images: tests/test_prompts.py)."""
     tagged = peak_bytes(sd_pipe, 16, batch_size=4)
-    monkeypatch.setattr(sets, "tagged_prompts", lambda pipe: contextlib.nullcontext())
+    monkeypatch.setattr(sets, "tagged_prompts", lambda handle: contextlib.nullcontext())
     untagged = peak_bytes(sd_pipe, 16, batch_size=4)
     encoder = sd_pipe.text_encoder.config
     one_copy = 16 * encoder.max_position_embeddings * encoder.hidden_size * 4  # the 16 prompts' fp32 embeddings

@@ -9,6 +9,7 @@ from diffusers import StableDiffusionPanoramaPipeline
 
 import stylealigned as sa
 from stylealigned import panorama, sets
+from stylealigned.apply import applied
 from stylealigned.backbones import backbone_for
 from stylealigned.errors import UserError
 from tests.test_cli import cli
@@ -36,7 +37,7 @@ def test_the_reference_runs_once_per_step_and_windows_in_batches(sd_pipe):
     calls = []
 
     def count(module, args, kwargs):
-        calls.append((sd_pipe._stylealigned_handle.state.mode, args[0].shape[0]))
+        calls.append((applied(sd_pipe).state.mode, args[0].shape[0]))
 
     plan = panorama.plan_panorama(sd_pipe, width=80, stride=8)
     assert len(plan.windows) == 7

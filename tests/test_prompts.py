@@ -5,6 +5,7 @@ import contextlib
 import pytest
 import torch
 
+import stylealigned as sa
 from stylealigned import prompts, sets
 from stylealigned.prompts import BASE, PromptRows, is_tags, tagged_prompts
 from tests.test_control import control_pipe, controlnet_path, controls  # noqa: F401 (a fixture)
@@ -50,8 +51,8 @@ def test_tagged_sets_are_bit_identical_and_the_call_keeps_distinct_rows(request,
     tables, encoded = [], []
     original = prompts.tagged_prompts
 
-    def keeping(pipe):
-        with original(pipe) as rows:
+    def keeping(handle):
+        with original(handle) as rows:
             tables.append(rows)
             tag = rows.tag
             rows.tag = lambda embeds: encoded.append(embeds) or tag(embeds)
@@ -66,7 +67,7 @@ def test_tagged_sets_are_bit_identical_and_the_call_keeps_distinct_rows(request,
         return torch.stack([found[i] for i in range(len(PROMPTS))])
 
     for more in ({}, {"batch_size": 2}):
-        plain = latents(lambda pipe: contextlib.nullcontext(), **more)
+        plain = latents(lambda handle: contextlib.nullcontext(), **more)
         assert torch.equal(latents(contextlib.contextmanager(keeping), **more), plain)
     rows = [row for embeds in encoded for row in embeds]
     assert len(rows) == 2 * len(PROMPTS) * (1 + guided)  # two calls, each encoding every prompt (and negative)
@@ -78,10 +79,11 @@ def test_tagged_sets_are_bit_identical_and_the_call_keeps_distinct_rows(request,
 def test_encode_prompt_is_put_back_after_an_error(sd_pipe):
     own = sd_pipe.encode_prompt
     sd_pipe.encode_prompt = own  # an instance attribute of the user's own stays theirs
-    with pytest.raises(RuntimeError, match="stopped"), tagged_prompts(sd_pipe):
-        raise RuntimeError("stopped")
-    assert vars(sd_pipe)["encode_prompt"] is own
+    with sa.apply(sd_pipe) as handle:
+        with pytest.raises(RuntimeError, match="stopped"), tagged_prompts(handle):
+            raise RuntimeError("stopped")
+        assert vars(sd_pipe)["encode_prompt"] is own and handle.run.prompt_rows is None
     del sd_pipe.encode_prompt
-    with pytest.raises(RuntimeError, match="stopped"), tagged_prompts(sd_pipe):
+    with sa.apply(sd_pipe) as handle, pytest.raises(RuntimeError, match="stopped"), tagged_prompts(handle):
         raise RuntimeError("stopped")
     assert "encode_prompt" not in vars(sd_pipe)

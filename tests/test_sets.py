@@ -123,6 +123,29 @@ def test_reference_slot_follows_the_trajectory(sd_pipe, offset, decoded, monkeyp
     assert torch.equal(decoded[0][0], trajectory.latents[-1])
 
 
+def test_a_callers_step_end_callback_runs_after_the_pin(sd_pipe):
+    """The set's step-end callbacks and the caller's compose into the call's one: the caller sees pinned latents,
+    and gets the tensors it asks for."""
+    from diffusers.callbacks import PipelineCallback
+    from PIL import Image
+
+    trajectory = invert(sd_pipe, Image.new("RGB", (32, 32), (40, 200, 40)), "a cat", num_inference_steps=3)
+    seen = []
+
+    class Look(PipelineCallback):
+        tensor_inputs = ("prompt_embeds",)
+
+        def callback_fn(self, pipe, step, timestep, tensors):
+            seen.append((tensors["latents"][0].clone(), tensors["prompt_embeds"].shape))
+            return {}
+
+    sets.generate_set(sd_pipe, ["a dog"], sa.StyleAlignedConfig.transfer(), reference=trajectory,
+                      callback_on_step_end=Look(), **SETTINGS)
+    assert len(seen) == 3
+    for step, (latent, shape) in enumerate(seen):
+        assert torch.equal(latent, trajectory.latents[step + 1]) and shape[0] == 4  # two images, two groups
+
+
 def test_trajectory_mismatch_is_a_user_error(sd_pipe):
     from PIL import Image
 

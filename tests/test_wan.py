@@ -208,7 +208,7 @@ def test_a_still_reference_equals_the_oracle(wan_pipe, knobs):
     """The still reference runs as a one-frame clip; targets attend to its frame at their frame 0 positions."""
     config = sa.StyleAlignedConfig(**knobs)
     with sa.apply(wan_pipe, config) as handle:
-        handle.still_reference = True
+        handle.run.still_reference = True
         fast = still_latents(wan_pipe)
     undo = oracle_wan.install(wan_pipe, config, layers_to_share(backbone_for(wan_pipe), config), still=True)
     try:

@@ -94,10 +94,15 @@ class FluxBackbone(Backbone):
         txt_ids, img_ids = (kwargs[name][0] if kwargs[name].ndim == 3 else kwargs[name]
                             for name in ("txt_ids", "img_ids"))
         state.call["text_tokens"] = txt_ids.shape[0]
-        if config.reference_positions == "shifted":  # beside the image: columns moved by the latent width
+        state.call["reference_rotary"] = self.reference_rotary(img_ids, config)
+
+    def reference_rotary(self, img_ids, config):
+        """The rotary embedding of the shared reference keys at these image ids, beside the image (columns moved by
+        the latent width, on the device: no host sync) under `reference_positions="shifted"`."""
+        if config.reference_positions == "shifted":
             img_ids = img_ids.clone()
-            img_ids[:, 2] += int(img_ids[:, 2].max()) + 1
-        state.call["reference_rotary"] = self.denoiser.pos_embed(img_ids)
+            img_ids[:, 2] += img_ids[:, 2].max() + 1
+        return self.denoiser.pos_embed(img_ids)
 
     def latent_shape(self, height, width):
         factor = self.pipe.vae_scale_factor * 2  # the VAE's downsampling, then 2x2 packing

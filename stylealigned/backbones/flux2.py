@@ -72,17 +72,29 @@ class Flux2Backbone(FluxBackbone):
             return ParallelSelfAttention()
         return JointAttention(text_first=True, rotations=call_rotations)
 
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self._seen_ids: tuple = ()  # (ids, their version, reference positions, facts): `image_facts`' last answer
+
     def begin_call(self, state, config, kwargs):
-        """Text length, the set's image tokens (t = 0: conditioning images come after, at t > 0) and the rotary
-        embedding of the shared reference keys, from this call's position ids."""
-        txt_ids, img_ids = (kwargs[name][0] if kwargs[name].ndim == 3 else kwargs[name]
-                            for name in ("txt_ids", "img_ids"))
-        generated = img_ids[img_ids[:, 0] == 0]
-        state.call["text_tokens"], state.call["image_tokens"] = txt_ids.shape[0], generated.shape[0]
-        if config.reference_positions == "shifted":  # beside the image: columns moved by the latent width
-            generated = generated.clone()
-            generated[:, 2] += int(generated[:, 2].max()) + 1
-        state.call["reference_rotary"] = self.denoiser.pos_embed(generated)
+        """Text length, the set's image tokens and the rotary embedding of the shared reference keys, from this
+        call's position ids."""
+        txt_ids = kwargs["txt_ids"][0] if kwargs["txt_ids"].ndim == 3 else kwargs["txt_ids"]
+        state.call["text_tokens"] = txt_ids.shape[0]
+        state.call["image_tokens"], state.call["reference_rotary"] = self.image_facts(kwargs["img_ids"], config)
+
+    def image_facts(self, ids, config) -> tuple:
+        """(the set's image tokens, the shared keys' rotary embedding) from a call's image ids: the set's images
+        have t = 0 (conditioning images come after, at t > 0). Counting them reads the ids on the host (a device
+        sync), so the answer is kept for the same ids: once per text-to-image call (the pipeline passes the same
+        ids every step), per step only where the pipeline joins conditioning images' ids anew (editing)."""
+        seen = self._seen_ids
+        if not (seen and seen[0] is ids and seen[1:3] == (ids._version, config.reference_positions)):
+            flat = ids[0] if ids.ndim == 3 else ids
+            generated = flat[flat[:, 0] == 0]
+            seen = self._seen_ids = (ids, ids._version, config.reference_positions,
+                                     (generated.shape[0], self.reference_rotary(generated, config)))
+        return seen[3]
 
     def pack(self, latents, height, width):
         """[B, C, h, w] -> 2x2 patches as tokens [B, h w / 4, 4 C], the layout of the denoising loop."""

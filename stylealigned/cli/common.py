@@ -77,7 +77,9 @@ Scheduler = Annotated[str, typer.Option(
     help="auto (DDIM, the paper's, on UNets; the model's own on flow models), ddim, euler, euler-a, dpm++, unipc, "
          "pndm, or model.")]
 Negative = Annotated[Optional[str], typer.Option(help="Negative prompt for every image.")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Targets per denoiser call; bounds memory for large sets.")]
+BatchSize = Annotated[Optional[int], typer.Option(
+    help="Bounds memory for large sets: targets per denoiser call, images per ControlNet call and per decode; "
+         "waves of 8x this.")]
 Resume = Annotated[bool, typer.Option(help="Complete an interrupted run in --out with the same parameters.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace earlier results in --out.")]
 NoShare = Annotated[bool, typer.Option("--no-share", help="Baseline: the plain model, nothing shared.")]
