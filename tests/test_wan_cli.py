@@ -146,3 +146,28 @@ def test_a_short_clip_or_a_clip_on_an_image_model_is_one_line(tiny_wan_paths, ti
     code, _, err = cli(capsys, "transfer", "a dog", "--reference", clip, "--reference-prompt", "a red tree",
                        "--out", tmp_path / "run", *model, "--steps", "2", "--device", "cpu")
     assert code == 2 and words in one_error_line(err)
+
+
+def test_eval_on_clips_scores_temporal_consistency(tiny_wan_paths, tiny_clip_path, tiny_dino_path,  # noqa: F811
+                                                   tmp_path, monkeypatch, capsys):
+    """`stylealigned eval` on a video model: each set's clips as MP4s, scored as `stylealigned score` scores clips,
+    with and without sharing; reference-quality (still images) is refused in one line."""
+    import csv
+
+    from tests.test_eval_cli import eval_args
+    from tests.test_eval_score import run_cli
+
+    out = tmp_path / "eval"
+    args = eval_args(tiny_wan_paths[1], out, tiny_clip_path, tiny_dino_path, "--configs", "no-share,full",
+                     "--frames", "5", "--width", str(WAN_WIDTH), "--height", str(WAN_HEIGHT))
+    assert run_cli(monkeypatch, *args) in (0, None)
+    assert "temporal consistency" in capsys.readouterr().out
+    with open(out / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["config"] for row in rows] == ["no-share", "full"]
+    assert all(0 < float(row["temporal_consistency"]) <= 1 for row in rows)
+    clips = sorted((out / rows[1]["folder"]).glob("*.mp4"))
+    assert len(clips) == 4 and all(len(read_video(clip)) == 5 for clip in clips)
+    code = run_cli(monkeypatch, *eval_args(tiny_wan_paths[1], tmp_path / "q", tiny_clip_path, tiny_dino_path,
+                                           "--experiment", "reference-quality", "--frames", "5"))
+    assert code == 2 and "reference-quality degrades still images" in one_error_line(capsys.readouterr().err)
