@@ -11,7 +11,7 @@ from stylealigned.io import read_video
 from tests.test_cli import cli
 from tests.test_dit_cli import one_error_line
 from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
-from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, tiny_wan_paths  # noqa: F401 (fixture)
+from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, tiny_wan_i2v_paths, tiny_wan_paths  # noqa: F401 (fixtures)
 
 FAST = ["--steps", "3", "--width", str(WAN_WIDTH), "--height", str(WAN_HEIGHT), "--device", "cpu"]
 NAMES = ["00-a-cat-watercolor.mp4", "01-a-dog-watercolor.mp4", "02-a-house-watercolor.mp4"]
@@ -171,3 +171,10 @@ def test_eval_on_clips_scores_temporal_consistency(tiny_wan_paths, tiny_clip_pat
     code = run_cli(monkeypatch, *eval_args(tiny_wan_paths[1], tmp_path / "q", tiny_clip_path, tiny_dino_path,
                                            "--experiment", "reference-quality", "--frames", "5"))
     assert code == 2 and "reference-quality degrades still images" in one_error_line(capsys.readouterr().err)
+
+
+def test_an_image_to_video_model_is_one_line(tiny_wan_i2v_paths, tmp_path, capsys):
+    code, _, err = cli(capsys, "generate", "a cat", "a dog", "--model", tiny_wan_i2v_paths["wan2.1"], "--out",
+                       tmp_path / "run", *FAST)
+    assert code == 2 and "the CLI and web app run text-to-video Wan" in one_error_line(err)
+    assert not (tmp_path / "run").exists()

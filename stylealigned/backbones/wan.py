@@ -99,8 +99,9 @@ class WanBackbone(Backbone):
         round them), is a UserError; so is image-to-video without one first frame (diffusers' call takes one
         image for the whole batch)."""
         if self.image_to_video and not isinstance(pipeline_kwargs.get("image"), Image.Image):
-            raise UserError("WanImageToVideoPipeline starts every clip of a set from one first frame: pass image= "
-                            "one PIL image (a frame per clip is not supported by its call yet)")
+            raise UserError("WanImageToVideoPipeline starts every clip from one first frame: pass generate_set "
+                            "image= one PIL image (not one per clip: its call takes one; the CLI and web app run "
+                            "text-to-video Wan)")
         frames = pipeline_kwargs.get("num_frames", type(self).frames)
         step = self.pipe.vae_scale_factor_temporal
         if frames < 1 or (frames - 1) % step:
