@@ -100,6 +100,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             per image, seeded `seed + position`). On an image-to-image or inpainting pipeline the reference is an
             image like the others (entry 0: its own init image, mask, strength), and `strength` may be per image:
             each image then starts at its own strength (`strengths.py`). A trajectory cannot lead such a set.
+            On WanImageToVideoPipeline `image` is one first frame, for every clip of the set.
     """
     config = config or StyleAlignedConfig()
     prompts = list(prompts)
