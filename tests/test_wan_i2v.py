@@ -61,7 +61,7 @@ def test_a_chunked_set_equals_one_batch_and_the_pipelines_call(wan_i2v_pipe, pho
 def test_a_frame_per_clip_or_none_is_one_line(wan_i2v_pipe, photo):
     settings = dict(num_inference_steps=STEPS, **WAN_KWARGS)
     for image in ([photo] * 3, None):
-        with pytest.raises(UserError, match="starts every clip from one first frame: pass generate_set image= one PIL image"):
+        with pytest.raises(UserError, match="one first frame: pass generate_set image= one PIL image"):
             sa.generate_set(wan_i2v_pipe, PROMPTS, image=image, **settings)
     with pytest.raises(UserError, match="inverted on a text-to-video Wan pipeline"):
         sa.invert(wan_i2v_pipe, photo, "a red tree", num_inference_steps=STEPS)
