@@ -167,7 +167,8 @@ def invert(
     seed: int = 0,
     max_sequence_length: int | None = None,
 ) -> Trajectory:
-    """Invert a real image into the reference trajectory that StyleAligned shares attention with.
+    """Invert a real image (on a video model also a clip: a list of frames) into the reference trajectory that
+    StyleAligned shares attention with.
 
     `mode="ddim"` runs the pipeline's sampler backwards with its denoiser and text encoders (DDIM on UNets, the
     Euler flow step on FLUX/SD3; classifier-free guidance when `guidance_scale > 1` on models that batch it,

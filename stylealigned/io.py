@@ -18,6 +18,7 @@ from .errors import UserError
 
 MAX_PIXELS = 100_000_000  # larger images are refused as possible decompression bombs
 WHITE = (255, 255, 255)
+VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")  # a reference with one of these is a clip
 
 
 def load_image(path, width: int, height: int) -> Image.Image:
@@ -104,11 +105,35 @@ def save_video(frames: Sequence[Image.Image], path, fps: int) -> None:
         os.replace(temporary, path)
 
 
-def read_video(path) -> list[Image.Image]:
-    """The frames of a video file, as RGB PIL images."""
+def read_video(path, frames: int | None = None) -> list[Image.Image]:
+    """The frames of a video file (its first `frames`, if given), as RGB PIL images."""
+    import itertools
+
     import imageio.v3 as iio
 
-    return [Image.fromarray(frame).convert("RGB") for frame in iio.imiter(path, plugin="FFMPEG")]
+    return [Image.fromarray(frame).convert("RGB")
+            for frame in itertools.islice(iio.imiter(path, plugin="FFMPEG"), frames)]
+
+
+def is_video(path) -> bool:
+    """Whether `path` names a video file (by its suffix): a clip, not a still image."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def load_clip(path, width: int, height: int, frames: int) -> list[Image.Image]:
+    """The first `frames` frames of a video file, each center-cropped and resized to width x height as
+    `load_image` does; a missing, unreadable or shorter file is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such video file: {path}")
+    try:
+        clip = read_video(path, frames)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise UserError(f"{path} is not a video ffmpeg can read ({error}); pass an MP4".replace("\n", " ")) from None
+    if len(clip) < frames:
+        raise UserError(f"{path} has {len(clip)} frames but the clips have {frames}; pass a longer clip or fewer "
+                        "--frames")
+    return [ImageOps.fit(frame, (width, height), Image.Resampling.LANCZOS) for frame in clip]
 
 
 def contact_sheet(clips: Sequence[Sequence[Image.Image]], labels: Sequence[str], per_clip: int = 4) -> Image.Image:

@@ -103,6 +103,7 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
             per image, seeded `seed + position`). On an image-to-image or inpainting pipeline the reference is an
             image like the others (entry 0: its own init image, mask, strength), and `strength` may be per image:
             each image then starts at its own strength (`strengths.py`). A trajectory cannot lead such a set.
+            On WanImageToVideoPipeline `image` is one first frame, for every clip of the set.
             A `callback_on_step_end` of yours runs after the set's own (a trajectory's pin, staggered strengths).
     """
     config = config or StyleAlignedConfig()
@@ -120,10 +121,10 @@ def generate_set(pipe, prompts: Sequence[str], config: StyleAlignedConfig | None
     wanted = sorted(set(range(len(set_prompts)) if indices is None else indices))
     if any(not 0 <= i < len(set_prompts) for i in wanted):
         raise UserError(f"indices must lie in 0..{len(set_prompts) - 1}")
+    backbone = backbone_for(pipe)
+    backbone.read_settings(pipeline_kwargs)  # before the split: a family may refuse a per-image list
     per_image, pipeline_kwargs = split_per_image(pipeline_kwargs, len(set_prompts))
     strengths = check_strengths(pipe, per_image.pop("strength"), pipeline_kwargs) if "strength" in per_image else None
-    backbone = backbone_for(pipe)
-    backbone.read_settings(pipeline_kwargs)
     native_height, native_width = backbone.native_size()
     height = pipeline_kwargs.pop("height", None) or native_height
     width = pipeline_kwargs.pop("width", None) or native_width

@@ -296,9 +296,9 @@ class App:
         side = 16 if self.video else 8  # Wan: whole 2x2 patches of its 8x latents
         with gr.Row():
             width = gr.Slider(side, self.limits.max_side, value=self.native_width, step=side, label="Width",
-                              info=f"Pixels, a multiple of {side}.")
+                              info=f"Pixels, a multiple of {side}.", elem_id=f"{name}-width")
             height = gr.Slider(side, self.limits.max_side, value=self.native_height, step=side, label="Height",
-                               info=f"Pixels, a multiple of {side}.")
+                               info=f"Pixels, a multiple of {side}.", elem_id=f"{name}-height")
             batch = gr.Number(0, label="Batch size", precision=0, minimum=0, maximum=LIMITS["batch_size"][1],
                               info="Targets per denoiser call, to bound memory; 0 = all at once.")
         with gr.Accordion("Knobs", open=False):

@@ -11,7 +11,7 @@ from stylealigned.io import read_video
 from tests.test_cli import cli
 from tests.test_dit_cli import one_error_line
 from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
-from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, tiny_wan_paths  # noqa: F401 (fixture)
+from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, tiny_wan_i2v_paths, tiny_wan_paths  # noqa: F401 (fixtures)
 
 FAST = ["--steps", "3", "--width", str(WAN_WIDTH), "--height", str(WAN_HEIGHT), "--device", "cpu"]
 NAMES = ["00-a-cat-watercolor.mp4", "01-a-dog-watercolor.mp4", "02-a-house-watercolor.mp4"]
@@ -113,3 +113,68 @@ def test_score_a_set_of_clips(tiny_wan_paths, tiny_clip_path, tiny_dino_path, tm
     assert [entry["temporal_consistency"] for entry in scores["images"]] == pytest.approx(temporal, abs=1e-5)
     assert scores["temporal_consistency"] == pytest.approx(sum(temporal) / 3, abs=1e-5)
     assert "temporal consistency" in stdout
+
+
+def test_transfer_of_a_clip_to_clips(tiny_wan_paths, tmp_path, capsys):
+    """A clip reference (7 frames: its first 5 are taken) is inverted as itself: 00 is its reconstruction, a moving
+    clip, and the trajectory holds the set's 2 latent frames."""
+    from stylealigned.inversion import Trajectory
+    from stylealigned.io import save_video
+    from tests.test_wan import gradient_clip
+
+    clip, out, saved = tmp_path / "clip.mp4", tmp_path / "run", tmp_path / "ref.safetensors"
+    save_video(gradient_clip(7), clip, fps=8)
+    code, stdout, err = cli(capsys, "transfer", "a dog", "--reference", clip, "--reference-prompt", "a red tree",
+                            "--save-trajectory", saved, "--model", tiny_wan_paths[1], "--out", out, "--frames", "5",
+                            *FAST)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["00-a-red-tree.mp4", "01-a-dog.mp4"]
+    frames = [np.asarray(frame, dtype=int) for frame in read_video(out / "00-a-red-tree.mp4")]
+    assert len(frames) == 5 and np.abs(frames[-1] - frames[0]).max() > 8  # it moves: not a held still
+    assert Trajectory.load(saved).latents.shape == (4, 4, 2, WAN_HEIGHT // 8, WAN_WIDTH // 8)
+
+
+@pytest.mark.parametrize("frames, words", [("9", "has 7 frames but the clips have 9"), (None, "video models only")])
+def test_a_short_clip_or_a_clip_on_an_image_model_is_one_line(tiny_wan_paths, tiny_sd_path, tmp_path, capsys,
+                                                              frames, words):
+    from stylealigned.io import save_video
+    from tests.test_wan import gradient_clip
+
+    clip = tmp_path / "clip.mp4"
+    save_video(gradient_clip(7), clip, fps=8)
+    model = ["--model", tiny_wan_paths[1], "--frames", frames] if frames else ["--model", tiny_sd_path]
+    code, _, err = cli(capsys, "transfer", "a dog", "--reference", clip, "--reference-prompt", "a red tree",
+                       "--out", tmp_path / "run", *model, "--steps", "2", "--device", "cpu")
+    assert code == 2 and words in one_error_line(err)
+
+
+def test_eval_on_clips_scores_temporal_consistency(tiny_wan_paths, tiny_clip_path, tiny_dino_path,  # noqa: F811
+                                                   tmp_path, monkeypatch, capsys):
+    """`stylealigned eval` on a video model: each set's clips as MP4s, scored as `stylealigned score` scores clips,
+    with and without sharing; reference-quality (still images) is refused in one line."""
+    import csv
+
+    from tests.test_eval_cli import eval_args
+    from tests.test_eval_score import run_cli
+
+    out = tmp_path / "eval"
+    args = eval_args(tiny_wan_paths[1], out, tiny_clip_path, tiny_dino_path, "--configs", "no-share,full",
+                     "--frames", "5", "--width", str(WAN_WIDTH), "--height", str(WAN_HEIGHT))
+    assert run_cli(monkeypatch, *args) in (0, None)
+    assert "temporal consistency" in capsys.readouterr().out
+    with open(out / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["config"] for row in rows] == ["no-share", "full"]
+    assert all(0 < float(row["temporal_consistency"]) <= 1 for row in rows)
+    clips = sorted((out / rows[1]["folder"]).glob("*.mp4"))
+    assert len(clips) == 4 and all(len(read_video(clip)) == 5 for clip in clips)
+    code = run_cli(monkeypatch, *eval_args(tiny_wan_paths[1], tmp_path / "q", tiny_clip_path, tiny_dino_path,
+                                           "--experiment", "reference-quality", "--frames", "5"))
+    assert code == 2 and "reference-quality degrades still images" in one_error_line(capsys.readouterr().err)
+
+
+def test_an_image_to_video_model_is_one_line(tiny_wan_i2v_paths, tmp_path, capsys):
+    code, _, err = cli(capsys, "generate", "a cat", "a dog", "--model", tiny_wan_i2v_paths["wan2.1"], "--out",
+                       tmp_path / "run", *FAST)
+    assert code == 2 and "the CLI and web app run text-to-video Wan" in one_error_line(err)
+    assert not (tmp_path / "run").exists()

@@ -1,9 +1,11 @@
-"""The web app in headless Chromium (Debian's /usr/bin/chromium) driven by Playwright: both tabs, the zip, an error.
+"""The web app in headless Chromium (Debian's /usr/bin/chromium) driven by Playwright: both tabs, the zip, an error;
+and the video tab on the tiny Wan pipeline: a player per clip.
 
 Screenshots of every page state go to $STYLEALIGNED_SCREENSHOTS (docs/ for the README's), else a temporary folder.
 Under CI (CI set) a missing browser or Playwright fails the test; elsewhere it skips with the reason.
 """
 
+import json
 import os
 import shutil
 import zipfile
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_ui import serve_app
+from tests.test_ui import free_port, serve_app
+from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, load_wan, tiny_wan_paths  # noqa: F401 (fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 TIMEOUT = 60_000  # ms, for any one element
@@ -86,6 +89,34 @@ def test_both_tabs_in_a_browser(browser, tmp_path):
             "reference (input)", "0: a star in neon style", "1: a circle", "2: a heart"]
         page.get_by_text("Done: 3 images").last.wait_for()
         page.screenshot(path=shots / "ui-from-a-reference.png", full_page=True, animations="disabled")
+    finally:
+        page.close()
+        app.close()
+
+
+def test_the_video_tab_shows_a_player_per_clip(browser, tiny_wan_paths, tmp_path):
+    from stylealigned.ui import Limits, launch
+
+    app = launch(load_wan(tiny_wan_paths[1]), "tiny-wan", tmp_path / "out", Limits(max_side=256), port=free_port(),
+                 block=False)
+    page = browser.new_page(viewport={"width": 1200, "height": 900})
+    page.set_default_timeout(TIMEOUT)
+    try:
+        page.goto(app.local_url)
+        page.get_by_role("tab", name="Text to video set").wait_for()
+        page.locator("#set-prompts textarea").fill("a cat in watercolor style\na dog\na house")
+        for name, value in (("steps", 2), ("width", WAN_WIDTH), ("height", WAN_HEIGHT), ("frames", 5)):
+            field = page.locator(f"#set-{name} input[type=number]")
+            field.fill(str(value))
+            field.press("Enter")
+        page.locator("#set-go").click()
+        page.get_by_text("Done: 3 clips").wait_for()
+        players = page.locator("#set-gallery video")
+        players.nth(2).wait_for()
+        assert players.count() == 3
+        assert all(players.nth(i).get_attribute("src") for i in range(3))
+        record = json.loads(next((tmp_path / "out").rglob("run.json")).read_text())
+        assert (record["parameters"]["num_frames"], record["parameters"]["width"]) == (5, WAN_WIDTH)
     finally:
         page.close()
         app.close()

@@ -1,4 +1,7 @@
-"""Tiny random-weight Wan text-to-video pipelines: Wan 2.1's one transformer, and Wan 2.2's two experts.
+"""Tiny random-weight Wan pipelines: text-to-video with Wan 2.1's one transformer and Wan 2.2's two experts, and
+image-to-video in both of diffusers' layouts (Wan 2.1 I2V: the first frame's latent and mask as extra input channels
+and a CLIP image encoder's tokens for attn2; Wan 2.2 TI2V, `expand_timesteps`: the first latent frame replaced by
+the image's, at timestep 0).
 
 Everything is built locally, with no download: a UMT5 encoder with the in-memory T5 tokenizer of `dit_pipelines`,
 a tiny causal `AutoencoderKLWan` (8x spatial, 4x temporal: WAN_FRAMES frames are 2 latent frames) and transformers
@@ -11,14 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-from transformers import UMT5Config, UMT5EncoderModel
+from diffusers import (
+    AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel,
+)
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
 from tests.dit_pipelines import WORDS, t5_tokenizer
 
 WAN_HEIGHT, WAN_WIDTH, WAN_FRAMES = 32, 48, 5  # 2 latent frames of 2 x 3 tokens
 LATENT_CHANNELS = 4
 TEXT_WIDTH = 32
+IMAGE_WIDTH = 32  # the CLIP image encoder's width (Wan 2.1 I2V)
 BOUNDARY_RATIO = 0.875  # Wan 2.2 A14B's: `transformer` at t >= 875, `transformer_2` below
 # UMT5 pads every prompt to max_sequence_length tokens (226 by default); 16 keeps tests fast.
 WAN_KWARGS = {"max_sequence_length": 16, "height": WAN_HEIGHT, "width": WAN_WIDTH, "num_frames": WAN_FRAMES}
@@ -45,14 +51,24 @@ def tiny_wan_vae() -> AutoencoderKLWan:
     ).eval()
 
 
-def tiny_wan_transformer(seed: int) -> WanTransformer3DModel:
-    """2 blocks, 2 heads of 12 channels: RoPE's frame, row and column axes get 4 channels each."""
+def tiny_wan_transformer(seed: int, in_channels: int = LATENT_CHANNELS, **image) -> WanTransformer3DModel:
+    """2 blocks, 2 heads of 12 channels: RoPE's frame, row and column axes get 4 channels each. `in_channels` and
+    `image` (image_dim, added_kv_proj_dim): an image-to-video model's."""
     torch.manual_seed(seed)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=LATENT_CHANNELS,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
         out_channels=LATENT_CHANNELS, text_dim=TEXT_WIDTH, freq_dim=16, ffn_dim=32, num_layers=2,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32, **image,
     ).eval()
+
+
+def tiny_clip_vision() -> tuple[CLIPVisionModel, CLIPImageProcessor]:
+    """Wan 2.1 I2V's image encoder, tiny: 32x32 inputs in 8x8 patches, 32 wide."""
+    torch.manual_seed(4)
+    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=IMAGE_WIDTH, intermediate_size=37,
+                              num_hidden_layers=2, num_attention_heads=4)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPVisionModel(config).eval(), processor
 
 
 def build_wan(folder, experts: int = 1) -> None:
@@ -66,6 +82,23 @@ def build_wan(folder, experts: int = 1) -> None:
         transformer=tiny_wan_transformer(seed=2), transformer_2=tiny_wan_transformer(seed=3) if two else None,
         boundary_ratio=BOUNDARY_RATIO if two else None,
     ).save_pretrained(folder)
+
+
+def build_wan_i2v(folder, layout: str) -> None:
+    """An image-to-video pipeline: "wan2.1" (the first frame's latent and a 4-channel frame mask concatenated to
+    the noise, CLIP image tokens for attn2) or "wan2.2-ti2v" (`expand_timesteps`: no image encoder, the first
+    latent frame replaced by the image's)."""
+    tokenizer = t5_tokenizer(WORDS)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    if layout == "wan2.1":
+        encoder, processor = tiny_clip_vision()
+        transformer = tiny_wan_transformer(5, in_channels=2 * LATENT_CHANNELS + 4, image_dim=IMAGE_WIDTH,
+                                           added_kv_proj_dim=24)
+        extra = dict(image_encoder=encoder, image_processor=processor)
+    else:
+        transformer, extra = tiny_wan_transformer(6), dict(expand_timesteps=True)
+    WanImageToVideoPipeline(tokenizer=tokenizer, text_encoder=tiny_umt5(len(tokenizer)), vae=tiny_wan_vae(),
+                            scheduler=scheduler, transformer=transformer, **extra).save_pretrained(folder)
 
 
 def load_wan(path: str) -> WanPipeline:
@@ -91,3 +124,22 @@ def tiny_wan_paths(tmp_path_factory) -> dict[int, str]:
 def wan_pipe(request, tiny_wan_paths) -> WanPipeline:
     """Each layout, loaded anew per test."""
     return load_wan(tiny_wan_paths[request.param])
+
+
+I2V_LAYOUTS = ("wan2.1", "wan2.2-ti2v")
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_i2v_paths(tmp_path_factory) -> dict[str, str]:
+    """The saved tiny image-to-video pipelines by layout, built once per session."""
+    paths = {}
+    for layout in I2V_LAYOUTS:
+        paths[layout] = str(tmp_path_factory.mktemp(f"tiny-wan-i2v-{layout}"))
+        build_wan_i2v(Path(paths[layout]), layout)
+    return paths
+
+
+@pytest.fixture(params=I2V_LAYOUTS)
+def wan_i2v_pipe(request, tiny_wan_i2v_paths) -> WanImageToVideoPipeline:
+    """Each image-to-video layout, loaded anew per test."""
+    return load_wan(tiny_wan_i2v_paths[request.param])

@@ -19,7 +19,7 @@ FAMILIES: tuple[type[Backbone], ...] = (UNetBackbone, ChromaBackbone, FluxBackbo
                                         QwenImageBackbone, ZImageBackbone, WanBackbone)
 SUPPORTED = ("Stable Diffusion 1.x/2.x and SDXL (UNet), FLUX.1 and Chroma, FLUX.2 and FLUX.2-klein, SD3 and SD3.5, "
              "Qwen-Image and Z-Image pipelines (text-to-image and img2img variants), and Wan 2.1 / 2.2 "
-             "text-to-video (WanPipeline)")
+             "text-to-video (WanPipeline) and image-to-video from one first frame (WanImageToVideoPipeline)")
 
 
 def backbone_for(pipe) -> Backbone:

@@ -1,4 +1,5 @@
-"""Wan 2.1 / 2.2 text-to-video: a flow-matching transformer over a clip's (frame, row, column) tokens, 3D RoPE.
+"""Wan 2.1 / 2.2 text-to-video and image-to-video: a flow-matching transformer over a clip's (frame, row, column)
+tokens, 3D RoPE.
 
 Each block's self-attention `attn1` (its only attention over video tokens) can share; the text cross-attention
 `attn2` never does. `attn1` applies RMSNorm to q and k over all heads together, before the head split, then RoPE
@@ -7,6 +8,11 @@ targets see every token of the reference clip. Wan 2.2's two experts (`transform
 `transformer_2` for low noise) both share; their layers are named `transformer.blocks.N.attn1` and
 `transformer_2.blocks.N.attn1`, counted in that order. The pipeline runs the conditional and unconditional
 prompts in transformer calls of their own: one guidance group each. Latents are (channels, frames, rows, columns).
+
+On `WanImageToVideoPipeline` every clip of a call starts from the call's one `image` (its first frame): Wan 2.1
+I2V feeds the image's latent and a frame mask as extra input channels and its CLIP tokens to attn2 (never shared);
+Wan 2.2 TI2V (`expand_timesteps`) replaces the first latent frame with the image's, at timestep 0. attn1 is the
+same in both, so sharing is too.
 
 A still image leads a set of clips as a one-frame clip (`still_reference`): inverted alone (Wan's causal VAE encodes
 a first frame on its own), run as one frame in every denoiser call, its keys at frame 0 of the targets' grid (its
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from ..errors import UserError
@@ -47,9 +54,9 @@ class WanBackbone(Backbone):
 
     @classmethod
     def matches(cls, pipe) -> bool:
-        from diffusers import WanPipeline, WanTransformer3DModel
+        from diffusers import WanImageToVideoPipeline, WanPipeline, WanTransformer3DModel
 
-        return isinstance(pipe, WanPipeline) and any(
+        return isinstance(pipe, (WanPipeline, WanImageToVideoPipeline)) and any(
             isinstance(component(pipe, name), WanTransformer3DModel) for name in EXPERTS)
 
     def denoisers(self):
@@ -80,9 +87,21 @@ class WanBackbone(Backbone):
             else None
 
     # latents: (channels, frames, rows, columns)
+    @property
+    def image_to_video(self) -> bool:
+        """WanImageToVideoPipeline: every clip starts from the call's `image` (its first frame)."""
+        from diffusers import WanImageToVideoPipeline
+
+        return isinstance(self.pipe, WanImageToVideoPipeline)
+
     def read_settings(self, pipeline_kwargs):
         """The clip length; one the VAE cannot encode whole, or a size that is not whole patches (WanPipeline would
-        round them), is a UserError."""
+        round them), is a UserError; so is image-to-video without one first frame (diffusers' call takes one
+        image for the whole batch)."""
+        if self.image_to_video and not isinstance(pipeline_kwargs.get("image"), Image.Image):
+            raise UserError("WanImageToVideoPipeline starts every clip from one first frame: pass generate_set "
+                            "image= one PIL image (not one per clip: its call takes one; the CLI and web app run "
+                            "text-to-video Wan)")
         frames = pipeline_kwargs.get("num_frames", type(self).frames)
         step = self.pipe.vae_scale_factor_temporal
         if frames < 1 or (frames - 1) % step:
@@ -103,7 +122,7 @@ class WanBackbone(Backbone):
     def latent_shape(self, height, width):
         pipe = self.pipe
         spatial, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
-        return (self.denoiser.config.in_channels, (self.frames - 1) // temporal + 1, height // spatial,
+        return (self.denoiser.config.out_channels, (self.frames - 1) // temporal + 1, height // spatial,
                 width // spatial)
 
     def still_reference(self, shape, height, width):
@@ -114,11 +133,19 @@ class WanBackbone(Backbone):
 
     @torch.no_grad()
     def encode(self, image):
-        """An RGB image as a one-frame clip's latent (1, C, 1, h, w): the VAE's mean, in fp32, normalised."""
-        vae = self.pipe.vae
-        pixels = self.pipe.video_processor.preprocess(image).to(self.pipe._execution_device, torch.float32)
+        """An RGB image as a one-frame clip's latent (1, C, 1, h, w), or a clip (a list of frames of one size) as
+        (1, C, latent frames, h, w): the VAE's mean, in fp32, normalised."""
+        if self.image_to_video:
+            raise UserError("a real reference is inverted on a text-to-video Wan pipeline (WanPipeline); "
+                            "WanImageToVideoPipeline starts every clip from its image= first frame instead")
+        processor, vae = self.pipe.video_processor, self.pipe.vae
+        if isinstance(image, list):
+            self.read_settings({"num_frames": len(image)})  # the causal VAE encodes 4k + 1 frames whole
+            pixels = processor.preprocess_video(image)
+        else:
+            pixels = processor.preprocess(image).unsqueeze(2)
         with _vae_in_fp32(vae):
-            latents = vae.encode(pixels.unsqueeze(2)).latent_dist.mean
+            latents = vae.encode(pixels.to(self.pipe._execution_device, torch.float32)).latent_dist.mean
         scale, offset = self._latent_scaling(latents)
         height, width = (size * self.pipe.vae_scale_factor_spatial for size in latents.shape[-2:])
         return (latents - offset) * scale, height, width

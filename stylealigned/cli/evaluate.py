@@ -17,8 +17,8 @@ from ..eval.encoders import DEFAULT_CLIP, DEFAULT_DINO
 from ..eval.experiments import EXPERIMENTS, SET_SIZES, conditions
 from ..eval.runner import SET_SEED_STRIDE, evaluate, reference_trajectory
 from . import app
-from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Guidance, Model, Scheduler, Size, Steps, check_numbers,
-                     load)
+from .common import (DEFAULT_MODEL, BatchSize, Device, Dtype, Frames, Guidance, Model, Scheduler, Size, Steps,
+                     check_numbers, load, video_settings)
 
 Text = Optional[str]
 
@@ -50,7 +50,7 @@ def evaluate_command(
     styles: Annotated[int, typer.Option(help="Evaluate the first N of the benchmark's 100 styles.")] = 100,
     seed: Annotated[int, typer.Option(help=f"Set i starts from seed + {SET_SEED_STRIDE} x i.")] = 0,
     steps: Steps = 50, guidance: Guidance = None, width: Size = None, height: Size = None,
-    batch_size: BatchSize = None,
+    batch_size: BatchSize = None, frames: Frames = None,
     reference_image: Annotated[Optional[Path], typer.Option(help="Real image for the transfer sets.")] = None,
     reference_prompt: Annotated[Text, typer.Option(help="What the reference image shows (to invert it).")] = None,
     reference_style: Annotated[Text, typer.Option(help="Style text of the transfer prompts.")] = None,
@@ -60,7 +60,10 @@ def evaluate_command(
         help="CSD checkpoint file (ViT-L + style head) to add CSD style similarity; off by default.")] = None,
     device: Device = "auto", dtype: Dtype = None, scheduler: Scheduler = "auto",
 ) -> None:
-    """Generate every benchmark set under each condition; write results.csv, summary.md and the experiment's plot."""
+    """Generate every benchmark set under each condition; write results.csv, summary.md and the experiment's plot.
+
+    On a video model (Wan) each set is a set of clips (--frames), saved as MP4s and scored frame by frame, with the
+    temporal consistency of neighbouring frames within each clip."""
     check_numbers(styles=styles, seed=seed, batch_size=batch_size)
     sizes = parse_sizes(set_sizes)
     if reference_image is not None and experiment != "ablations":
@@ -72,6 +75,7 @@ def evaluate_command(
         load_csd(str(csd_model))  # a wrong checkpoint fails here, before the pipeline loads
     state = PartialState(cpu=device == "cpu")  # created first, so every later PartialState() shares it
     pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, None)
+    video_settings(pipe, settings, frames, None)  # on a video model: the clip length, scored per clip and frame
     pipe.set_progress_bar_config(disable=True)
     names = [condition.name for condition in conditions(experiment, backbone_for(pipe), configs,
                                                         reference_image is not None, sizes)]

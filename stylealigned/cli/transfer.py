@@ -24,7 +24,8 @@ from .control import ControlImage, ControlNet, ControlOptions, ControlScale, Dep
 def transfer(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Target prompts.")] = None,
     reference: Annotated[Optional[list[Path]], typer.Option(
-        help="The style image (PNG, JPEG or WebP); repeatable, to mix several (--reference-weight).")] = None,
+        help="The style image (PNG, JPEG or WebP), or on a video model a clip (MP4, ...; its first --frames); "
+             "repeatable, to mix several (--reference-weight).")] = None,
     reference_prompt: Annotated[Optional[list[str]], typer.Option(
         help="Text describing the style image; once per --reference, in their order.")] = None,
     reference_weight: ReferenceWeights = None, lora: Loras = None,
@@ -47,10 +48,10 @@ def transfer(
     """Generate targets in the style of a real image; 00 is the reference's reconstruction.
 
     On a video model (Wan) the image is inverted as a one-frame clip that every target clip attends to at every
-    step (its keys at frame 0); each target is an MP4, 00 the still reconstruction, grid.png a contact sheet.
+    step (its keys at frame 0), and a clip as itself; each target is an MP4, 00 the reconstruction, grid.png a
+    contact sheet.
     """
     from ..inversion import MODES, Trajectory, invert
-    from ..io import load_image
 
     check_numbers(seed=seed, steps=steps, batch_size=batch_size, offset=offset, inversion_guidance=inversion_guidance)
     if offset >= steps:
@@ -72,25 +73,27 @@ def transfer(
             raise UserError("--save-trajectory saves one reference's trajectory; pass one --reference to save it")
         _check_save_path(save_trajectory, overwrite or resume)
     for path in references:
-        load_image(path, 64, 64)  # fail on a bad image before the model loads
+        _load_reference(path, 64, 64, 1)  # fail on a bad image or clip before the model loads
     control = ControlOptions.check(controlnet, control_image, depth_from, depth_model, control_scale, len(targets),
                                    len(targets) + count)
     pipe, settings = load(model, device, dtype, scheduler, steps, guidance, width, height, negative_prompt, lora)
     fps = video_settings(pipe, settings, frames, fps)
     pipe, control_images = control.setup(pipe, settings)
     config = fit_to_family(config, knobs, pipe, batch_size)
-    images = [load_image(path, settings["width"], settings["height"]) for path in references]
+    images = [_load_reference(path, settings["width"], settings["height"], settings.get("num_frames"))
+              for path in references]
+    backbone = backbone_for(pipe)
+    backbone.read_settings(settings)  # the clip length, for the trajectories' shape
     if trajectory is not None:
         trajectories = [Trajectory.load(trajectory)]
     else:
         if inversion_guidance is None:
-            backbone = backbone_for(pipe)
             embedded = backbone.embedded_guidance
             inversion_guidance = settings.get("guidance_scale", backbone.default_guidance()) if embedded else 2.0
         trajectories = [invert(pipe, image, text, steps, guidance_scale=inversion_guidance, mode=inversion, seed=seed)
                         for image, text in zip(images, texts)]
     for each in trajectories:
-        each.check_compatible(pipe, steps, settings["width"], settings["height"])
+        each.check_compatible(pipe, steps, settings["width"], settings["height"], backbone)
     saved, sources = trajectories[0], [trajectory] if trajectory is not None else references
     folder = RunFolder(out, [each.prompt for each in trajectories] + targets, {
         "command": "transfer", "model": model, "style": style, "seed": seed, "scheduler": scheduler,
@@ -119,6 +122,18 @@ def transfer(
     if generate_into(folder, todo, produce, batch_size, grid_extra=extra, references=count):
         made = "images" if fps is None else "clips"
         typer.echo(f"wrote the reconstruction, {len(targets)} {made}, grid.png and run.json to {out}")
+
+
+def _load_reference(path: Path, width: int, height: int, frames: int | None):
+    """A --reference file: a clip's first `frames` frames (by its suffix; `frames` None: an image model, where a
+    clip is a UserError), else a still image."""
+    from ..io import is_video, load_clip, load_image
+
+    if not is_video(path):
+        return load_image(path, width, height)
+    if frames is None:
+        raise UserError(f"--reference {path} is a clip, which leads sets on video models only; pass an image")
+    return load_clip(path, width, height, frames)
 
 
 def _one_or_all(**lists: list) -> dict:

@@ -94,6 +94,8 @@ def conditions(name: str, backbone, configs: str | None = None, has_reference: b
     if name == "reference-choice":
         return [Condition(f"reference-{k}", reference=k, columns={"reference_object": k}) for k in range(4)]
     if name == "reference-quality":
+        if backbone is not None and backbone.frame_axis is not None:
+            raise UserError("reference-quality degrades still images; run it on an image model, not a video one")
         transfer = StyleAlignedConfig.transfer
         return [Condition("clean", transfer, from_source=True, columns={"degradation": "none", "level": 0})] + [
             Condition(f"{kind}-{level}", transfer, degradation=(kind, level), from_source=True,

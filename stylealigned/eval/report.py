@@ -14,10 +14,10 @@ from ..io import write_atomic
 COLUMNS = ["config", "style_index", "style", "kind", "seed", "text_alignment", "set_consistency",
            "set_consistency_includes_reference", "diversity", "folder"]
 # An experiment's own columns, written when its rows have them.
-EXTRA_COLUMNS = ["csd_style_similarity", "set_size", "shared_layers", "layers_shared", "reference_object",
-                 "degradation", "level"]
+EXTRA_COLUMNS = ["temporal_consistency", "csd_style_similarity", "set_size", "shared_layers", "layers_shared",
+                 "reference_object", "degradation", "level"]
 METRICS = {"text_alignment": "text alignment", "set_consistency": "set consistency", "diversity": "diversity",
-           "csd_style_similarity": "CSD style similarity"}
+           "temporal_consistency": "temporal consistency", "csd_style_similarity": "CSD style similarity"}
 # The paper's Table 1, full method on SDXL over its 100 styles x 4 objects.
 PAPER_FULL = {"text_alignment": (0.287, 0.03), "set_consistency": (0.51, 0.14)}
 
@@ -66,12 +66,16 @@ def summary_table(summary: dict[str, dict], first: str = "configuration", paper:
 def summary_markdown(summary: dict[str, dict], settings: dict, section: list[str] = ()) -> str:
     """The paper-style table, our configurations first and the paper's full method last, then `section`."""
     csd = any(entry["csd_style_similarity"] for entry in summary.values())
+    clips = any(entry["temporal_consistency"] for entry in summary.values())
     lines = [
         "# StyleAligned evaluation", "",
         *(f"- {key}: `{value}`" for key, value in settings.items()), "",
         "Text alignment: CLIP cosine between each image and its object prompt (no style text), mean over the set.",
         "Set consistency: mean pairwise DINO cosine within a set, reference included.",
         "Diversity: mean pairwise DINO distance (1 - cosine) among the targets only, reference excluded.",
+        *(["Sets of clips: both per frame (text alignment over every frame; set consistency among the clips' frames "
+           "at each index). Temporal consistency: mean DINO cosine of neighbouring frames within a clip, mean over "
+           "the set's clips."] if clips else []),
         *(["CSD style similarity: mean cosine of CSD style descriptors (Somepalli et al. 2024) between the "
            f"reference and each target, from `{settings.get('csd_model')}`."] if csd else []),
         "± is the std over sets.", "",

@@ -4,7 +4,8 @@ Layout of the output folder:
     eval.json                      the settings; a rerun with other settings is refused
     reference.safetensors          the inverted real reference (transfer only; its prompt must match on reruns)
     references/<NNN>.png           reference-quality: each style's clean reference, drawn without sharing
-    sets/<condition>/<NNN>/        one set: NN-<slug>.png images (reference first) and scores.json (its row)
+    sets/<condition>/<NNN>/        one set: NN-<slug>.png images (on a video model NN-<slug>.mp4 clips; reference
+                                   first) and scores.json (its row)
     results.csv, summary.md, and the experiment's plot (tradeoff.png for the ablations)
 
 A set is finished when its scores.json exists (written last); a rerun skips finished sets. Set i of every
@@ -27,19 +28,20 @@ from ..backbones import backbone_for
 from ..config import StyleAlignedConfig
 from ..errors import UserError
 from ..inversion import Trajectory, invert
-from ..io import image_filename, load_image, save_png, write_json_atomic
+from ..io import image_filename, load_image, save_png, save_video, write_json_atomic
 from ..sets import generate_set
 from .benchmark import PROMPT_TEMPLATE, load_benchmark
 from .csd import csd_style_similarity
 from .degrade import degrade
 from .encoders import DEFAULT_CLIP, DEFAULT_DINO
 from .experiments import EXPERIMENTS, MAX_SET_SIZE, PLOTS, Condition, conditions
-from .metrics import score_set
+from .metrics import score_clips, score_set
 from .report import write_reports
 from .run_folder import read_rgb
 
 SET_SEED_STRIDE = 100  # larger than any set, so sets never share a seed
 assert SET_SEED_STRIDE > MAX_SET_SIZE
+VIDEO_FPS = 16  # the saved clips' frame rate, for viewing: clips are scored as generated
 OUTPUTS = {"eval.json", "reference.safetensors", "references", "sets", "results.csv", "summary.md", *PLOTS}
 
 
@@ -121,10 +123,15 @@ class Evaluation:
                                                           task.style_index)
         folder = task.folder(self.out)
         folder.mkdir(parents=True, exist_ok=True)
+        clips = isinstance(saved[0], list)  # a video model's set: clips of PIL frames
         for index, (image, prompt) in enumerate(zip(saved, all_prompts, strict=True)):
-            save_png(image, folder / image_filename(index, prompt),
-                     {"prompt": prompt, "seed": set_seed + index, "config": config.to_dict()})
-        scores = score_set(scored, texts, self.clip_model, self.dino_model, str(pipe.device))
+            path = folder / image_filename(index, prompt)
+            if clips:
+                save_video(image, path.with_suffix(".mp4"), VIDEO_FPS)
+            else:
+                save_png(image, path, {"prompt": prompt, "seed": set_seed + index, "config": config.to_dict()})
+        scores = (score_clips if clips else score_set)(scored, texts, self.clip_model, self.dino_model,
+                                                        str(pipe.device))
         if self.csd_model:
             scores["csd_style_similarity"] = csd_style_similarity(scored, self.csd_model, str(pipe.device))
         row = {"config": task.config, "style_index": task.style_index, "style": set_style, "kind": style.kind,
