@@ -1,6 +1,7 @@
 """Judge the built-in model with its classifier before judging the method on it.
 
     python scripts/check_builtin.py --per-pair 2 --per-object 12 --grid runs/check_grid.png
+    python scripts/check_builtin.py --model builtin-flux
 
 Styled prompts ("a star in neon style", every object x style pair): object and style accuracy, overall and per
 style (targets >= 0.9). Unstyled prompts ("a star"): the share of each style among the samples; the largest should
@@ -17,6 +18,7 @@ from collections import Counter
 import torch
 from PIL import Image, ImageDraw
 
+from stylealigned.backbones import backbone_for
 from stylealigned.models import load_pipeline
 from stylealigned.toy import world
 from stylealigned.toy.classifier import classify, load_classifier
@@ -30,7 +32,9 @@ def generate(pipe, prompts: list[str], args) -> list[Image.Image]:
     for start in range(0, len(prompts), args.batch):
         batch = prompts[start:start + args.batch]
         generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
-        images += pipe(batch, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators).images
+        settings = backbone_for(pipe).pipeline_inputs({"num_inference_steps": args.steps,
+                                                       "guidance_scale": args.guidance})  # FLUX: true CFG
+        images += pipe(batch, generator=generators, **settings).images
     return images
 
 
