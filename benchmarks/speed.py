@@ -369,7 +369,7 @@ def describe(pipe, args, device: torch.device, dtype: torch.dtype) -> str:
     depth = f" at depth {args.depth}" if args.depth else ""
     threads = "" if device.type != "cpu" else f", {torch.get_num_threads()} threads, freed memory " + (
         "kept (stylealigned.keep_freed_memory)" if freed_memory_kept() else "not kept")
-    text = f", T5 max_sequence_length {args.max_sequence_length}" if args.max_sequence_length else ""
+    text = f", prompts of max_sequence_length {args.max_sequence_length}" if args.max_sequence_length else ""
     return (f"model: {args.model}{depth}, random weights: {MODELS[args.model].description}; "
             f"{type(backbone.denoiser).__name__} {params:.0f}M parameters; StyleAligned shares {len(shared)} of its "
             f"{len(layers)} attention layers (its default), the floor the same ones.\n"
