@@ -307,3 +307,44 @@ def random_wan(words: list[str], device: torch.device, blocks: int = 30):
                       vae=AutoencoderKLWan(**SMALL_WAN_VAE),
                       text_encoder=UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **SMALL_T5)))
     return WanPipeline(**models, tokenizer=tokenizer, scheduler=UniPCMultistepScheduler(**WAN_SCHEDULER))
+
+
+def random_qwen(words: list[str], device: torch.device, blocks: int = 60):
+    """Qwen-Image's transformer (diffusers' defaults, Qwen-Image's: 24 heads of 128, complex RoPE; at the given
+    depth), true CFG (two calls per step), a small video VAE with the real 16 latent channels, and the tests' small
+    Qwen2.5-VL encoder (32 wide, so the transformer's text input takes 32 channels instead of 3584: one linear layer
+    over the text tokens)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+
+    from tests.qwen_pipelines import TEXT_WIDTH, qwen_tokenizer, tiny_qwen_vl
+
+    template = QwenImagePipeline(None, None, None, None, None).prompt_template_encode
+    tokenizer = qwen_tokenizer(template)
+    encoder = tiny_qwen_vl(len(tokenizer) + 4, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    torch.manual_seed(0)
+    with torch.device(device):
+        models = dict(transformer=QwenImageTransformer2DModel(num_layers=blocks, joint_attention_dim=TEXT_WIDTH),
+                      vae=AutoencoderKLQwenImage(**SMALL_WAN_VAE), text_encoder=encoder.to(device))
+    return QwenImagePipeline(**models, tokenizer=tokenizer,
+                             scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True))
+
+
+def random_zimage(words: list[str], device: torch.device, refiners: int = 2, layers: int = 30):
+    """Z-Image's transformer (diffusers' defaults, Z-Image's: 30 heads of 128; at the given depth of noise and
+    caption refiners each, and joint layers), CFG batched in one call, a small 16-channel VAE and the tests' small
+    Qwen3 encoder (32 wide, so the caption embedder takes 32 channels instead of 2560)."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    from tests.dit_pipelines import t5_tokenizer
+    from tests.zimage_pipelines import CHAT_TEMPLATE, tiny_qwen3
+
+    tokenizer = t5_tokenizer(words)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    encoder = tiny_qwen3(len(tokenizer))
+    torch.manual_seed(0)
+    with torch.device(device):
+        models = dict(transformer=ZImageTransformer2DModel(n_refiner_layers=refiners, n_layers=layers,
+                                                           cap_feat_dim=encoder.config.hidden_size),
+                      vae=AutoencoderKL(**SMALL_FLUX_VAE), text_encoder=encoder.to(device))
+    return ZImagePipeline(**models, tokenizer=tokenizer,
+                          scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False))

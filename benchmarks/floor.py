@@ -42,7 +42,7 @@ class FloorAttention(SharedProcessor):
     reference's image tokens, rotated where the reference has them. In chunks the references' keys and values are
     kept at RECORD (no re-projection) and read at REPLAY. The model's own key masks are left out."""
 
-    def attend(self, q, k, v, image, rotate=None, rotate_shared=None, mask=None, inputs=None, project=None):
+    def attend(self, q, k, v, image, rotate=None, rotate_shared=None, mask=None):
         q, k = rotated(q, rotate), rotated(k, rotate)
         if self.state.mode == RECORD:
             self.state.cache[self.name] = (k[:, 0, :, image], v[:, 0, :, image])

@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux --device cpu --repeats 3    # ~3 min on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model sd3 --device cpu --repeats 3     # ~3 min
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux2 --device cpu --repeats 3   # FLUX.2 blocks (24 heads), 1+2
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --model qwen --device cpu --repeats 3    # Qwen-Image, 3 of 60 blocks
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --model zimage --device cpu --repeats 3  # Z-Image, 1+1+2 of 2+2+30
     python benchmarks/speed.py --device cpu  [--model sd15-lite|sd15] [--sizes 4,16] [--batch-size 4] [--steps 2]
     python benchmarks/speed.py --device cuda --model flux   # FLUX.1-dev at full depth (19+38), 1024², bf16, 4 steps
     python benchmarks/speed.py --device cuda --model sd3    # SD3.5-medium at full depth (24), 1024², bf16, 4 steps
@@ -42,9 +44,13 @@ embedding) at `--depth` double,single blocks (default 1,2 on CPU, 19,38 on a GPU
 blocks (24 heads of 64, caption projection 1536, pooled 2048, qk RMS norm, the first 13/24 with dual attention,
 384² position embeddings) at `--depth` blocks (3 on CPU, 24 on a GPU). `wan`: Wan 2.1-T2V-1.3B's blocks (12 heads
 of 128, ffn 8960, 4096-wide UMT5 input, 3D RoPE) at `--depth` blocks (1 on CPU, 30 on a GPU), clips of `--frames`
-frames (5 on CPU, 81 on a GPU); a set of N images is then N clips. FLUX, SD3 and Wan get small random CLIP/T5
-encoders of the real output widths and a small VAE with the real 16 latent channels: the loop timed is the
-transformer's. On CPU, T5 prompts are `--max-sequence-length` 32 tokens (512 FLUX and Wan, 256 SD3 on a GPU).
+frames (5 on CPU, 81 on a GPU); a set of N images is then N clips. `qwen`: Qwen-Image's double-stream blocks (24
+heads of 128, complex RoPE, true CFG in two calls per step) at `--depth` blocks (3 on CPU, 60 on a GPU: its default
+shares the later two thirds). `zimage`: Z-Image's blocks (30 heads of 128, CFG batched in one call) at `--depth`
+refiners,layers (1 noise and 1 caption refiner and 2 joint layers on CPU; 2,30 on a GPU). FLUX, SD3 and Wan get small
+random CLIP/T5 encoders of the real output widths, FLUX.2, Qwen-Image and Z-Image small Qwen encoders (their text
+input layers narrowed to match), and all a small VAE with the real latent channels: the loop timed is the
+transformer's. On CPU, T5 and Qwen prompts are `--max-sequence-length` 32 tokens (512 on a GPU, 256 for SD3).
 """
 
 from __future__ import annotations
@@ -63,7 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 import stylealigned as sa  # noqa: E402
 from benchmarks.common import (MIB, SD15_LITE, peak_memory, peak_memory_method, random_flux,  # noqa: E402
-                               random_flux2, random_sd3, random_sd15, random_sdxl, random_wan, synchronize)
+                               random_flux2, random_qwen, random_sd3, random_sd15, random_sdxl, random_wan,
+                               random_zimage, synchronize)
 from benchmarks.floor import check, floor  # noqa: E402
 from stylealigned.apply import layers_to_share  # noqa: E402
 from stylealigned.backbones import backbone_for  # noqa: E402
@@ -99,10 +106,17 @@ MODELS = {
     "flux2": Model("FLUX.2 transformer blocks (heads of 128: 24 on CPU, FLUX.1's width; 48 on a GPU, FLUX.2 [dev]'s), "
                    "klein's CFG in two calls; small VAE (32 latent channels), small Qwen3 encoder", (256, 1024), 4.0,
                    depth=("1,2", "8,48"), text_tokens=(32, 512), gpu_dtype="bf16"),
+    "qwen": Model("Qwen-Image transformer blocks (24 heads x 128), true CFG in two calls; small video VAE (16 latent "
+                  "channels), small Qwen2.5-VL encoder", (256, 1024), 4.0, depth=("3", "60"), text_tokens=(32, 512),
+                  gpu_dtype="bf16"),
+    "zimage": Model("Z-Image transformer blocks (30 heads x 128; noise and caption refiners, then joint layers), CFG "
+                    "batched in one call; small VAE (16 latent channels), small Qwen3 encoder", (256, 1024), 5.0,
+                    depth=("1,2", "2,30"), text_tokens=(32, 512), gpu_dtype="bf16"),
     "wan": Model("Wan 2.1-T2V-1.3B transformer blocks (12 heads x 128); small video VAE (16 latent channels), small "
                  "UMT5 encoder", (128, 480), 5.0, depth=("1", "30"), text_tokens=(32, 512), gpu_dtype="bf16"),
 }
 FRAMES = (5, 81)  # wan's default --frames (CPU, GPU)
+PAIRED_DEPTH = ("flux", "flux2", "zimage")  # --depth is two numbers: double,single blocks; zimage refiners,layers
 METHODS = ("vanilla", "floor", "apply", "transfer", "floor_chunked", "generate_set")
 FLOOR_OF = {"apply": "floor", "transfer": "floor", "generate_set": "floor_chunked"}
 PRESETS = {"apply": StyleAlignedConfig.text_to_image(), "transfer": StyleAlignedConfig.transfer()}
@@ -130,6 +144,11 @@ def build(args, device: torch.device, dtype: torch.dtype):
         pipe = random_flux2(words, device, double, single, heads=48 if device.type == "cuda" else 24)
     elif args.model == "wan":
         pipe = random_wan(words, device, int(args.depth))
+    elif args.model == "qwen":
+        pipe = random_qwen(words, device, int(args.depth))
+    elif args.model == "zimage":
+        refiners, layers = (int(d) for d in args.depth.split(","))
+        pipe = random_zimage(words, device, refiners, layers)
     else:
         pipe = random_sd15(words, SD15_LITE if args.model == "sd15-lite" else {}, device)
     if dtype != torch.float32:
@@ -156,6 +175,7 @@ def run_method(method: str, pipe, prompts: list[str], args) -> None:
         return
     backbone = backbone_for(pipe)
     backbone.read_settings(kwargs)
+    kwargs = backbone.pipeline_inputs(kwargs)  # as generate_set calls the pipeline (Qwen-Image: true CFG)
     noise = backbone.start_latents(backbone.initial_noise(range(len(prompts)), 0, args.resolution, args.resolution),
                                    args.resolution, args.resolution)
     if method == "vanilla":  # the output's first field: images, or a video pipeline's frames
@@ -349,7 +369,7 @@ def describe(pipe, args, device: torch.device, dtype: torch.dtype) -> str:
     depth = f" at depth {args.depth}" if args.depth else ""
     threads = "" if device.type != "cpu" else f", {torch.get_num_threads()} threads, freed memory " + (
         "kept (stylealigned.keep_freed_memory)" if freed_memory_kept() else "not kept")
-    text = f", T5 max_sequence_length {args.max_sequence_length}" if args.max_sequence_length else ""
+    text = f", prompts of max_sequence_length {args.max_sequence_length}" if args.max_sequence_length else ""
     return (f"model: {args.model}{depth}, random weights: {MODELS[args.model].description}; "
             f"{type(backbone.denoiser).__name__} {params:.0f}M parameters; StyleAligned shares {len(shared)} of its "
             f"{len(layers)} attention layers (its default), the floor the same ones.\n"
@@ -369,24 +389,27 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=None,
-                        help="fp32, fp16 or bf16 (default: fp32 on CPU; on a GPU bf16 for flux and sd3, else fp16)")
+                        help="fp32, fp16 or bf16 (default: fp32 on CPU; on a GPU bf16 for transformers, else fp16)")
     parser.add_argument("--model", choices=MODELS, default=None, help="default: sdxl on a GPU, sd15-lite on CPU")
     parser.add_argument("--depth", default=None,
-                        help="flux: double,single blocks (default 1,2 CPU, 19,38 GPU); sd3: blocks (3 CPU, 24 GPU); "
-                             "wan: blocks (1 CPU, 30 GPU)")
+                        help="flux, flux2: double,single blocks (default 1,2 CPU; 19,38 and 8,48 GPU); sd3: blocks (3 "
+                             "CPU, 24 GPU); wan: blocks (1 CPU, 30 GPU); qwen: blocks (3 CPU, 60 GPU); zimage: "
+                             "refiners,layers (1,2 CPU, 2,30 GPU)")
     parser.add_argument("--frames", type=int, default=None, help="wan: frames per clip (default 5 CPU, 81 GPU)")
     parser.add_argument("--resolution", type=int, default=None,
-                        help="image side in pixels (default: 256 on CPU; 1024 for sdxl, and for flux/sd3 on a GPU)")
+                        help="image side in pixels (default: 256 on CPU; 1024 for sdxl, and for the transformers on a "
+                             "GPU, 480 for wan)")
     parser.add_argument("--sizes", default=None,
-                        help="comma-separated set sizes (default: 4,16,64 GPU, 4,16 CPU; flux/sd3: 4,16 GPU, 4 CPU)")
+                        help="comma-separated set sizes (default: 4,16,64 GPU, 4,16 CPU; transformers 4,16 GPU, 4 CPU)")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per call for vanilla, targets per chunk for generate_set (default 4; flux/sd3 "
+                        help="images per call for vanilla, targets per chunk for generate_set (default 4; transformers "
                              "on CPU: 2, so a 4-image set runs in chunks)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="denoising steps (default: 10 GPU, 4 for flux/sd3; 2 CPU, 1 for flux/sd3)")
-    parser.add_argument("--guidance", type=float, default=None, help="default: 7.5 UNets, 3.5 flux, 4.5 sd3")
+                        help="denoising steps (default: 10 GPU, 4 for transformers; 2 CPU, 1 for transformers)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="default: 7.5 UNets, 3.5 flux, 4.5 sd3, 4 flux2 and qwen, 5 zimage and wan")
     parser.add_argument("--max-sequence-length", type=int, default=None,
-                        help="T5 prompt tokens, flux/sd3 (default: 32 CPU; 512 flux, 256 sd3 on a GPU)")
+                        help="T5 / Qwen prompt tokens, transformers (default: 32 CPU; 512 on a GPU, 256 sd3)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs of each (size, method), medians printed (default: 1 GPU, 3 CPU, being noisy)")
     parser.add_argument("--check", action="store_true",
@@ -404,10 +427,10 @@ def parsed(argv: list[str]) -> tuple[argparse.Namespace, torch.device, torch.dty
     model = MODELS[args.model]
     dit = model.depth is not None
     if args.depth and not dit:
-        options.error(f"--depth applies to the transformers (flux, flux2, sd3, wan), not {args.model}")
-    if args.depth and not re.fullmatch(r"\d+,\d+" if args.model in ("flux", "flux2") else r"\d+", args.depth):
-        options.error("--depth is double,single blocks for flux and flux2 (e.g. 1,2) and a block count for sd3 and "
-                      "wan (e.g. 3)")
+        options.error(f"--depth applies to the transformers, not {args.model}")
+    if args.depth and not re.fullmatch(r"\d+,\d+" if args.model in PAIRED_DEPTH else r"\d+", args.depth):
+        options.error("--depth is double,single blocks for flux and flux2 (e.g. 1,2), refiners,layers for zimage "
+                      "(e.g. 1,2) and a block count for sd3, wan and qwen (e.g. 3)")
     if args.frames and args.model != "wan":
         options.error(f"--frames applies to wan, not {args.model}")
     args.frames = args.frames or (FRAMES[gpu] if args.model == "wan" else None)

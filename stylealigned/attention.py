@@ -85,6 +85,12 @@ def for_rows(rotate: Rotation, rows: slice) -> Rotation:
     return rotate.rows(rows) if hasattr(rotate, "rows") else rotate
 
 
+def rotates_per_target(rotate: Rotation) -> bool:
+    """Whether `rotate` turns the shared keys into per-target keys at each target's own positions (one with a true
+    `per_target`, e.g. Z-Image's), so that it depends on which targets a call holds."""
+    return getattr(rotate, "per_target", False)
+
+
 def rotated(x: Tensor, rotate: Rotation, overwrite: bool = False) -> Tensor:
     """x with the rotary embedding applied (unchanged on models without RoPE); into x itself if `overwrite`."""
     if rotate is None:
@@ -236,13 +242,11 @@ class Reference:
     """One layer's view of the references: the shared keys and values, and the AdaIN statistics of targets."""
 
     key: Tensor | None  # (G, H, R, D): the references' image-token keys side by side, rotated where targets see
-    value: Tensor | None  # them; both None where targets do not attend to them (share_attention off) or in a cache
+    value: Tensor | None  # them (a cache keeps per-target ones unrotated); both None if targets do not attend to them
     query_stats: Stats | None
     key_stats: Stats | None
     value_stats: Stats | None
     key_bias: Tensor | None = None  # (R,): log of the weight of each shared key's reference; None for one reference
-    inputs: Tensor | None = None  # (G, [K,] R, C): in a cache, the layer's input at the kept references' image
-    # tokens, which key and value are projected from again (half their size)
 
 
 def mixture_stats(x: Tensor, weights: Tensor) -> Stats:
@@ -276,7 +280,7 @@ def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, 
                    keys: bool = True) -> Reference:
     """Collect what targets need from the K references' (G, K, H, N, D) queries, keys and values (before RoPE),
     mixed by `weights` (K non-negative numbers, normalised here); (G, H, N, D) stands for one reference.
-    `keys` False leaves the shared keys and values out (a cache that keeps the layer's input instead).
+    `keys` False leaves the shared keys and values out (a cache where targets do not attend to the references).
 
     References of weight 0 drop out exactly; with one left, this is the single-reference method to the bit.
     """

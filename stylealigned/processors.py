@@ -9,15 +9,14 @@ each shared attention module.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .attention import (ALL, Kernel, Reference, align_targets, kept, make_reference, reference_attention,
-                        shared_attention, shared_tokens)
+from .attention import (ALL, Kernel, Reference, align_targets, make_reference, reference_attention, rotated,
+                        rotates_per_target, shared_attention)
 from .config import StyleAlignedConfig
 
 BATCH, RECORD, REPLAY = "batch", "record", "replay"
@@ -59,6 +58,16 @@ class SharedState:
         return batch // self.groups
 
 
+def stored(ref: Reference) -> Reference:
+    """What the cache keeps of a layer's references for the chunks after them: the AdaIN statistics and, where targets
+    attend to the references, the shared keys and values, each on a storage of its own (a view would keep the whole
+    joined text + image projection alive)."""
+    if ref.key is None:
+        return ref
+    return replace(ref, key=ref.key.clone(memory_format=torch.contiguous_format),
+                   value=ref.value.clone(memory_format=torch.contiguous_format))
+
+
 class SharedAttention:
     """What every kind shares: the three modes over (G, M, H, N, D) queries, keys and values before RoPE."""
 
@@ -67,31 +76,20 @@ class SharedAttention:
         self.kernel: Kernel | None = None  # the attention kernel of the module's call (`apply.AttentionHook`)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, image: slice = ALL, rotate=None, rotate_shared=None,
-               mask: Tensor | None = None, inputs: Tensor | None = None, project: Projection | None = None) -> Tensor:
-        """`inputs` (batch, image tokens, C): the layer's input at the image tokens, which `project` turns into
-        keys and values: what a RECORD pass keeps, and REPLAY passes project the shared keys and values from."""
+               mask: Tensor | None = None) -> Tensor:
         mode = self.state.mode
         if mode == BATCH:  # q, k, v are this layer's own projections: the targets' are overwritten, not copied
             return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask, overwrite=True,
                                     weights=self.state.weights, kernel=self.kernel)
         if mode == RECORD:
-            self.state.cache[self.name] = self.stored(make_reference(q, k, v, self.config, image, rotate_shared,
-                                                                     self.state.weights, keys=False), inputs)
+            once = None if rotates_per_target(rotate_shared) else rotate_shared  # per-target: in each chunk
+            self.state.cache[self.name] = stored(make_reference(q, k, v, self.config, image, once, self.state.weights,
+                                                                keys=self.config.share_attention))
             return reference_attention(q, k, v, rotate, mask, self.kernel)
         ref = self.state.cached(self.name)
-        if ref.inputs is not None:
-            key, value = shared_tokens(*project(ref.inputs), rotate_shared)
-            ref = replace(ref, key=key, value=value)
+        if ref.key is not None and rotates_per_target(rotate_shared):  # at this chunk's targets' own positions
+            ref = replace(ref, key=rotated(ref.key, rotate_shared))
         return align_targets(q, k, v, ref, self.config, image, rotate, mask, overwrite=True, kernel=self.kernel)
-
-    def stored(self, ref: Reference, inputs: Tensor) -> Reference:
-        """What the cache keeps of a layer's references for later passes: the AdaIN statistics and, where targets
-        attend to the references, the layer's input at their image tokens (a copy of its own), half the size of
-        the keys and values it is projected to again."""
-        if not self.config.share_attention:
-            return ref
-        rows = inputs.unflatten(0, (self.state.groups, -1))[:, kept(self.state.weights)]
-        return replace(ref, inputs=rows.clone(memory_format=torch.contiguous_format))
 
     def grouped(self, x: Tensor) -> Tensor:
         """(batch, ...) -> (groups, per group, ...)."""
@@ -101,9 +99,6 @@ class SharedAttention:
     def ungrouped(x: Tensor) -> Tensor:
         """(groups, per group, heads, tokens, dim) -> (batch, tokens, heads * dim)."""
         return x.transpose(2, 3).flatten(0, 1).flatten(2)
-
-
-Projection = Callable[[Tensor], tuple[Tensor, Tensor]]  # inputs (..., tokens, C) -> keys, values (..., H, N, D)
 
 
 class SharedProcessor(SharedAttention):
@@ -130,8 +125,7 @@ class SharedProcessor(SharedAttention):
         tokens = self.kind.project(attn, self.state, hidden_states, **kwargs)
         q, k, v = (self.grouped(x) for x in (tokens.q, tokens.k, tokens.v))
         mask = None if tokens.mask is None else self.grouped(tokens.mask)
-        out = self.attend(q, k, v, tokens.image, tokens.rotate, tokens.rotate_shared, mask, tokens.inputs,
-                          lambda x: self.kind.reproject(attn, x))
+        out = self.attend(q, k, v, tokens.image, tokens.rotate, tokens.rotate_shared, mask)
         return self.kind.finish(attn, self.ungrouped(out).to(tokens.q.dtype), tokens)
 
 

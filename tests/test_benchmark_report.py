@@ -1,10 +1,15 @@
-"""The speed benchmark's arithmetic: times against the floor are paired within each round of repeats."""
+"""The speed benchmark: its arithmetic (times against the floor are paired within each round of repeats) and the
+models it builds."""
 
 import argparse
 
 import pytest
+import torch
 
-from benchmarks.speed import Measurement, paired_ratio, report
+from benchmarks.speed import Measurement, build, paired_ratio, parsed, report
+from stylealigned.apply import layers_to_share
+from stylealigned.backbones import backbone_for
+from stylealigned.config import StyleAlignedConfig
 
 
 def test_paired_ratio_cancels_load_that_drifts_between_rounds():
@@ -27,3 +32,21 @@ def test_report_judges_ours_by_paired_ratios():
     assert "denoiser time +1.0 % (within 3%; shared attention layers +1.0 %)" in verdict
     row = next(line for line in lines if line.startswith("| 2 | apply"))
     assert "| 12.000 | 6000.0 | 84.2 % | 1.122 | 1.010 |" in row
+
+
+@pytest.mark.parametrize("model, width, heads, blocks, shared", [
+    ("qwen", 3072, 24, {"transformer_blocks": 3}, 2),  # Qwen-Image's default shares the later two thirds
+    ("zimage", 3840, 30, {"noise_refiner": 1, "context_refiner": 1, "layers": 2}, 2),  # the joint layers
+])
+def test_speed_builds_the_image_transformers_at_real_block_shapes_and_reduced_depth(model, width, heads, blocks,
+                                                                                     shared):
+    """`speed.py --model qwen|zimage` on the CPU: the real blocks' width and heads (of 128), few of them; built on
+    the meta device, so nothing is allocated or run."""
+    args, _, dtype = parsed(["--model", model])
+    pipe = build(args, torch.device("meta"), dtype)
+    backbone = backbone_for(pipe)
+    assert all(len(backbone.denoiser.get_submodule(name)) == count for name, count in blocks.items())
+    layers = layers_to_share(backbone, StyleAlignedConfig())
+    attention = backbone.denoiser.get_submodule(layers[0])
+    assert (len(layers), attention.heads, attention.inner_dim) == (shared, heads, width)
+    assert (args.batch_size, args.sizes, args.steps) == (2, [4], 1)  # a 4-image set in chunks of 2 targets

@@ -3,7 +3,7 @@
 What is measured: the peak total size of the tensor storages alive at the same time while `generate_set` runs,
 counted by `benchmarks.common.LiveTensorBytes`, a TorchDispatchMode that adds up every new op output until its
 storage is freed. That is the memory that grows with the batch (activations, attention inputs, the reference's
-cached layer inputs, prompt embeddings, latents, decoded images) and nothing else: weights made before the block,
+cached keys and values, prompt embeddings, latents, decoded images) and nothing else: weights made before the block,
 the interpreter and the allocator's caches are left out, whereas they dominate the RSS of a tiny model. The count
 is exact and deterministic, and each measurement sees only tensors created inside it, so no fresh process is
 needed to keep runs apart. Images are 64x64 pixels (32x32 latents, 1024 tokens in the first attention layers) so
@@ -12,13 +12,13 @@ activations outweigh the per-image constants such as text embeddings.
 
 import contextlib
 
+import pytest
 import torch
 
 import stylealigned as sa
 from benchmarks.common import LiveTensorBytes
 from stylealigned import sets
 from stylealigned.config import StyleAlignedConfig
-from stylealigned.backbones.layers import heads_of
 from stylealigned.processors import RECORD, REPLAY, SharedAttention, SharedState
 from stylealigned.sets import generate_set
 
@@ -69,41 +69,51 @@ def test_one_batch_set_memory_grows_with_set_size(sd_pipe):
     assert sixteen >= 2.5 * four, f"16 images in one batch took only {sixteen / four:.2f}x the memory of 4"
 
 
-def test_the_cache_keeps_only_what_targets_read():
-    """A layer's cached reference holds the layer's input at the references' image tokens on a storage of its own
-    (a view would keep the whole joined text + image input alive), half the size of the keys and values, which a
-    REPLAY pass projects again exactly; statistics only for the AdaIN knobs on; no input where targets do not
-    attend to the references."""
-    groups, heads, text, image, dim = 2, 2, 5, 12, 8
-    to_k, to_v = (torch.nn.Linear(heads * dim, heads * dim) for _ in range(2))
-    def project(x):
-        return heads_of(to_k(x), heads), heads_of(to_v(x), heads)
+class Turn:
+    """A stand-in rotation of the shared keys (x -> -x) that counts its calls; `per_target` as Z-Image's says."""
 
-    x = torch.randn(groups, text + image, heads * dim)  # RECORD: one reference per guidance group
-    k, v = (t[:, None] for t in project(x))  # (G, 1, H, N, D)
-    q = torch.randn_like(k)
+    def __init__(self, per_target: bool):
+        self.per_target, self.calls = per_target, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return -x
+
+
+@pytest.mark.parametrize("per_target", [False, True])
+def test_the_cache_keeps_only_what_targets_read(per_target):
+    """A RECORD pass caches, per layer, exactly the references' shared image keys and values (rotated where every
+    target sees them alike; unrotated where each target sees them at positions of its own), each on a storage of its
+    own of exactly their size (a view would keep the whole joined text + image projection alive), and statistics
+    only for the AdaIN knobs on. REPLAY chunks read them as they are: nothing is projected again, and the keys are
+    rotated once per call, or once per chunk where they are per target; the last chunk takes them out. No keys or
+    values where targets do not attend to the references."""
+    groups, heads, text, image, dim, targets = 2, 2, 5, 12, 8, 2
+    q, k, v = torch.randn(3, groups, 1, heads, text + image, dim).unbind(0)  # RECORD: one reference per group
+    turn = Turn(per_target)
     state = SharedState(groups=groups, mode=RECORD)
     layer = SharedAttention("layer", StyleAlignedConfig(adain_queries=False), state)
-    layer.attend(q, k, v, slice(text, None), inputs=x[:, text:], project=project)
+    layer.attend(q, k, v, slice(text, None), rotate_shared=turn)
     ref = state.cache["layer"]
-    assert ref.key is None and ref.value is None and ref.query_stats is None and ref.value_stats is None
-    assert ref.inputs.shape == (groups, image, heads * dim)
-    assert ref.inputs.untyped_storage().nbytes() == ref.inputs.numel() * ref.inputs.element_size()
-    assert 2 * ref.inputs.numel() == k[..., text:, :].numel() + v[..., text:, :].numel()
+    assert ref.query_stats is None and ref.value_stats is None and ref.key_stats is not None
+    assert torch.equal(ref.key, (1 if per_target else -1) * k[:, 0, :, text:])
+    assert torch.equal(ref.value, v[:, 0, :, text:])
+    for x in (ref.key, ref.value):
+        assert x.shape == (groups, heads, image, dim)
+        assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
 
-    seen = {}
     state.mode = REPLAY
-    replayed = layer.attend(q.clone(), k.clone(), v.clone(), slice(text, None), inputs=x,
-                            project=lambda t: seen.setdefault("kv", project(t)))
-    for again, recorded in zip(seen["kv"], (k, v)):
-        torch.testing.assert_close(again, recorded[:, 0, :, text:], rtol=0, atol=1e-6)  # projected from fewer rows
-    assert replayed.shape == q.shape
+    for last in (False, False, True):
+        state.last = last
+        chunk = torch.randn(3, groups, targets, heads, text + image, dim).unbind(0)
+        assert layer.attend(*chunk, slice(text, None), rotate_shared=turn).shape == chunk[0].shape
+        assert ("layer" in state.cache) != last and (last or state.cache["layer"] is ref)
+    assert turn.calls == (3 if per_target else 1)
 
     state.mode = RECORD
-    SharedAttention("layer", StyleAlignedConfig(share_attention=False), state).attend(
-        q, k, v, slice(text, None), inputs=x[:, text:], project=project)
+    SharedAttention("layer", StyleAlignedConfig(share_attention=False), state).attend(q, k, v, slice(text, None))
     ref = state.cache["layer"]
-    assert ref.inputs is None and ref.key is None and ref.query_stats is not None and ref.key_stats is not None
+    assert ref.key is None and ref.value is None and ref.query_stats is not None and ref.key_stats is not None
 
 
 def test_the_cache_lives_for_one_denoiser_call(sd_pipe):

@@ -15,7 +15,7 @@ import torch
 
 from .base import Conditioning, component, t5_length
 from .flux import FluxBackbone
-from .layers import AttentionKind, JointAttention, Tokens, call_rotations, heads_of, image_slice, real_rotation, rows
+from .layers import AttentionKind, JointAttention, Tokens, call_rotations, heads_of, image_slice, real_rotation
 
 
 class ParallelSelfAttention(AttentionKind):
@@ -29,13 +29,8 @@ class ParallelSelfAttention(AttentionKind):
         q, k, v = qkv.chunk(3, dim=-1)
         image = image_slice(state, state.call["text_tokens"], hidden_states.shape[1] - state.call["text_tokens"])
         return Tokens(heads_of(q, attn.heads, attn.norm_q), heads_of(k, attn.heads, attn.norm_k),
-                      heads_of(v, attn.heads), image, hidden_states[:, image], real_rotation(image_rotary_emb),
+                      heads_of(v, attn.heads), image, real_rotation(image_rotary_emb),
                       real_rotation(state.call["reference_rotary"]), attention_mask, rest=mlp)
-
-    def reproject(self, attn, inputs):
-        inner = attn.inner_dim
-        return (heads_of(rows(attn.to_qkv_mlp_proj, inner, 2 * inner)(inputs), attn.heads, attn.norm_k),
-                heads_of(rows(attn.to_qkv_mlp_proj, 2 * inner, 3 * inner)(inputs), attn.heads))
 
     def finish(self, attn, out, tokens):
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(tokens.rest)], dim=-1))

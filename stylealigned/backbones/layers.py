@@ -4,9 +4,8 @@ The shared processor (`processors.SharedProcessor`) is family-free: for each sha
 `AttentionKind` (supplied by the family's backbone) to
 
 - `project`: turn the module's call into `Tokens`: queries, keys and values after the q/k norms and before RoPE,
-  which tokens are image tokens, the layer's input at them, the rotations at each image's own positions and at the
-  positions targets see the reference at, the model's key mask;
-- `reproject`: project keys and values again from a cached reference input (chunked sets);
+  which tokens are image tokens, the rotations at each image's own positions and at the positions targets see the
+  reference at, the model's key mask;
 - `finish`: turn the attention output into what the module returns (output projections, a parallel MLP).
 
 The kinds here are shared by several families (a UNet's self-attention; joint text-and-image attention in one or
@@ -36,7 +35,6 @@ class Tokens:
     k: Tensor
     v: Tensor
     image: slice = field(default_factory=lambda: ALL)  # the image tokens: the only ones normalised and shared
-    inputs: Tensor | None = None    # (batch, image tokens, C): what `reproject` turns into keys and values
     rotate: Rotation = None         # RoPE at each image's own positions, over all its tokens
     rotate_shared: Rotation = None  # RoPE of the shared reference image keys, at the positions targets see them
     mask: Tensor | None = None      # (batch, 1, 1 or queries, keys): the model's own key mask
@@ -54,9 +52,9 @@ class AttentionKind:
         facts."""
         raise NotImplementedError
 
-    def reproject(self, attn, inputs: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (..., heads, tokens, dim), before RoPE, of the layer's input (..., tokens, C)."""
-        return heads_of(attn.to_k(inputs), attn.heads, attn.norm_k), heads_of(attn.to_v(inputs), attn.heads)
+    def keys_values(self, attn, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (..., heads, tokens, dim), before RoPE, of the module's input x (..., tokens, C)."""
+        return heads_of(attn.to_k(x), attn.heads, attn.norm_k), heads_of(attn.to_v(x), attn.heads)
 
     def finish(self, attn, out: Tensor, tokens: Tokens):
         """The module's return value from the attention output (batch, tokens, heads * dim)."""
@@ -136,8 +134,8 @@ class SelfAttention(AttentionKind):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         q = heads_of(attn.to_q(hidden_states), attn.heads, attn.norm_q)
-        k, v = self.reproject(attn, hidden_states)
-        return Tokens(q, k, v, inputs=hidden_states, rest=(residual, shape))
+        k, v = self.keys_values(attn, hidden_states)
+        return Tokens(q, k, v, rest=(residual, shape))
 
     def finish(self, attn, out, tokens):
         residual, shape = tokens.rest
@@ -173,11 +171,10 @@ class JointAttention(AttentionKind):
             text_tokens = state.call.get("text_tokens", 0)
         image_tokens = q.shape[-2] - text_tokens
         image = image_slice(state, text_tokens if self.text_first else 0, image_tokens)
-        own = image if encoder_hidden_states is None else image_slice(state, 0, image_tokens)  # in hidden_states
         rotate, rotate_shared = (None, None) if self.rotations is None else self.rotations(
             attn, state, kwargs, text_tokens, image_tokens)
         mask = self.key_mask(attn, state, kwargs, attention_mask, text_tokens, image_tokens)
-        return Tokens(q, k, v, image, hidden_states[:, own], rotate, rotate_shared, mask,
+        return Tokens(q, k, v, image, rotate, rotate_shared, mask,
                       rest=(text_tokens, encoder_hidden_states is not None))
 
     def key_mask(self, attn, state, kwargs, attention_mask, text_tokens, image_tokens):
@@ -185,7 +182,7 @@ class JointAttention(AttentionKind):
         return attention_mask
 
     def image_streams(self, attn, x):
-        return (heads_of(attn.to_q(x), attn.heads, attn.norm_q), *self.reproject(attn, x))
+        return (heads_of(attn.to_q(x), attn.heads, attn.norm_q), *self.keys_values(attn, x))
 
     def text_streams(self, attn, x):
         norm_q, norm_k = getattr(attn, "norm_added_q", None), getattr(attn, "norm_added_k", None)

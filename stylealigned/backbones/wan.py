@@ -244,13 +244,12 @@ class WanSelfAttention(AttentionKind):
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("StyleAligned shares Wan's self-attention (attn1) only, without masks")
         q = heads_of(attn.norm_q(self.linear(attn, 0)(hidden_states)), attn.heads)
-        k, v = self.reproject(attn, hidden_states)
+        k, v = self.keys_values(attn, hidden_states)
         rotate_shared = wan_rotation(state.call.get("reference_rotary") or rotary_emb)
-        return Tokens(q, k, v, inputs=hidden_states, rotate=wan_rotation(rotary_emb), rotate_shared=rotate_shared)
+        return Tokens(q, k, v, rotate=wan_rotation(rotary_emb), rotate_shared=rotate_shared)
 
-    def reproject(self, attn, inputs):
-        return (heads_of(attn.norm_k(self.linear(attn, 1)(inputs)), attn.heads),
-                heads_of(self.linear(attn, 2)(inputs), attn.heads))
+    def keys_values(self, attn, x):
+        return heads_of(attn.norm_k(self.linear(attn, 1)(x)), attn.heads), heads_of(self.linear(attn, 2)(x), attn.heads)
 
     @staticmethod
     def linear(attn, which: int):

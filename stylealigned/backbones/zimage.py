@@ -133,12 +133,11 @@ class ZImageAttention(AttentionKind):
 
     def project(self, attn, state, hidden_states, attention_mask=None, freqs_cis=None, **kwargs):
         q = heads_of(attn.to_q(hidden_states), attn.heads, attn.norm_q)
-        k, v = self.reproject(attn, hidden_states)
+        k, v = self.keys_values(attn, hidden_states)
         tokens = state.call["image_tokens"]
         freqs = freqs_cis.unflatten(0, (state.groups, -1))  # (groups, images, tokens, dim / 2)
         mask = None if attention_mask is None else attention_mask[:, None, None, :]
-        return Tokens(q, k, v, slice(0, tokens), hidden_states[:, :tokens], RowRotation(freqs),
-                      SharedRotation(freqs[:, :, :tokens], state), mask)
+        return Tokens(q, k, v, slice(0, tokens), RowRotation(freqs), SharedRotation(freqs[:, :, :tokens], state), mask)
 
     def finish(self, attn, out, tokens):
         out = attn.to_out[0](out)
@@ -162,6 +161,8 @@ class RowRotation:
 class SharedRotation:
     """The reference's image keys (groups, heads, patches, dim) rotated at each target's own image positions, the
     column moved by the image width under "shifted": per-target keys (groups, targets, heads, patches, dim)."""
+
+    per_target = True  # what it rotates depends on the call's targets: each chunk of a set rotates the cached keys
 
     def __init__(self, freqs: torch.Tensor, state):
         self.freqs, self.state = freqs, state
