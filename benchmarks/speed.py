@@ -46,7 +46,7 @@ blocks (24 heads of 64, caption projection 1536, pooled 2048, qk RMS norm, the f
 of 128, ffn 8960, 4096-wide UMT5 input, 3D RoPE) at `--depth` blocks (1 on CPU, 30 on a GPU), clips of `--frames`
 frames (5 on CPU, 81 on a GPU); a set of N images is then N clips. `qwen`: Qwen-Image's double-stream blocks (24
 heads of 128, complex RoPE, true CFG in two calls per step) at `--depth` blocks (3 on CPU, 60 on a GPU: its default
-shares the later two thirds). `zimage`: Z-Image's blocks (30 heads of 128, CFG batched in one call) at `--depth`
+shares every block). `zimage`: Z-Image's blocks (30 heads of 128, CFG batched in one call) at `--depth`
 refiners,layers (1 noise and 1 caption refiner and 2 joint layers on CPU; 2,30 on a GPU). FLUX, SD3 and Wan get small
 random CLIP/T5 encoders of the real output widths, FLUX.2, Qwen-Image and Z-Image small Qwen encoders (their text
 input layers narrowed to match), and all a small VAE with the real latent channels: the loop timed is the

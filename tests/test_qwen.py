@@ -199,11 +199,10 @@ def test_decoding_is_the_pipelines(qwen_pipe):
 # the shared layers
 
 
-def test_default_shared_layers_are_the_later_two_thirds(qwen_pipe):
+def test_default_shared_layers_are_every_block(qwen_pipe):
     backbone = backbone_for(qwen_pipe)
     assert backbone.attention_layers() == [f"transformer_blocks.{i}.attn" for i in range(3)]
-    assert layers_to_share(backbone, sa.StyleAlignedConfig()) == ["transformer_blocks.1.attn",
-                                                                  "transformer_blocks.2.attn"]
+    assert layers_to_share(backbone, sa.StyleAlignedConfig()) == backbone.attention_layers()
 
 
 @pytest.mark.parametrize("shared_layers, expected", [(1.0, [0, 1, 2]), (0.34, [1]), (0.67, [0, 2]), (0.0, [])])

@@ -39,9 +39,9 @@ class ParallelSelfAttention(AttentionKind):
 class Flux2Backbone(FluxBackbone):
     family = "flux2"
     label = "FLUX.2 transformer"
-    # FLUX.1's block layout (double-stream, then single-stream blocks), so AlignedGen's reason carries over: the
-    # double-stream blocks carry layout and content, sharing them copies the reference.
-    default_shared_layers = "single_transformer_blocks"
+    # FLUX.1's block layout (double-stream, then single-stream blocks), so FLUX.1's measured default carries over:
+    # every attention layer (`flux.FluxBackbone`).
+    default_shared_layers = 1.0
 
     @classmethod
     def single_file(cls, keys):

@@ -37,14 +37,9 @@ class QwenImageBackbone(Backbone):
 
         return isinstance(component(pipe, "transformer"), QwenImageTransformer2DModel)
 
-    @property
-    def default_shared_layers(self) -> tuple[str, ...]:
-        """The later two thirds of the blocks. No StyleAligned exists for Qwen-Image; FLUX.1's default (AlignedGen)
-        shares the blocks after its first third (the 19 of 57 double-stream ones), because sharing those early
-        blocks copies the reference's content and layout into the targets. Qwen-Image has RoPE as FLUX does (so
-        shared keys can carry positions) but only double-stream blocks: the same cut is made by depth."""
-        layers = self.attention_layers()
-        return tuple(layers[len(layers) // 3:])
+    # Every block, as FLUX.1 (measured on builtin-flux): Qwen-Image's blocks are all double-stream with RoPE, and on
+    # builtin-flux sharing double-stream blocks, with shifted reference positions, copied no layout.
+    default_shared_layers = 1.0
 
     def attention_layers(self):
         return [f"transformer_blocks.{i}.attn" for i in range(len(self.denoiser.transformer_blocks))]
