@@ -283,8 +283,8 @@ class App:
     def settings_panel(self, name: str, preset: str) -> tuple[list, dict]:
         """Preset, seed, steps, guidance, size, batch size and every knob; (fixed inputs, knob widgets)."""
         preset_box = gr.Radio([*PRESETS, CUSTOM], value=preset, label="Preset",
-                              info="Starting knobs: text-to-image (the paper's default), transfer (shared norms, "
-                                   "shift log 2), or custom (the knobs below as you set them).")
+                              info="Starting knobs: text-to-image (the paper's default), transfer (score shift "
+                                   "log 2), or custom (the knobs below as you set them).")
         with gr.Row():
             seed = gr.Number(0, label="Seed", info="Image i starts from noise seeded by seed + i.", precision=0,
                              minimum=0, maximum=2**31 - 1)

@@ -33,7 +33,7 @@ def pipe(request):
 
 def test_removed_or_never_applied_is_bit_identical(pipe):
     stock = latents(pipe, PROMPTS)
-    with sa.apply(pipe, sa.StyleAlignedConfig.transfer()):
+    with sa.apply(pipe, sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)):
         shared = latents(pipe, PROMPTS)
     assert not torch.equal(shared, stock)
     assert torch.equal(latents(pipe, PROMPTS), stock)
@@ -217,7 +217,7 @@ def test_chunked_unet_equals_one_batch(sd_pipe, preset):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_pipelines_follow_fp32(sd_pipe, dtype):
-    config = sa.StyleAlignedConfig.transfer()
+    config = sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)
     with sa.apply(sd_pipe, config):
         full = latents(sd_pipe, PROMPTS[:3])
         sd_pipe.to(dtype=dtype)

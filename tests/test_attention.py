@@ -88,7 +88,7 @@ def test_adain_matches_reference_statistics():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_follows_fp32(dtype):
-    config = StyleAlignedConfig.transfer()
+    config = StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)
     rounded = [t.to(dtype) for t in qkv(2, 3, 2, 32, 16, seed=1)]
     expected = fast(*(t.double() for t in rounded), 2, config)  # the same inputs, computed exactly (float64)
     low = fast(*rounded, 2, config)
@@ -151,7 +151,7 @@ class _Attn(torch.nn.Module):
 
 def test_processor_modes_agree():
     torch.manual_seed(0)
-    attn, config = _Attn(), StyleAlignedConfig.transfer()
+    attn, config = _Attn(), StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)
     state = SharedState(groups=2)
     processor = SharedProcessor("layer", config, state, SelfAttention())
     x = torch.randn(2 * 4, 12, 16)

@@ -85,7 +85,7 @@ def test_default_path_skips_the_dispatcher_and_an_active_backend_is_followed(flu
 
 def test_unet_stays_on_sdpa_as_its_own_processors_do(sd_pipe, dispatch_spy, run):
     """UNet processors call SDPA themselves whatever backend is set; ours do the same, so outputs are unchanged."""
-    with sa.apply(sd_pipe, sa.StyleAlignedConfig.transfer()):
+    with sa.apply(sd_pipe, sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)):
         plain = run(sd_pipe, ["a", "b"])
         with native_backend(sd_pipe.unet):
             chosen = run(sd_pipe, ["a", "b"])

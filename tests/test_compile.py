@@ -12,7 +12,7 @@ import stylealigned as sa
 from tests.test_backends import native_backend
 from tests.test_dit_apply import PROMPTS, latents
 
-TRANSFER = sa.StyleAlignedConfig.transfer()  # AdaIN of queries and keys, the log 2 shift, shared GroupNorm
+TRANSFER = sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)  # AdaIN of queries and keys, the log 2 shift, shared GroupNorm
 SHIFTED = sa.StyleAlignedConfig(shared_score_shift=0.69, adain_values=True)
 
 

@@ -13,7 +13,7 @@ from accelerate.hooks import AlignDevicesHook, CpuOffload
 import stylealigned as sa
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a car"]
-CONFIG = sa.StyleAlignedConfig.transfer()  # shared GroupNorm and the score shift: every hook kind we install
+CONFIG = sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)  # shared GroupNorm and the score shift: every hook kind we install
 SETTINGS = dict(num_inference_steps=2, height=32, width=32)
 
 

@@ -114,7 +114,7 @@ def test_reference_slot_follows_the_trajectory(sd_pipe, offset, decoded, monkeyp
     trajectory = invert(sd_pipe, Image.new("RGB", (32, 32), (200, 40, 40)), "a cat", num_inference_steps=4)
     pinned = record_pins(monkeypatch)
     decoded.clear()
-    images = sets.generate_set(sd_pipe, ["a dog", "a house"], sa.StyleAlignedConfig.transfer(), reference=trajectory,
+    images = sets.generate_set(sd_pipe, ["a dog", "a house"], sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True), reference=trajectory,
                                offset=offset, num_inference_steps=4, guidance_scale=5.0, height=32, width=32,
                                batch_size=1)
     assert len(images) == 3 and len(pinned) == 4
@@ -139,7 +139,7 @@ def test_a_callers_step_end_callback_runs_after_the_pin(sd_pipe):
             seen.append((tensors["latents"][0].clone(), tensors["prompt_embeds"].shape))
             return {}
 
-    sets.generate_set(sd_pipe, ["a dog"], sa.StyleAlignedConfig.transfer(), reference=trajectory,
+    sets.generate_set(sd_pipe, ["a dog"], sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True), reference=trajectory,
                       callback_on_step_end=Look(), **SETTINGS)
     assert len(seen) == 3
     for step, (latent, shape) in enumerate(seen):
@@ -160,7 +160,7 @@ def test_inverting_under_an_applied_handle_uses_the_plain_model(sd_pipe):
     image = Image.new("RGB", (32, 32), (20, 90, 200))
     plain = invert(sd_pipe, image, "a cat", num_inference_steps=3, guidance_scale=3.0)
     sd_pipe(["a cat", "a dog"], num_inference_steps=1, height=32, width=32, guidance_scale=1.0)  # stale guidance
-    with sa.apply(sd_pipe, sa.StyleAlignedConfig.transfer()) as handle:
+    with sa.apply(sd_pipe, sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)) as handle:
         applied = invert(sd_pipe, image, "a cat", num_inference_steps=3, guidance_scale=3.0)
         assert hooked_layers(sd_pipe.unet) and handle.active
     assert torch.equal(plain.latents, applied.latents)

@@ -63,7 +63,8 @@ PRESETS = {"text-to-image": StyleAlignedConfig.text_to_image, "transfer": StyleA
 Prompts = Annotated[Optional[list[str]], typer.Argument(help="Prompts; the first one is the reference.")]
 PromptsFile = Annotated[Optional[Path], typer.Option(help="Text file with one prompt per line (added after PROMPTS).")]
 Style = Annotated[Optional[str], typer.Option(help='Appended to every prompt as "PROMPT, STYLE".')]
-Model = Annotated[str, typer.Option(help="Hub id, local diffusers folder, single .safetensors file, or 'builtin'.")]
+Model = Annotated[str, typer.Option(
+    help="Hub id, local diffusers folder, single .safetensors file, 'builtin' or 'builtin-flux'.")]
 Out = Annotated[Path, typer.Option(help="Output folder (one PNG per image, grid.png, run.json).")]
 Seed = Annotated[int, typer.Option(help="Image i starts from noise seeded by SEED + i.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
