@@ -29,16 +29,15 @@ SD3_SIZE = 32
 PROMPT_KWARGS = {"max_sequence_length": 16}
 
 
+# A tiny T5 v1.1-style encoder (gated GELU, untied embeddings, no dropout), as FLUX and SD3 use (and Wan's UMT5)
+TINY_T5 = {"d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8,
+           "relative_attention_max_distance": 16, "dropout_rate": 0.0, "feed_forward_proj": "gated-gelu",
+           "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+
+
 def tiny_t5(vocab_size: int, width: int, seed: int) -> T5EncoderModel:
-    """T5 v1.1-style encoder (gated GELU, untied embeddings), as FLUX and SD3 use; no dropout."""
     torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return T5EncoderModel(config).eval()
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, **TINY_T5)).eval()
 
 
 def tiny_clip(model_class, vocab_size: int, seed: int):

@@ -65,10 +65,9 @@ def relative_error(estimate: torch.Tensor, target: torch.Tensor) -> float:
     return float((estimate - target).norm() / target.norm())
 
 
-def pipeline_schedule(pipe, steps: int, monkeypatch, height=None, width=None) -> tuple[list[float], list[float]]:
-    """(timesteps, sigmas + final 0) that a real pipeline call at this size steps through, read off its scheduler."""
-    scheduler, seen = pipe.scheduler, []
-    original = scheduler.step
+def recorded_schedule(scheduler, steps: int, monkeypatch, run) -> tuple[list[float], list[float]]:
+    """(timesteps, sigmas + final 0) that `run()`, a real pipeline call, steps through, read off its scheduler."""
+    seen, original = [], scheduler.step
 
     def step(model_output, timestep, sample, *args, **kwargs):
         out = original(model_output, timestep, sample, *args, **kwargs)
@@ -76,11 +75,17 @@ def pipeline_schedule(pipe, steps: int, monkeypatch, height=None, width=None) ->
         return out
 
     monkeypatch.setattr(scheduler, "step", step)
-    pipe(PROMPT, num_inference_steps=steps, height=height or size(pipe), width=width or size(pipe),
-         output_type="latent", **PROMPT_KWARGS)
+    run()
     monkeypatch.undo()
     assert len(seen) == steps
     return [t for t, _ in seen], [s for _, s in seen] + [float(scheduler.sigmas[-1])]
+
+
+def pipeline_schedule(pipe, steps: int, monkeypatch, height=None, width=None) -> tuple[list[float], list[float]]:
+    """The schedule a real pipeline call at this size steps through (`recorded_schedule`)."""
+    return recorded_schedule(pipe.scheduler, steps, monkeypatch, lambda: pipe(
+        PROMPT, num_inference_steps=steps, height=height or size(pipe), width=width or size(pipe),
+        output_type="latent", **PROMPT_KWARGS))
 
 
 def count_transformer_calls(pipe) -> list:

@@ -9,6 +9,7 @@ from PIL import Image
 import stylealigned as sa
 from stylealigned.backbones import Backbone, backbone_for
 from stylealigned.inversion import invert
+from tests.test_dit_inversion import recorded_schedule
 from tests.test_sets import record_pins
 from tests.zimage_pipelines import HEIGHT, PROMPT_KWARGS, WIDTH
 
@@ -41,19 +42,9 @@ def relative_error(estimate, target) -> float:
 
 
 def pipeline_schedule(pipe, steps, monkeypatch) -> tuple[list[float], list[float]]:
-    """(timesteps, sigmas + final 0) that a real pipeline call steps through, read off its scheduler."""
-    scheduler, seen = pipe.scheduler, []
-    original = scheduler.step
-
-    def step(model_output, timestep, sample, *args, **kwargs):
-        out = original(model_output, timestep, sample, *args, **kwargs)
-        seen.append((float(timestep), float(scheduler.sigmas[scheduler.step_index - 1])))
-        return out
-
-    monkeypatch.setattr(scheduler, "step", step)
-    sample_from(pipe, torch.randn(backbone_for(pipe).packed_shape(HEIGHT, WIDTH)), steps)
-    monkeypatch.undo()
-    return [t for t, _ in seen], [s for _, s in seen] + [float(scheduler.sigmas[-1])]
+    """The schedule a real pipeline call steps through (`recorded_schedule`)."""
+    shape = backbone_for(pipe).packed_shape(HEIGHT, WIDTH)
+    return recorded_schedule(pipe.scheduler, steps, monkeypatch, lambda: sample_from(pipe, torch.randn(shape), steps))
 
 
 def test_round_trip_is_exact_when_the_velocity_depends_on_t_only(pipe, image, monkeypatch):

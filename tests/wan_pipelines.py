@@ -19,7 +19,7 @@ from diffusers import (
 )
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
-from tests.dit_pipelines import WORDS, t5_tokenizer
+from tests.dit_pipelines import TINY_T5, WORDS, t5_tokenizer
 
 WAN_HEIGHT, WAN_WIDTH, WAN_FRAMES = 32, 48, 5  # 2 latent frames of 2 x 3 tokens
 LATENT_CHANNELS = 4
@@ -32,13 +32,7 @@ WAN_KWARGS = {"max_sequence_length": 16, "height": WAN_HEIGHT, "width": WAN_WIDT
 
 def tiny_umt5(vocab_size: int) -> UMT5EncoderModel:
     torch.manual_seed(0)
-    config = UMT5Config(
-        vocab_size=vocab_size, d_model=TEXT_WIDTH, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return UMT5EncoderModel(config).eval()
+    return UMT5EncoderModel(UMT5Config(vocab_size=vocab_size, d_model=TEXT_WIDTH, **TINY_T5)).eval()
 
 
 def tiny_wan_vae() -> AutoencoderKLWan:
