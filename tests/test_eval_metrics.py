@@ -6,11 +6,11 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from transformers import CLIPModel, CLIPProcessor, ViTImageProcessor, ViTModel
 
 from stylealigned.errors import UserError
-from stylealigned.eval import set_consistency, text_alignment
+from stylealigned.eval import layout_copying, set_consistency, text_alignment
 from stylealigned.eval.encoders import load_clip
 from tests.eval_models import SIDE, tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
 
@@ -107,3 +107,31 @@ def test_uncached_hub_model_offline_is_a_one_line_user_error(monkeypatch):
     with pytest.raises(UserError, match="not in the local Hugging Face cache") as raised:
         set_consistency(IMAGES, model="stylealigned-tests/no-such-model", device="cpu")
     assert "\n" not in str(raised.value) and "hf download" in str(raised.value)
+
+
+def _disc(centre: tuple[int, int], fill: str, background: str = "white") -> Image.Image:
+    image = Image.new("RGB", (64, 64), background)
+    x, y = centre
+    ImageDraw.Draw(image).ellipse((x - 12, y - 12, x + 12, y + 12), fill=fill)
+    return image
+
+
+def test_layout_copying_is_the_mean_thumbnail_correlation_with_the_reference():
+    """Per equation: each image to 16x16 luminance (box filter), centred, and the targets' Pearson correlations with
+    the reference averaged."""
+    images = [_disc((20, 20), "black"), _disc((20, 20), "red"), _disc((44, 40), "black")]
+
+    def thumbnail(image):
+        pixels = np.asarray(image.convert("L").resize((16, 16), Image.BOX), dtype=np.float64).ravel()
+        return pixels - pixels.mean()
+
+    reference = thumbnail(images[0])
+    expected = np.mean([np.corrcoef(reference, thumbnail(target))[0, 1] for target in images[1:]])
+    assert layout_copying(images) == pytest.approx(expected, abs=1e-12)
+
+
+def test_layout_copying_sees_position_not_colour():
+    reference = _disc((20, 20), "black")
+    assert layout_copying([reference, _disc((20, 20), "blue", background="yellow")]) > 0.95
+    assert layout_copying([reference, _disc((44, 44), "black")]) < 0.1
+    assert layout_copying([reference]) is None

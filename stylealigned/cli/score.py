@@ -54,6 +54,9 @@ def score(
     typer.echo(f"text alignment  {scores['text_alignment']:.4f}  (CLIP, mean of {len(per_image)} {items})")
     pairs = "frame by frame, mean over pairs of clips" if run.clips else "mean over pairs"
     typer.echo(f"set consistency {scores['set_consistency']:.4f}  (DINO, {pairs}, reference included)")
+    if scores.get("layout_copying") is not None:
+        typer.echo(f"layout copying  {scores['layout_copying']:.4f}  (coarse luminance correlation of each target "
+                   "with the reference, mean)")
     if scores.get("temporal_consistency") is not None:
         typer.echo(f"temporal consistency {scores['temporal_consistency']:.4f}  (DINO, neighbouring frames, mean "
                    "over clips)")

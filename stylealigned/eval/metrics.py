@@ -1,12 +1,14 @@
-"""The paper's two metrics on PIL images, text alignment (CLIP) and set consistency (DINO), and the targets'
-diversity (DINO), the other side of the paper's consistency trade-off; for sets of clips, the same per frame and
-temporal consistency within each clip (`score_clips`).
+"""The paper's two metrics on PIL images, text alignment (CLIP) and set consistency (DINO), the targets'
+diversity (DINO), the other side of the paper's consistency trade-off, and layout copying (how much a target repeats
+the reference's composition); for sets of clips, the same per frame and temporal consistency within each clip
+(`score_clips`).
 
 All run in batches on any device; `model` is a hub id or a local folder (see `encoders`).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -47,6 +49,26 @@ def diversity(embeddings: torch.Tensor) -> float:
     return 1.0 - mean_pairwise_cosine(embeddings)
 
 
+LAYOUT_SIDE = 16  # thumbnail side: coarse enough to blur away textures (stripes, dots, pixels), keep composition
+
+
+def _thumbnail(image: Image.Image) -> np.ndarray:
+    """The image's luminance at LAYOUT_SIDE x LAYOUT_SIDE, standardised (zero mean, unit norm)."""
+    pixels = np.asarray(image.convert("L").resize((LAYOUT_SIDE, LAYOUT_SIDE), Image.BOX), dtype=np.float64)
+    pixels = pixels - pixels.mean()
+    return pixels / max(float(np.linalg.norm(pixels)), 1e-12)
+
+
+def layout_copying(images: list[Image.Image]) -> float | None:
+    """Mean over the targets of the correlation between a target's and the reference's (`images[0]`) coarse
+    luminance: near 0 for unrelated compositions, 1 for the reference's layout repeated. Compare a shared set with
+    an unshared one from the same seeds; None for a set without targets."""
+    if len(images) < 2:
+        return None
+    reference = _thumbnail(images[0])
+    return float(np.mean([(reference * _thumbnail(target)).sum() for target in images[1:]]))
+
+
 def _dino(members: list[Image.Image], model: str, device: str, batch_size: int) -> torch.Tensor:
     if len(members) < 2:
         raise UserError(f"set consistency compares pairs of images; got {len(members)} image(s) to compare")
@@ -67,8 +89,8 @@ def set_consistency(images: list[Image.Image], model: str = DEFAULT_DINO, includ
 def score_set(images: list[Image.Image], texts: list[str | None], clip_model: str = DEFAULT_CLIP,
               dino_model: str = DEFAULT_DINO, device: str = "auto") -> dict:
     """The metrics of one set (reference first): mean text alignment over the images that have a text (None skips
-    one, e.g. an inverted real reference), set consistency with the reference included, and the targets' diversity
-    (1 - mean pairwise DINO cosine among the targets only; needs 2 targets, else None)."""
+    one, e.g. an inverted real reference), set consistency with the reference included, the targets' diversity
+    (1 - mean pairwise DINO cosine among the targets only; needs 2 targets, else None) and layout copying."""
     scored = [(image, text) for image, text in zip(images, texts, strict=True) if text is not None]
     per_image = text_alignment([image for image, _ in scored], [text for _, text in scored], clip_model, device)
     embeddings = _dino(list(images), dino_model, device, 32)
@@ -77,6 +99,7 @@ def score_set(images: list[Image.Image], texts: list[str | None], clip_model: st
         "set_consistency": mean_pairwise_cosine(embeddings),
         "set_consistency_includes_reference": True,
         "diversity": diversity(embeddings[1:]) if len(images) > 2 else None,
+        "layout_copying": layout_copying(list(images)),
         "text_alignment_per_image": per_image,
     }
 

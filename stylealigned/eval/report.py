@@ -14,9 +14,10 @@ from ..io import write_atomic
 COLUMNS = ["config", "style_index", "style", "kind", "seed", "text_alignment", "set_consistency",
            "set_consistency_includes_reference", "diversity", "folder"]
 # An experiment's own columns, written when its rows have them.
-EXTRA_COLUMNS = ["temporal_consistency", "csd_style_similarity", "set_size", "shared_layers", "layers_shared",
+EXTRA_COLUMNS = ["layout_copying", "temporal_consistency", "csd_style_similarity", "set_size", "shared_layers", "layers_shared",
                  "reference_object", "degradation", "level"]
 METRICS = {"text_alignment": "text alignment", "set_consistency": "set consistency", "diversity": "diversity",
+           "layout_copying": "layout copying",
            "temporal_consistency": "temporal consistency", "csd_style_similarity": "CSD style similarity"}
 # The paper's Table 1, full method on SDXL over its 100 styles x 4 objects.
 PAPER_FULL = {"text_alignment": (0.287, 0.03), "set_consistency": (0.51, 0.14)}
