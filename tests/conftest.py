@@ -1,5 +1,6 @@
-"""Tiny random-weight SD1-, SDXL-, FLUX.1-, Chroma-, SD3.5- and FLUX.2-klein-style pipelines, saved once, loaded by
-load_pipeline."""
+"""Tiny random-weight SD1-, SDXL-, FLUX.1-, Chroma-, SD3.5-, FLUX.2-klein-, Qwen-Image- and Z-Image-style pipelines,
+saved once, loaded by load_pipeline: fixtures `tiny_<name>_path` and `<name>_pipe` (tests/families.py names them);
+Wan's `wan_pipe` and `wan_i2v_pipe`."""
 
 import pytest
 import torch
@@ -16,7 +17,10 @@ from stylealigned.models import load_pipeline
 from stylealigned.toy.vocab import word_level_tokenizer
 from tests.dit_pipelines import WORDS, build_chroma, build_flux, build_sd3
 from tests.flux2_pipelines import build_flux2_klein
+from tests.qwen_pipelines import build_qwen
 from tests.zimage_pipelines import build_zimage
+# Wan's fixtures (`wan_pipe`, `wan_i2v_pipe`: one per layout) live beside its builders; found here as every family's
+from tests.wan_pipelines import tiny_wan_i2v_paths, tiny_wan_paths, wan_i2v_pipe, wan_pipe  # noqa: F401 (fixtures)
 
 # One thread per test process: tiny models gain nothing from more, and `pytest -n` runs processes side by side.
 torch.set_num_threads(1)
@@ -108,7 +112,7 @@ def loaded(path: str):
 
 
 BUILDERS = {"sd": build_sd, "sdxl": build_sdxl, "flux": build_flux, "sd3": build_sd3, "chroma": build_chroma,
-            "flux2": build_flux2_klein, "zimage": build_zimage}
+            "flux2": build_flux2_klein, "qwen": build_qwen, "zimage": build_zimage}
 
 
 def pipeline_fixtures(name: str, build):

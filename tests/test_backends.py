@@ -15,7 +15,7 @@ import stylealigned as sa
 from stylealigned.apply import layers_to_share
 from stylealigned.backbones import backbone_for
 from tests import oracle_dit
-from tests.test_dit_apply import latents
+from tests.families import latents
 from tests.tolerance import assert_rounding_close, denoising_depth
 
 CONFIGS = [sa.StyleAlignedConfig(), sa.StyleAlignedConfig(shared_score_shift=0.69, adain_values=True)]

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 
 import stylealigned as sa
 from tests.test_backends import native_backend
-from tests.test_dit_apply import PROMPTS, latents
+from tests.families import latents
 
 TRANSFER = sa.StyleAlignedConfig.transfer(share_group_norm=True, share_layer_norm=True)  # AdaIN of queries and keys, the log 2 shift, shared GroupNorm
 SHIFTED = sa.StyleAlignedConfig(shared_score_shift=0.69, adain_values=True)
@@ -54,9 +54,9 @@ def test_unet_compiles_as_one_graph_equals_eager_and_comes_off(sd_pipe):
 def test_transformer_compiles_as_one_graph_and_equals_eager(request, family):
     pipe = request.getfixturevalue(f"{family}_pipe")
     with sa.apply(pipe, SHIFTED):
-        eager = latents(pipe, PROMPTS, guidance_scale=5.0)
+        eager = latents(pipe, guidance_scale=5.0)
         pipe.transformer.compile(fullgraph=True, backend="eager")
-        compiled = latents(pipe, PROMPTS, guidance_scale=5.0)
+        compiled = latents(pipe, guidance_scale=5.0)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
     assert compiled_graphs() == 1
 
@@ -65,9 +65,9 @@ def test_transformer_compiles_as_one_graph_and_equals_eager(request, family):
 def test_chosen_attention_backend_compiles_as_one_graph(flux_pipe):
     """With a backend set, our calls go through diffusers' dispatcher, which traces into the same graph."""
     with native_backend(flux_pipe.transformer), sa.apply(flux_pipe, SHIFTED):
-        eager = latents(flux_pipe, PROMPTS)
+        eager = latents(flux_pipe)
         flux_pipe.transformer.compile(fullgraph=True, backend="eager")
-        compiled = latents(flux_pipe, PROMPTS)
+        compiled = latents(flux_pipe)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
     assert compiled_graphs() == 1
 
@@ -78,7 +78,7 @@ def test_the_compile_wrapper_form_works_too(request, family):
     module and reads the call's layout from it, so the wrapper traces one graph too."""
     pipe = request.getfixturevalue(f"{family}_pipe")
     name, config = ("unet", TRANSFER) if family == "sd" else ("transformer", SHIFTED)
-    run = unet_latents if family == "sd" else (lambda pipe: latents(pipe, PROMPTS))
+    run = unet_latents if family == "sd" else (lambda pipe: latents(pipe))
     with sa.apply(pipe, config):
         eager = run(pipe)
     setattr(pipe, name, torch.compile(getattr(pipe, name), fullgraph=True, backend="eager"))

@@ -179,7 +179,7 @@ def test_lora_on_flux_equals_oracle_and_removal_is_exact(flux_pipe, tmp_path):
     from stylealigned.apply import layers_to_share
     from stylealigned.backbones import backbone_for
     from tests import oracle_dit
-    from tests.test_dit_apply import latents as dit_latents
+    from tests.families import latents as dit_latents
 
     torch.manual_seed(2)
     flux_pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,

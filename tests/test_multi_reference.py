@@ -145,7 +145,7 @@ def test_two_references_on_transformers_equal_oracle(dit_pipe, knobs):
     from stylealigned.apply import layers_to_share
     from tests import oracle_dit
     from tests.dit_pipelines import PROMPT_KWARGS
-    from tests.test_dit_apply import latents as dit_latents
+    from tests.families import latents as dit_latents
 
     config, weights = sa.StyleAlignedConfig(**knobs), (0.3, 0.7)
     with sa.apply(dit_pipe, config) as handle:

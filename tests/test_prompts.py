@@ -10,7 +10,7 @@ from stylealigned import prompts, sets
 from stylealigned.prompts import BASE, PromptRows, is_tags, tagged_prompts
 from tests.test_control import control_pipe, controlnet_path, controls  # noqa: F401 (a fixture)
 from tests.dit_pipelines import PROMPT_KWARGS
-from tests.test_dit_sets import settings as dit_settings
+from tests.test_transformer_sets import settings as dit_settings
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a dog"]  # "a dog" twice
 UNET = dict(num_inference_steps=2, guidance_scale=5.0, height=32, width=32)

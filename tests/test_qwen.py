@@ -1,7 +1,7 @@
-"""Qwen-Image end to end through the tiny `QwenImagePipeline` (fp32): every knob against the loop-per-image oracle,
-text-padding masks, true CFG, the reference, removal, chunked sets, the shared layers and the rotary tables."""
-
-import itertools
+"""Qwen-Image specifics through the tiny `QwenImagePipeline` (fp32): the oracle itself and the rotary tables,
+text-padding masks under true CFG, the reference without masks, chunked sets, decoding, the shared layers,
+refusals, the inversion's schedule and its true CFG. The checks every family shares (every knob, chunks, the
+reference, removal, img2img, inversion, transfer, the CLI) are in tests/test_transformer_*.py."""
 
 import pytest
 import torch
@@ -12,26 +12,17 @@ from stylealigned.apply import layers_to_share
 from stylealigned.backbones import backbone_for
 from stylealigned.backbones.qwenimage import image_freqs
 from stylealigned.errors import UserError
+from stylealigned.inversion import sampling_timesteps
 from tests import oracle_qwen
-from tests.conftest import pipeline_fixtures
-from tests.qwen_pipelines import QWEN_HEIGHT, QWEN_WIDTH, build_qwen
-from tests.test_dit_sets import leftovers
-
-tiny_qwen_path, qwen_pipe = pipeline_fixtures("qwen", build_qwen)
+from tests.families import QWEN
+from tests.qwen_pipelines import QWEN_HEIGHT, QWEN_WIDTH
+from tests.test_transformer_inversion import pipeline_schedule
 
 # token lengths 5, 2 and 6 (padded text keys masked); then three prompts of one length (no mask at all)
-PROMPTS = ["a cat in watercolor style", "a dog", "a red house with a tree"]
+PROMPTS = list(QWEN.prompts)
 EVEN = ["a cat", "a dog", "a car"]
-CFG = dict(negative_prompt=" ", true_cfg_scale=3.0)  # true CFG: a second transformer call per step
-FLAGS = ("share_attention", "adain_queries", "adain_keys", "adain_values")
-KNOB_GRID = [dict(zip(FLAGS, flags)) for flags in itertools.product([False, True], repeat=4)]
-EXTRA = [dict(shared_score_scale=1.7, shared_score_shift=0.69), dict(shared_score_shift=-0.5, adain_values=True),
-         dict(reference_positions="same"), dict(reference_positions="same", shared_layers=1.0),
-         dict(shared_layers=1.0), dict(shared_layers=0.5, shared_score_scale=0.8),
-         dict(shared_layers="transformer_blocks.0")]
-# The contract's bound for fp32: single-precision rounding (2^-24 relative) through 3 blocks and 2 Euler steps
-# in two orders of summation (fused SDPA against explicit logits) stays orders of magnitude below it.
-ATOL = RTOL = 1e-4
+CFG = QWEN.guided  # true CFG: a second transformer call per step
+ATOL, RTOL = QWEN.tolerance["atol"], QWEN.tolerance["rtol"]
 
 
 def ids(knobs: dict) -> str:
@@ -40,23 +31,15 @@ def ids(knobs: dict) -> str:
 
 def latents(pipe, prompts=PROMPTS, steps=2, **kwargs):
     """Final latents, image i from the noise seeded i, at the non-square QWEN_HEIGHT x QWEN_WIDTH."""
-    noise = backbone_for(pipe).initial_noise(range(len(prompts)), 0, QWEN_HEIGHT, QWEN_WIDTH)
-    return pipe(prompts, num_inference_steps=steps, height=QWEN_HEIGHT, width=QWEN_WIDTH, latents=noise,
-                output_type="latent", **kwargs).images
+    return QWEN.latents(pipe, prompts, steps, **kwargs)
 
 
-def with_oracle(pipe, config, **kwargs):
-    undo = oracle_qwen.install(pipe, config, layers_to_share(backbone_for(pipe), config))
-    try:
-        return latents(pipe, **kwargs)
-    finally:
-        undo()
+def with_oracle(pipe, config, prompts=PROMPTS, **kwargs):
+    return QWEN.oracle_latents(pipe, config, prompts, **kwargs)
 
 
-def fast_and_oracle(pipe, config, **kwargs):
-    with sa.apply(pipe, config):
-        fast = latents(pipe, **kwargs)
-    return fast, with_oracle(pipe, config, **kwargs)
+def fast_and_oracle(pipe, config, prompts=PROMPTS, **kwargs):
+    return QWEN.fast_and_oracle(pipe, config, prompts, **kwargs)
 
 
 # the oracle itself, and the rotary tables
@@ -90,18 +73,11 @@ def test_image_frequencies_are_the_models_own_and_shifted_by_the_latent_width(qw
     assert torch.equal(grid, wide[:, centre + width:centre + 2 * width])
 
 
-# every knob against the oracle
+# true CFG, with and without text masks
 
 
-@pytest.mark.parametrize("knobs", KNOB_GRID + EXTRA, ids=ids)
-def test_every_knob_equals_the_oracle_with_text_masks(qwen_pipe, knobs):
-    """Prompts of different token lengths: the targets keep their text-padding masks and see every reference
-    image token."""
-    fast, expected = fast_and_oracle(qwen_pipe, sa.StyleAlignedConfig(**knobs))
-    torch.testing.assert_close(fast, expected, atol=ATOL, rtol=RTOL)
-
-
-@pytest.mark.parametrize("knobs", [{}, EXTRA[0], dict(adain_values=True, shared_layers=1.0, reference_positions="same")],
+@pytest.mark.parametrize("knobs", [{}, dict(shared_score_scale=1.7, shared_score_shift=0.69),
+                                   dict(adain_values=True, shared_layers=1.0, reference_positions="same")],
                          ids=ids)
 @pytest.mark.parametrize("prompts", [PROMPTS, EVEN], ids=["masked", "unmasked"])
 def test_true_cfg_runs_two_groups_of_one_and_equals_the_oracle(qwen_pipe, knobs, prompts):
@@ -112,15 +88,6 @@ def test_true_cfg_runs_two_groups_of_one_and_equals_the_oracle(qwen_pipe, knobs,
     assert (fast - unguided).abs().amax() > 1e-2  # the guidance ran
 
 
-@pytest.mark.parametrize("knobs", [{}, dict(adain_values=True, shared_layers=1.0, shared_score_shift=0.5)], ids=ids)
-def test_chunked_apply_equals_the_oracle(qwen_pipe, knobs):
-    config = sa.StyleAlignedConfig(**knobs)
-    prompts = PROMPTS + ["a tree", "a bird on the car"]
-    with sa.apply(qwen_pipe, config) as handle, handle.chunked(2):
-        chunked = latents(qwen_pipe, prompts, **CFG)
-    torch.testing.assert_close(chunked, with_oracle(qwen_pipe, config, prompts=prompts, **CFG), atol=ATOL, rtol=RTOL)
-
-
 def test_reference_positions_move_the_targets(qwen_pipe):
     shifted, same = (fast_and_oracle(qwen_pipe, sa.StyleAlignedConfig(reference_positions=where))[0]
                      for where in ("shifted", "same"))
@@ -128,29 +95,17 @@ def test_reference_positions_move_the_targets(qwen_pipe):
     assert (shifted[1:] - same[1:]).abs().amax() > 1e-3
 
 
-# the reference, removal, sets
+# the reference without masks, sets
 
 
-@pytest.mark.parametrize("prompts, guidance", [(EVEN, {}), (EVEN, CFG), (PROMPTS, CFG)], ids=["even", "even-cfg",
-                                                                                              "masked-cfg"])
-def test_reference_equals_its_prompt_generated_alone(qwen_pipe, prompts, guidance):
-    """Alone the reference's text has no padding; in a set of longer prompts it is padded and masked, which
-    changes only the order of fp32 sums."""
+@pytest.mark.parametrize("guidance", [{}, CFG], ids=["even", "even-cfg"])
+def test_reference_equals_its_prompt_generated_alone_without_text_masks(qwen_pipe, guidance):
+    """Prompts of one token length: no mask at all (with masks, guided: tests/test_transformer_oracle.py)."""
+    prompts = EVEN
     alone = latents(qwen_pipe, prompts[:1], **guidance)
     with sa.apply(qwen_pipe, sa.StyleAlignedConfig(shared_layers=1.0, adain_values=True)):
         in_set = latents(qwen_pipe, prompts, **guidance)
     torch.testing.assert_close(in_set[:1], alone, atol=1e-5, rtol=1e-5)
-
-
-def test_removed_or_never_applied_is_bit_identical(qwen_pipe):
-    stock = latents(qwen_pipe, **CFG)
-    handle = sa.apply(qwen_pipe, sa.StyleAlignedConfig(shared_layers=1.0, adain_values=True))
-    with handle.chunked(1):
-        shared = latents(qwen_pipe, **CFG)
-    handle.remove()
-    assert not torch.equal(shared, stock)
-    assert leftovers(qwen_pipe.transformer) == [] and not hasattr(qwen_pipe, "_stylealigned_handle")
-    assert torch.equal(latents(qwen_pipe, **CFG), stock)
 
 
 def set_latents(pipe, prompts, decoded, **kwargs) -> dict[int, torch.Tensor]:
@@ -214,32 +169,34 @@ def test_shared_layers_fractions(qwen_pipe, shared_layers, expected):
         torch.testing.assert_close(fast, oracle, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("knob", ["share_group_norm", "share_layer_norm", "full_attention_share"])
-def test_knobs_without_meaning_are_refused(qwen_pipe, knob):
-    with pytest.raises(UserError, match=knob):
-        sa.apply(qwen_pipe, sa.StyleAlignedConfig(**{knob: True}))
-
-
 def test_an_editing_layout_is_refused_in_one_line(qwen_pipe):
     """Qwen-Image-Edit appends condition-image tokens (a second image shape per sample): not a set's images."""
     with sa.apply(qwen_pipe) as handle, pytest.raises(UserError, match="condition images"):
         handle.backbone.begin_call(handle.state, handle.config, {"img_shapes": [[(1, 4, 6), (1, 4, 6)]]})
 
 
-def test_the_img2img_variant_is_supported(qwen_pipe):
-    from diffusers import QwenImageImg2ImgPipeline
+# the schedule and true CFG of inversion
 
-    pipe = QwenImageImg2ImgPipeline(**qwen_pipe.components)
-    pipe.set_progress_bar_config(disable=True)
-    image = torch.rand(1, 3, QWEN_HEIGHT, QWEN_WIDTH)
 
-    def run(prompts):
-        return pipe(prompts, image=image.expand(len(prompts), -1, -1, -1), strength=0.7, num_inference_steps=4,
-                    height=QWEN_HEIGHT, width=QWEN_WIDTH, output_type="latent",
-                    generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
+def test_the_schedule_is_the_pipelines(qwen_pipe, monkeypatch):
+    for steps in (3, 10):
+        timesteps, _ = pipeline_schedule(qwen_pipe, steps, monkeypatch, QWEN_HEIGHT, QWEN_WIDTH)
+        assert sampling_timesteps(qwen_pipe, steps, QWEN_WIDTH, QWEN_HEIGHT) == pytest.approx(timesteps, abs=1e-3)
 
-    stock = run(EVEN)
-    with sa.apply(pipe):
-        shared = run(EVEN)
-    torch.testing.assert_close(shared[:1], run(EVEN[:1]), atol=1e-5, rtol=1e-5)
-    assert (shared[1:] - stock[1:]).abs().amax() > 1e-3
+
+def test_guided_prediction_is_the_pipelines_true_cfg(qwen_pipe):
+    """`predict` with guidance > 1 is the pipeline's true CFG: the negative prompt's call, the combination
+    rescaled to the conditional prediction's norm per token."""
+    backbone, seen = backbone_for(qwen_pipe), []
+    size = dict(height=QWEN_HEIGHT, width=QWEN_WIDTH)
+    noise = backbone.initial_noise([0], 0, **size)
+    original = qwen_pipe.scheduler.step
+    qwen_pipe.scheduler.step = lambda output, t, sample, **kw: seen.append((output, t)) or original(output, t,
+                                                                                                  sample, **kw)
+    qwen_pipe("a photo of a cat", negative_prompt=" ", true_cfg_scale=3.0, num_inference_steps=1, latents=noise,
+              **size)
+    (expected, t), = seen
+    conditioning = backbone.conditioning("a photo of a cat", 3.0, QWEN_HEIGHT, QWEN_WIDTH)
+    torch.testing.assert_close(backbone.predict(noise, t, conditioning, 3.0), expected, atol=1e-6, rtol=1e-6)
+    unguided = backbone.predict(noise, t, backbone.conditioning("a photo of a cat", 1.0, QWEN_HEIGHT, QWEN_WIDTH), 1.0)
+    assert (unguided - expected).abs().amax() > 1e-3

@@ -19,9 +19,7 @@ from stylealigned.apply import hooked_layers, layers_to_share
 from stylealigned.backbones import backbone_for
 from stylealigned.backbones.wan import WanBackbone
 from tests import oracle_wan
-from tests.wan_pipelines import (  # noqa: F401 (fixtures)
-    WAN_FRAMES, WAN_HEIGHT, WAN_KWARGS, WAN_WIDTH, tiny_wan_paths, wan_pipe,
-)
+from tests.wan_pipelines import WAN_FRAMES, WAN_HEIGHT, WAN_KWARGS, WAN_WIDTH
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house"]
 STEPS = 4  # timesteps 999, 900, 750, 500: two on each side of Wan 2.2's boundary (875)

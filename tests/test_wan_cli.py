@@ -9,9 +9,9 @@ from PIL import Image
 
 from stylealigned.io import read_video
 from tests.test_cli import cli
-from tests.test_dit_cli import one_error_line
+from tests.test_transformer_cli import one_error_line
 from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
-from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, tiny_wan_i2v_paths, tiny_wan_paths  # noqa: F401 (fixtures)
+from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH
 
 FAST = ["--steps", "3", "--width", str(WAN_WIDTH), "--height", str(WAN_HEIGHT), "--device", "cpu"]
 NAMES = ["00-a-cat-watercolor.mp4", "01-a-dog-watercolor.mp4", "02-a-house-watercolor.mp4"]

@@ -11,7 +11,7 @@ from tests.test_wan import (  # noqa: F401 (fixture)
     EXTRA, GUIDANCE, ORACLE, PROMPTS, SAME_PATH, STEPS, decoded_latents, latents, leftovers, noise, photo,
     with_oracle,
 )
-from tests.wan_pipelines import WAN_FRAMES, WAN_KWARGS, tiny_wan_i2v_paths, wan_i2v_pipe  # noqa: F401 (fixtures)
+from tests.wan_pipelines import WAN_FRAMES, WAN_KWARGS
 
 KNOBS = [{}, dict(adain_values=True), dict(share_attention=False)] + EXTRA
 

@@ -5,9 +5,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from transformers import UMT5EncoderModel
 
-from tests.wan_pipelines import (  # noqa: F401 (fixtures)
-    BOUNDARY_RATIO, WAN_FRAMES, WAN_HEIGHT, WAN_KWARGS, WAN_WIDTH, tiny_wan_paths, wan_pipe,
-)
+from tests.wan_pipelines import BOUNDARY_RATIO, WAN_FRAMES, WAN_HEIGHT, WAN_KWARGS, WAN_WIDTH
 
 
 def test_both_layouts_load_back_as_wan_in_eval_mode(wan_pipe):

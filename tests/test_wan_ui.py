@@ -10,7 +10,7 @@ gradio_client = pytest.importorskip("gradio_client")
 
 from stylealigned.io import read_video  # noqa: E402
 from tests.test_ui import free_port  # noqa: E402
-from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, load_wan, tiny_wan_paths  # noqa: E402, F401 (fixture)
+from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, load_wan  # noqa: E402
 
 CLIP = dict(steps=2, width=WAN_WIDTH, height=WAN_HEIGHT, frames=5, fps=8)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_ui import free_port, serve_app
-from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, load_wan, tiny_wan_paths  # noqa: F401 (fixture)
+from tests.wan_pipelines import WAN_HEIGHT, WAN_WIDTH, load_wan
 
 CHROMIUM = "/usr/bin/chromium"
 TIMEOUT = 60_000  # ms, for any one element

@@ -1,33 +1,25 @@
-"""StyleAligned on the tiny Z-Image pipeline: every knob against the loop-per-image oracle end to end (with batched
-guidance, and with `cfg_truncation` dropping it on late steps), the reference as generated alone, exact removal,
-chunks, few-step (Turbo-like) sets, the layers, and refusals.
+"""Z-Image specifics on its tiny pipeline: the oracle itself, `cfg_truncation` dropping guidance on late steps,
+few-step (Turbo-like) sets, targets at other positions than their reference, the layers, refusals, fp32 starting
+latents and the attention backend. The checks every family shares (every knob, chunks, the reference, removal,
+img2img) are in tests/test_transformer_*.py.
 
 The prompts pad their captions to 64 (LONG) or 32 (SHORT, "a house") tokens, so targets sit at other image positions
 than their reference; the 24 x 40 image is 6 x 10 patches (a row/column swap shows) plus 4 image padding tokens.
 """
 
-import itertools
-
 import pytest
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
 import stylealigned as sa
 from stylealigned import sets
-from stylealigned.apply import hooked_layers, layers_to_share
+from stylealigned.apply import hooked_layers
 from stylealigned.backbones import ZImageBackbone, backbone_for
-from tests import oracle_zimage
+from tests.families import FP32, ZIMAGE
 from tests.test_backends import dispatch_spy, native_backend  # noqa: F401 (fixture)
+from tests.test_transformer_oracle import leftovers, record_batches
 from tests.zimage_pipelines import HEIGHT, LONG, PROMPT_KWARGS, SHORT, WIDTH
 
-PROMPTS = [LONG, SHORT, "a house", LONG]
-FLAGS = ("share_attention", "adain_queries", "adain_keys", "adain_values")
-KNOB_GRID = [dict(zip(FLAGS, flags)) for flags in itertools.product([False, True], repeat=4)]
-EXTRA = [dict(shared_score_scale=1.7, shared_score_shift=0.69), dict(shared_score_shift=-0.5, adain_values=True),
-         dict(reference_positions="same"), dict(shared_layers=1.0), dict(shared_layers=0.5, shared_score_scale=0.8),
-         dict(shared_layers="noise_refiner")]
-# fp32 end to end (the pipeline steps its latents in fp32 and rotates in complex64): the issue's bound
-FP32 = dict(atol=1e-4, rtol=1e-4)
+PROMPTS = list(ZIMAGE.prompts)  # [LONG, SHORT, "a house", LONG]
 
 
 @pytest.fixture
@@ -36,47 +28,16 @@ def pipe(zimage_pipe):
 
 
 def latents(pipe, prompts=PROMPTS, steps=2, seed=0, **kwargs):
-    """The pipeline's final latents, image i from the noise seeded seed + i; the prompts passed as a copy (the
-    pipeline rewrites its prompt list)."""
-    noise = backbone_for(pipe).initial_noise(range(len(prompts)), seed, HEIGHT, WIDTH)
-    return pipe(list(prompts), num_inference_steps=steps, height=HEIGHT, width=WIDTH, latents=noise,
-                output_type="latent", **PROMPT_KWARGS, **kwargs).images
+    """The pipeline's final latents, image i from the noise seeded seed + i."""
+    return ZIMAGE.latents(pipe, prompts, steps, seed, **kwargs)
 
 
 def oracle_latents(pipe, config, prompts=PROMPTS, **kwargs):
-    undo = oracle_zimage.install(pipe, config, layers_to_share(backbone_for(pipe), config), len(prompts))
-    try:
-        return latents(pipe, prompts, **kwargs)
-    finally:
-        undo()
+    return ZIMAGE.oracle_latents(pipe, config, prompts, **kwargs)
 
 
 def fast_and_oracle(pipe, config, prompts=PROMPTS, **kwargs):
-    with sa.apply(pipe, config):
-        fast = latents(pipe, prompts, **kwargs)
-    return fast, oracle_latents(pipe, config, prompts, **kwargs)
-
-
-def per_image_change(a, b):
-    return (a - b).abs().flatten(1).amax(dim=1)
-
-
-class RecordBatches(ModelHook):
-    """A foreign hook registered before `apply` (inside ours): each transformer call's (or chunk's) batch."""
-
-    def __init__(self):
-        super().__init__()
-        self.batches = []
-
-    def pre_forward(self, module, *args, **kwargs):
-        self.batches.append(len(args[0] if args else kwargs["x"]))
-        return args, kwargs
-
-
-def record_batches(pipe) -> list:
-    recorder = RecordBatches()
-    HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(recorder, "recorder")
-    return recorder.batches
+    return ZIMAGE.fast_and_oracle(pipe, config, prompts, **kwargs)
 
 
 # the oracle
@@ -89,18 +50,11 @@ def test_the_oracle_with_nothing_shared_is_the_stock_model(pipe):
     torch.testing.assert_close(oracle_latents(pipe, off), latents(pipe), atol=1e-5, rtol=1e-5)
 
 
-# every knob, end to end
+# guidance dropped on late steps, few steps
 
 
-@pytest.mark.parametrize("knobs", KNOB_GRID + EXTRA, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
-def test_every_knob_equals_oracle_end_to_end(pipe, knobs):
-    """Two steps with classifier-free guidance batched [cond..., uncond...]: two groups."""
-    fast, expected = fast_and_oracle(pipe, sa.StyleAlignedConfig(**knobs), guidance_scale=4.0)
-    torch.testing.assert_close(fast, expected, **FP32)
-
-
-@pytest.mark.parametrize("knobs", [{}, EXTRA[0], dict(shared_layers=1.0, adain_values=True,
-                                                          reference_positions="same")])
+@pytest.mark.parametrize("knobs", [{}, dict(shared_score_scale=1.7, shared_score_shift=0.69),
+                                   dict(shared_layers=1.0, adain_values=True, reference_positions="same")])
 def test_cfg_truncation_runs_unguided_steps_as_one_group(pipe, knobs):
     """cfg_truncation 0.1: the first of 3 steps guided (a batch of 2 x 3), the later ones not (3); the reference
     stays as generated alone, and targets follow the oracle, chunked too."""
@@ -126,17 +80,6 @@ def test_few_steps_without_and_with_guidance_equal_the_oracle(pipe, guidance):
     torch.testing.assert_close(fast, expected, **FP32)
 
 
-@pytest.mark.parametrize("knobs", [{}, EXTRA[0], dict(adain_values=True, shared_layers=1.0)])
-def test_chunked_equals_oracle(pipe, knobs):
-    """References recorded once per step, targets replayed 2 at a time (per-row list inputs sliced by row)."""
-    config, prompts = sa.StyleAlignedConfig(**knobs), PROMPTS + [SHORT]
-    batches = record_batches(pipe)
-    with sa.apply(pipe, config) as handle, handle.chunked(2):
-        chunked = latents(pipe, prompts, guidance_scale=4.0)
-    assert batches == [2 * 1, 2 * 2, 2 * 2] * 2  # [reference], [t1, t2], [t3, t4] per step, two groups each
-    torch.testing.assert_close(chunked, oracle_latents(pipe, config, prompts, guidance_scale=4.0), **FP32)
-
-
 def test_targets_at_other_positions_than_the_reference_see_it_at_their_own(pipe):
     """A short-caption reference and long-caption targets sit at different t: the oracle rotates the shared keys at
     each target's own t, and so must the fast path (also with the reference's caption the longer)."""
@@ -146,37 +89,15 @@ def test_targets_at_other_positions_than_the_reference_see_it_at_their_own(pipe)
         torch.testing.assert_close(fast, expected, **FP32)
 
 
-# the reference, removal, targets
+# the reference unguided (guided: tests/test_transformer_oracle.py)
 
 
-@pytest.mark.parametrize("guidance", [0.0, 4.0])
-def test_reference_equals_its_prompt_generated_alone(pipe, guidance):
-    alone = latents(pipe, PROMPTS[:1], guidance_scale=guidance)
+def test_reference_unguided_equals_its_prompt_generated_alone(pipe):
+    """Turbo's setting, guidance 0: one group."""
+    alone = latents(pipe, PROMPTS[:1], guidance_scale=0.0)
     with sa.apply(pipe, sa.StyleAlignedConfig(shared_layers=1.0, adain_values=True, shared_score_shift=0.5)):
-        in_set = latents(pipe, guidance_scale=guidance)
+        in_set = latents(pipe, guidance_scale=0.0)
     torch.testing.assert_close(in_set[:1], alone, atol=1e-5, rtol=1e-5)
-
-
-def leftovers(transformer) -> list[str]:
-    return [name or "<transformer>" for name, module in transformer.named_modules()
-            if hasattr(module, "_diffusers_hook") or "forward" in vars(module)]
-
-
-def test_removed_or_never_applied_is_bit_identical(pipe):
-    stock = latents(pipe)
-    processors = [module.processor for module in pipe.transformer.modules() if hasattr(module, "processor")]
-    with sa.apply(pipe) as handle:
-        assert hooked_layers(pipe.transformer) == handle.layers != []
-        shared = latents(pipe)
-    assert per_image_change(shared, stock)[0] < 1e-5 and (per_image_change(shared, stock)[1:] > 1e-3).all()
-    assert leftovers(pipe.transformer) == [] and not hasattr(pipe, "_stylealigned_handle")
-    assert torch.equal(latents(pipe), stock)
-    handle = sa.apply(pipe, sa.StyleAlignedConfig(shared_layers=1.0, adain_values=True))
-    with handle.chunked(1):
-        latents(pipe)
-    handle.remove()
-    assert leftovers(pipe.transformer) == [] and torch.equal(latents(pipe), stock)
-    assert [module.processor for module in pipe.transformer.modules() if hasattr(module, "processor")] == processors
 
 
 # layers and refusals
@@ -197,12 +118,6 @@ def test_several_references_are_refused_in_one_line(pipe):
         with pytest.raises(sa.UserError, match="one reference") as refused:
             latents(pipe, guidance_scale=0.0)
     assert "\n" not in str(refused.value)
-
-
-@pytest.mark.parametrize("knob", ["share_group_norm", "share_layer_norm", "full_attention_share"])
-def test_knobs_without_meaning_are_refused(pipe, knob):
-    with pytest.raises(sa.UserError, match=knob):
-        sa.apply(pipe, sa.StyleAlignedConfig(**{knob: True}))
 
 
 # generate_set
@@ -235,27 +150,6 @@ def test_chunked_set_equals_one_batch_and_leaves_the_prompts(pipe, decoded, sett
                            guidance_scale=settings["guidance_scale"])
     torch.testing.assert_close(torch.stack([whole[i] for i in range(len(prompts))]), expected, **FP32)
     assert leftovers(pipe.transformer) == []
-
-
-def test_the_img2img_variant(pipe):
-    """ZImageImg2ImgPipeline calls the transformer as the text-to-image pipeline does: the reference as generated
-    alone, targets changed."""
-    from diffusers import ZImageImg2ImgPipeline
-
-    img2img = ZImageImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
-    image = torch.rand(1, 3, HEIGHT, WIDTH)
-
-    def run(prompts):
-        return img2img(list(prompts), image=image.expand(len(prompts), -1, -1, -1), strength=0.7,
-                       num_inference_steps=4, height=HEIGHT, width=WIDTH, output_type="latent", **PROMPT_KWARGS,
-                       generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))]).images
-
-    stock = run(PROMPTS)
-    with sa.apply(img2img):
-        shared = run(PROMPTS)
-    torch.testing.assert_close(shared[:1], run(PROMPTS[:1]), atol=1e-5, rtol=1e-5)
-    assert (per_image_change(shared, stock)[1:] > 1e-3).all()
 
 
 def test_starting_latents_are_fp32_as_the_pipeline_draws_them(pipe):

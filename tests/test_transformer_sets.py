@@ -1,5 +1,6 @@
-"""`apply` and `generate_set` on the tiny FLUX.1, SD3.5 and FLUX.2-klein pipelines: exact removal, the reference, chunks and
-subsets, the shared layers, refused knobs, reference positions, replacing, and composing with a foreign hook."""
+"""`apply` and `generate_set` on the tiny transformer pipelines (tests/families.py): the reference, chunks and
+subsets, the shared layers, refused knobs, reference positions, replacing, and composing with a foreign hook. (Exact
+removal and the reference in chunks, on every family: tests/test_transformer_oracle.py.)"""
 
 import pytest
 import torch
@@ -11,23 +12,20 @@ import stylealigned as sa
 from stylealigned import sets
 from stylealigned.apply import HOOK, applied, hooked_layers, layers_to_share
 from stylealigned.backbones import backbone_for
-from tests import flux2_pipelines
-from tests.dit_pipelines import FLUX_SIZE, PROMPT_KWARGS, SD3_SIZE
+from tests.families import families, family_of
+from tests.test_transformer_oracle import leftovers, per_image_change
 from tests.tolerance import assert_rounding_close, denoising_depth
 
 PROMPTS = ["a cat in watercolor style", "a dog", "a house", "a tree", "a car"]
 STEPS = 3
-SIZES = {"flux": (FLUX_SIZE, FLUX_SIZE), "sd3": (SD3_SIZE, SD3_SIZE),
-         "flux2": (flux2_pipelines.HEIGHT, flux2_pipelines.WIDTH)}  # (height, width)
 # FLUX.1-dev embeds its guidance (the pipeline's default, 3.5); SD3 batches classifier-free guidance; klein runs it
 # in two calls.
-GUIDANCE = {"flux": {}, "sd3": {"guidance_scale": 5.0}, "flux2": {"guidance_scale": 4.0}}
-TEXT = {"flux": PROMPT_KWARGS, "sd3": PROMPT_KWARGS, "flux2": flux2_pipelines.PROMPT_KWARGS}
+GUIDANCE = {"flux": {}}
 
 
-@pytest.fixture(params=["flux", "sd3", "flux2"])
+@pytest.fixture(params=families("flux", "sd3", "flux2"))
 def pipe(request):
-    return request.getfixturevalue(f"{request.param}_pipe")
+    return request.param.pipe(request)
 
 
 def family(pipe) -> str:
@@ -36,55 +34,22 @@ def family(pipe) -> str:
 
 def calls_per_step(pipe) -> int:
     """Transformer calls per denoising step: klein runs the negative prompt in a call of its own."""
-    return 2 if family(pipe) == "flux2" else 1
+    return family_of(pipe).calls_per_step
 
 
 def settings(pipe, **kwargs) -> dict:
-    height, width = SIZES[family(pipe)]
-    return dict(num_inference_steps=STEPS, height=height, width=width, **TEXT[family(pipe)]) | GUIDANCE[
-        family(pipe)] | kwargs
-
-
-def initial_noise(pipe, count, seed=0):
-    backbone, size = backbone_for(pipe), SIZES[family(pipe)]
-    return backbone.start_latents(backbone.initial_noise(range(count), seed, *size), *size)
+    table = family_of(pipe)
+    guidance = GUIDANCE.get(table.name, table.guided)
+    return dict(num_inference_steps=STEPS, height=table.height, width=table.width, **table.prompt_kwargs) | guidance | kwargs
 
 
 def latents(pipe, prompts, seed=0, **kwargs):
     """The pipeline's final latents (its own layout), image i starting from the noise seeded seed + i."""
-    return pipe(prompt=prompts, latents=initial_noise(pipe, len(prompts), seed), output_type="latent",
-                **settings(pipe, **kwargs)).images
+    table = family_of(pipe)
+    return table.latents(pipe, prompts, STEPS, seed, **(GUIDANCE.get(table.name, table.guided) | kwargs))
 
 
-def leftovers(transformer) -> list[str]:
-    """Modules that still carry a hook registry or an instance-level forward."""
-    return [name or "<transformer>" for name, module in transformer.named_modules()
-            if hasattr(module, "_diffusers_hook") or "forward" in vars(module)]
-
-
-def per_image_change(a, b):
-    return (a - b).abs().flatten(1).amax(dim=1)
-
-
-# removal, the reference, targets
-
-
-def test_removed_or_never_applied_is_bit_identical(pipe):
-    stock = latents(pipe, PROMPTS[:4])
-    with sa.apply(pipe) as handle:
-        assert hooked_layers(pipe.transformer) == handle.layers != []
-        shared = latents(pipe, PROMPTS[:4])
-    assert not torch.equal(shared, stock)
-    assert leftovers(pipe.transformer) == [] and not hasattr(pipe, "_stylealigned_handle")
-    assert torch.equal(latents(pipe, PROMPTS[:4]), stock)
-    # every layer, chunked, then removed twice (idempotent)
-    handle = sa.apply(pipe, sa.StyleAlignedConfig(shared_layers=1.0, adain_values=True, shared_score_shift=0.5))
-    with handle.chunked(2):
-        latents(pipe, PROMPTS[:4])
-    handle.remove()
-    handle.remove()
-    assert leftovers(pipe.transformer) == []
-    assert torch.equal(latents(pipe, PROMPTS[:4]), stock)
+# the reference, targets
 
 
 REFERENCE_CASES = [
@@ -129,8 +94,8 @@ def set_latents(pipe, prompts, decoded, seed=7, **kwargs) -> dict[int, torch.Ten
     found = {}
     images = sets.generate_set(pipe, prompts, seed=seed, **settings(pipe), **kwargs,
                                on_image=lambda i, image: found.setdefault(i, image.info["latent"]))
-    height, width = SIZES[family(pipe)]
-    assert len(images) == len(found) and all(image.size == (width, height) for image in images)
+    size = (family_of(pipe).width, family_of(pipe).height)
+    assert len(images) == len(found) and all(image.size == size for image in images)
     return found
 
 
@@ -172,7 +137,7 @@ class RecordBatches(ModelHook):
 def test_chunked_apply_runs_the_reference_once_then_targets_in_chunks(pipe):
     recorder = RecordBatches()
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(recorder, "recorder")
-    groups = 2 if family(pipe) == "sd3" else 1  # SD3 batches [uncond..., cond...]
+    groups = family_of(pipe).groups  # SD3 batches [uncond..., cond...]
     calls = calls_per_step(pipe)
     with sa.apply(pipe) as handle, handle.chunked(2):
         latents(pipe, PROMPTS)
@@ -226,8 +191,10 @@ def test_no_shared_layer_leaves_the_model_bit_identical(pipe):
         assert torch.equal(latents(pipe, PROMPTS[:3]), vanilla)
 
 
+@pytest.mark.parametrize("table", families())
 @pytest.mark.parametrize("knob", ["share_group_norm", "share_layer_norm", "full_attention_share"])
-def test_knobs_without_meaning_on_transformers_are_refused(pipe, knob):
+def test_knobs_without_meaning_on_transformers_are_refused(request, table, knob):
+    pipe = table.pipe(request)
     with pytest.raises(sa.UserError) as refused:
         sa.apply(pipe, sa.StyleAlignedConfig(**{knob: True}))
     message = str(refused.value)
