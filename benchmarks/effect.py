@@ -29,6 +29,8 @@ again (with a newer classifier, say) without generating.
                           styles (outline, striped, pixel, polka)
     positions             no sharing, reference keys at shifted positions, at the same positions (RoPE models)
     score-scale           shared_score_scale 1.0 (the default) and 1.1 (AlignedGen's lambda)
+    score-shift           shared_score_shift 0 (the default), -1 and -2: the reference's logits lowered, its pull
+                          on the targets' content (and style) weaker
     transfer-mode         transfer from the drawn reference: inverted, or forward-noised (`--inversion noise`)
     transfer-ablation     the transfer preset and each of its knobs turned back: shared norms, shift log 2, AdaIN
                           on the values
@@ -71,8 +73,9 @@ METRICS = {"style_agrees": "style agreement", "object_right": "object accuracy",
            "seen_agrees": "agreement with reference as classified", "layout": "layout copying (silhouette IoU)"}
 SILHOUETTE = 0.5  # foreground distance (summed over channels, pixels in [-1, 1]) above which a pixel is the object
 BOOTSTRAP = 2000
+SCORE_SHIFTS = (-1.0, -2.0)
 EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete",
-               "positions", "score-scale", "transfer-mode", "transfer-ablation")
+               "positions", "score-scale", "score-shift", "transfer-mode", "transfer-ablation")
 PALETTE_STYLES = ("pastel", "neon")  # colour only: the toy's stand-in for abstract styles
 
 
@@ -122,10 +125,13 @@ def variants(experiment: str, set_sizes: list[int], backbone) -> list[Variant]:
         return [Variant("no-share", CONFIGS["no-share"]), Variant("full", full)]
     if experiment == "positions":
         return [Variant("no-share", CONFIGS["no-share"]), Variant("full", full),
-                Variant("same-positions", lambda: StyleAlignedConfig.text_to_image(reference_positions="same"))]
+                Variant("same-positions", _text_to_image_with(reference_positions="same"))]
     if experiment == "score-scale":
         return [Variant("full", full),
-                Variant("scale-1.1", lambda: StyleAlignedConfig.text_to_image(shared_score_scale=1.1))]
+                Variant("scale-1.1", _text_to_image_with(shared_score_scale=1.1))]
+    if experiment == "score-shift":
+        return [Variant("full", full)] + [Variant(f"shift{shift:g}", _text_to_image_with(shared_score_shift=shift))
+                                          for shift in SCORE_SHIFTS]
     if experiment == "transfer-mode":
         return [Variant("inverted", transfer, drawn=True), Variant("noised", transfer, drawn=True, inversion="noise")]
     if experiment == "transfer-ablation":
@@ -151,8 +157,12 @@ def _transfer_with(changes: dict) -> Callable[[], StyleAlignedConfig]:
     return lambda: StyleAlignedConfig.transfer(**changes)
 
 
+def _text_to_image_with(**changes) -> Callable[[], StyleAlignedConfig]:
+    return lambda: StyleAlignedConfig.text_to_image(**changes)
+
+
 def _sharing(layers) -> Callable[[], StyleAlignedConfig]:
-    return lambda: StyleAlignedConfig.text_to_image(shared_layers=layers)
+    return _text_to_image_with(shared_layers=layers)
 
 
 def seed_of(args, index: int) -> int:
