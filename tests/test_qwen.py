@@ -154,10 +154,12 @@ def test_decoding_is_the_pipelines(qwen_pipe):
 # the shared layers
 
 
-def test_default_shared_layers_are_every_block(qwen_pipe):
+def test_default_shared_layers_are_half_the_blocks(qwen_pipe):
     backbone = backbone_for(qwen_pipe)
     assert backbone.attention_layers() == [f"transformer_blocks.{i}.attn" for i in range(3)]
-    assert layers_to_share(backbone, sa.StyleAlignedConfig()) == backbone.attention_layers()
+    half = layers_to_share(backbone, sa.StyleAlignedConfig(shared_layers=0.5))
+    assert layers_to_share(backbone, sa.StyleAlignedConfig()) == half == ["transformer_blocks.0.attn",
+                                                                          "transformer_blocks.2.attn"]
 
 
 @pytest.mark.parametrize("shared_layers, expected", [(1.0, [0, 1, 2]), (0.34, [1]), (0.67, [0, 2]), (0.0, [])])

@@ -40,8 +40,8 @@ class Flux2Backbone(FluxBackbone):
     family = "flux2"
     label = "FLUX.2 transformer"
     # FLUX.1's block layout (double-stream, then single-stream blocks), so FLUX.1's measured default carries over:
-    # every attention layer (`flux.FluxBackbone`).
-    default_shared_layers = 1.0
+    # half the attention layers, evenly spread (`flux.FluxBackbone`).
+    default_shared_layers = 0.5
 
     @classmethod
     def single_file(cls, keys):

@@ -37,9 +37,9 @@ class QwenImageBackbone(Backbone):
 
         return isinstance(component(pipe, "transformer"), QwenImageTransformer2DModel)
 
-    # Every block, as FLUX.1 (measured on builtin-flux): Qwen-Image's blocks are all double-stream with RoPE, and on
-    # builtin-flux sharing double-stream blocks, with shifted reference positions, copied no layout.
-    default_shared_layers = 1.0
+    # Half the blocks, evenly spread, as FLUX.1 (measured on builtin-flux): Qwen-Image's blocks are double-stream
+    # with RoPE, and on builtin-flux sharing every layer pulled targets toward the reference's object.
+    default_shared_layers = 0.5
 
     def attention_layers(self):
         return [f"transformer_blocks.{i}.attn" for i in range(len(self.denoiser.transformer_blocks))]
