@@ -15,7 +15,9 @@ Resumable: every image is kept as OUT/images/CONFIG/SET-POSITION.png and a set a
 the same command runs again. Sets run round by round (set k under every configuration before set k + 1); every
 --report-every rounds, the sets present under all configurations are judged into OUT/effect.md, effect.json and
 effect.png, so an interrupted run still reports all configurations on equal footing. --report-only judges them
-again (with a newer classifier, say) without generating.
+again (with a newer classifier, say) without generating. OUT/parameters.json records the arguments and every
+arm's resolved configuration (its knobs and the layers it shares); a run into a folder whose record differs, after a
+default changed say, is refused rather than mixing sets made two ways.
 
 --experiment NAME runs one of `stylealigned eval`'s experiments on the built-in model instead of the ablations
 (default --out runs/effect-NAME), each variant of a set on the same noise:
@@ -55,6 +57,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from stylealigned.apply import layers_to_share
 from stylealigned.backbones import backbone_for
 from stylealigned.config import StyleAlignedConfig
 from stylealigned.demo import GUIDANCE, TARGETS, ToySet, draw_reference, generate, judge, load_judge, random_sets
@@ -410,6 +413,15 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def arm_record(backbone, variant: Variant) -> dict:
+    """What an arm generates with, resolved: its fitted configuration and the layers it shares, so that resuming
+    after a default changed refuses instead of mixing sets made under two defaults."""
+    config = backbone.fit_preset(variant.config())
+    return {"config": config.to_dict(), "layers": layers_to_share(backbone, config), "targets": variant.targets,
+            "reference": variant.reference, "drawn": variant.drawn, "degradation": variant.degradation,
+            "inversion": variant.inversion}
+
+
 def trained(pipe) -> str:
     """How long the model was trained, from its training.json."""
     training = Path(pipe.name_or_path) / "training.json"
@@ -424,13 +436,17 @@ def main() -> None:
     parameters = {"steps": args.steps, "seed": args.seed, "model": args.model}
     if args.experiment != ["ablations"]:
         parameters |= {"experiment": ",".join(args.experiment), "set_sizes": args.set_sizes}
-    record = args.out / "parameters.json"
-    if record.exists() and json.loads(record.read_text()) != parameters:
-        raise SystemExit(f"error: {args.out} holds a run with other parameters ({record}); choose another --out")
-    write_json_atomic(record, parameters)
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)
-    args.variants = all_variants(args.experiment, args.set_sizes, backbone_for(pipe))
+    backbone = backbone_for(pipe)
+    args.variants = all_variants(args.experiment, args.set_sizes, backbone)
+    parameters["arms"] = {variant.name: arm_record(backbone, variant) for variant in args.variants}
+    record = args.out / "parameters.json"
+    if not args.report_only:
+        if record.exists() and json.loads(record.read_text()) != json.loads(json.dumps(parameters)):
+            raise SystemExit(f"error: {args.out} holds a run with other parameters or other resolved configurations "
+                             f"(a changed default, say; {record}); choose another --out")
+        write_json_atomic(record, parameters)
     header = (f"{args.model}: {trained(pipe)}, experiment {', '.join(args.experiment)}; {args.steps} sampling "
               f"steps, guidance {GUIDANCE:g}; rate [95% bootstrap interval over sets].")
     toy_sets = random_sets(args.sets, args.seed)
