@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux --device cpu --repeats 3    # ~3 min on 2 cores
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model sd3 --device cpu --repeats 3     # ~3 min
-    OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux2 --device cpu --repeats 3   # FLUX.2 blocks (24 heads), 1+2
+    OMP_NUM_THREADS=1 python benchmarks/speed.py --model flux2 --device cpu --repeats 3   # FLUX.2 blocks, 24 heads, 1+2
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model qwen --device cpu --repeats 3    # Qwen-Image, 3 of 60 blocks
     OMP_NUM_THREADS=1 python benchmarks/speed.py --model zimage --device cpu --repeats 3  # Z-Image, 1+1+2 of 2+2+30
     python benchmarks/speed.py --device cpu  [--model sd15-lite|sd15] [--sizes 4,16] [--batch-size 4] [--steps 2]
@@ -46,7 +46,7 @@ blocks (24 heads of 64, caption projection 1536, pooled 2048, qk RMS norm, the f
 of 128, ffn 8960, 4096-wide UMT5 input, 3D RoPE) at `--depth` blocks (1 on CPU, 30 on a GPU), clips of `--frames`
 frames (5 on CPU, 81 on a GPU); a set of N images is then N clips. `qwen`: Qwen-Image's double-stream blocks (24
 heads of 128, complex RoPE, true CFG in two calls per step) at `--depth` blocks (3 on CPU, 60 on a GPU: its default
-shares every block). `zimage`: Z-Image's blocks (30 heads of 128, CFG batched in one call) at `--depth`
+shares half of them). `zimage`: Z-Image's blocks (30 heads of 128, CFG batched in one call) at `--depth`
 refiners,layers (1 noise and 1 caption refiner and 2 joint layers on CPU; 2,30 on a GPU). FLUX, SD3 and Wan get small
 random CLIP/T5 encoders of the real output widths, FLUX.2, Qwen-Image and Z-Image small Qwen encoders (their text
 input layers narrowed to match), and all a small VAE with the real latent channels: the loop timed is the

@@ -25,8 +25,8 @@ class FluxBackbone(Backbone):
     unbatched_inputs = ("img_ids", "txt_ids")
     # Half the attention layers, evenly spread, measured on builtin-flux (docs/findings.md, section 6): style
     # agreement 0.80 against 0.21 unshared while sharing every layer (0.94) makes 0.29 of targets draw the
-    # reference's object instead of their own (0.12 at half); sharing only the single-stream blocks (AlignedGen's
-    # choice) aligns less (0.64) and leaks more (0.21).
+    # reference's object instead of their own (0.13 at half); sharing only the single-stream blocks (AlignedGen's
+    # choice) aligns less (0.61) and leaks more (0.24).
     default_shared_layers = 0.5
     flow = True
 

@@ -14,8 +14,8 @@ from ..io import write_atomic
 COLUMNS = ["config", "style_index", "style", "kind", "seed", "text_alignment", "set_consistency",
            "set_consistency_includes_reference", "diversity", "folder"]
 # An experiment's own columns, written when its rows have them.
-EXTRA_COLUMNS = ["layout_copying", "temporal_consistency", "csd_style_similarity", "set_size", "shared_layers", "layers_shared",
-                 "reference_object", "degradation", "level"]
+EXTRA_COLUMNS = ["layout_copying", "temporal_consistency", "csd_style_similarity", "set_size", "shared_layers",
+                 "layers_shared", "reference_object", "degradation", "level"]
 METRICS = {"text_alignment": "text alignment", "set_consistency": "set consistency", "diversity": "diversity",
            "layout_copying": "layout copying",
            "temporal_consistency": "temporal consistency", "csd_style_similarity": "CSD style similarity"}
