@@ -33,6 +33,8 @@ default changed say, is refused rather than mixing sets made two ways.
     score-scale           shared_score_scale 1.0 (the default) and 1.1 (AlignedGen's lambda)
     score-shift           shared_score_shift 0 (the default), -1 and -2: the reference's logits lowered, its pull
                           on the targets' content (and style) weaker
+    text-queries          text_sees_reference on (the default) and off: targets' text tokens attend to their own
+                          tokens only (transformers)
     transfer-mode         transfer from the drawn reference: inverted, or forward-noised (`--inversion noise`)
     transfer-ablation     the transfer preset and each of its knobs turned back: shared norms, shift log 2, AdaIN
                           on the values
@@ -78,7 +80,7 @@ SILHOUETTE = 0.5  # foreground distance (summed over channels, pixels in [-1, 1]
 BOOTSTRAP = 2000
 SCORE_SHIFTS = (-1.0, -2.0)
 EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete",
-               "positions", "score-scale", "score-shift", "transfer-mode", "transfer-ablation")
+               "positions", "score-scale", "score-shift", "text-queries", "transfer-mode", "transfer-ablation")
 PALETTE_STYLES = ("pastel", "neon")  # colour only: the toy's stand-in for abstract styles
 
 
@@ -135,6 +137,8 @@ def variants(experiment: str, set_sizes: list[int], backbone) -> list[Variant]:
     if experiment == "score-shift":
         return [Variant("full", full)] + [Variant(f"shift{shift:g}", _text_to_image_with(shared_score_shift=shift))
                                           for shift in SCORE_SHIFTS]
+    if experiment == "text-queries":
+        return [Variant("full", full), Variant("text-off", _text_to_image_with(text_sees_reference=False))]
     if experiment == "transfer-mode":
         return [Variant("inverted", transfer, drawn=True), Variant("noised", transfer, drawn=True, inversion="noise")]
     if experiment == "transfer-ablation":

@@ -12,8 +12,10 @@ Stages, in order (choose with --stages), each checkpointed in --work every --sav
   flux        builtin-flux: a small FluxTransformer2DModel and its T5 encoder jointly, flow matching on the same
               latents, beside the frozen VAE and CLIP text encoder of --out (FLUX's pooled text)
 Every UNet checkpoint also rewrites --out (a StableDiffusionPipeline folder holding the EMA weights), and every
-FLUX checkpoint --flux-out (a FluxPipeline folder), so the shipped models are always the latest ones. --resume continues from --work; when --work has no checkpoint (a fresh
-clone), it warm-starts from the model already in --out (the EMA weights, with a new optimiser). Logs go to stdout.
+FLUX checkpoint --flux-out (a FluxPipeline folder), so the shipped models are always the latest ones. --resume
+continues from --work; when --work has no checkpoint (a fresh clone), it warm-starts from the model already in --out
+(the EMA weights, with a new optimiser). The learning rate warms up over --warmup steps, stays at --lr, and with
+--anneal N falls linearly to 0 over the run's last N steps. Logs go to stdout.
 Run in the background on one core: `nohup python scripts/train_builtin.py --resume > runs/train.log 2>&1 &`.
 """
 
@@ -193,7 +195,7 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             for group in optimizer.param_groups:
-                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup)
+                group["lr"] = args.lr * min(1.0, (step + 1) / args.warmup, (total - step) / args.anneal)
             optimizer.step()
             step += 1
             decay = min(args.ema, (1 + step) / (10 + step))
@@ -367,6 +369,8 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--anneal", type=int, default=1,
+                        help="decay the learning rate linearly to 0 over the last N steps")
     parser.add_argument("--ema", type=float, default=0.998)
     parser.add_argument("--snr-gamma", type=float, default=5.0)
     parser.add_argument("--images", type=int, default=20000, help="size of the encoded UNet training set")

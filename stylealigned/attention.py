@@ -323,8 +323,26 @@ def align_targets(q: Tensor, k: Tensor, v: Tensor, ref: Reference, config: Style
     q, k = rotated(q, rotate, overwrite), rotated(k, rotate, overwrite)
     if not config.share_attention:
         return attention(q, k, v, mask, kernel=kernel)
-    return attend_with_reference(q, k, v, ref.key, ref.value, config.shared_score_scale, config.shared_score_shift,
-                                 mask, ref.key_bias, kernel)
+    if config.text_sees_reference or image == ALL:
+        return attend_with_reference(q, k, v, ref.key, ref.value, config.shared_score_scale,
+                                     config.shared_score_shift, mask, ref.key_bias, kernel)
+    out = torch.empty_like(q)
+    for rows in text_rows(image, q.shape[-2]):  # text queries: their own keys only
+        out[..., rows, :] = attention(q[..., rows, :], k, v, query_rows(mask, rows), kernel=kernel)
+    out[..., image, :] = attend_with_reference(q[..., image, :], k, v, ref.key, ref.value, config.shared_score_scale,
+                                               config.shared_score_shift, query_rows(mask, image), ref.key_bias, kernel)
+    return out
+
+
+def query_rows(mask: Tensor | None, rows: slice) -> Tensor | None:
+    """The rows of a (..., queries or 1, keys) mask for the queries `rows` (a mask broadcast over queries as is)."""
+    return mask if mask is None or mask.shape[-2] == 1 else mask[..., rows, :]
+
+
+def text_rows(image: slice, tokens: int) -> list[slice]:
+    """The token slices outside the image tokens `image` of `tokens` (before it, after it, or both)."""
+    start, stop, _ = image.indices(tokens)
+    return [rows for rows in (slice(0, start), slice(stop, tokens)) if rows.stop > rows.start]
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, rotate: Rotation = None, mask: Tensor | None = None,

@@ -53,6 +53,8 @@ class StyleAlignedConfig:
         "help": "Added to logits toward the reference; log(k) = k copies of it."})
     shared_layers: float | str | tuple[str, ...] | None = field(default=None, metadata={
         "help": "Fraction of attention layers that share (0..1), or a layer-name filter; default: the family's."})
+    text_sees_reference: bool = field(default=True, metadata={
+        "help": "Transformers: targets' text tokens also attend to the reference's image tokens."})
     reference_positions: str = field(default="shifted", metadata={
         "help": "FLUX: shared reference keys at positions shifted beside the image, or the same positions."})
 

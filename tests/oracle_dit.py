@@ -4,7 +4,8 @@ Per attention layer and guidance group, image 0 is the reference and attends to 
 stock model does. A target's image-token queries / keys / values are AdaIN-normalised to the reference's image
 tokens (after the q/k norms, before RoPE); with sharing on, every target query also attends to the reference's
 image tokens: its un-normalised keys, rotated at the reference positions and scaled, with the shift added to
-those logits, and its values. The reference's text tokens are never shared. No code is shared with the package.
+those logits, and its values (text queries too, unless `text_sees_reference` is off: then they see their own
+keys only). The reference's text tokens are never shared. No code is shared with the package.
 """
 
 import inspect
@@ -91,8 +92,19 @@ def attend_several(q, k, v, image, config, weights, rotary, reference_rotary, ma
         for j, w in enumerate(weights):
             logits[..., start + j * width:start + (j + 1) * width] += config.shared_score_shift + (
                 math.log(w) if w > 0 else -math.inf)
-        out.append(logits.softmax(-1) @ values)
+        out.append(text_on_own_keys(logits.softmax(-1) @ values, qi, ki, vi, image, config, masks[i]))
     return torch.stack(out)
+
+
+def text_on_own_keys(shared, q, k, v, image, config, mask):
+    """A target's attention output `shared`, except that with `text_sees_reference` off its queries outside the
+    image tokens take their attention over the target's own keys only."""
+    if config.text_sees_reference:
+        return shared
+    text = torch.ones(q.shape[-2], dtype=torch.bool)
+    text[image] = False
+    shared[:, text] = softmax_attention(q, k, v, mask=mask)[:, text]
+    return shared
 
 
 def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None, masks=None, weights=(1.0,)):
@@ -119,8 +131,9 @@ def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None, mas
             continue
         shared_keys = config.shared_score_scale * rope(k[0][:, image], reference_rotary)
         keys, values = torch.cat([ki, shared_keys], dim=-2), torch.cat([vi, v[0][:, image]], dim=-2)
-        out.append(softmax_attention(qi, keys, values, shift_from=q.shape[-2], shift=config.shared_score_shift,
-                                     mask=masks[i]))
+        shared = softmax_attention(qi, keys, values, shift_from=q.shape[-2], shift=config.shared_score_shift,
+                                   mask=masks[i])
+        out.append(text_on_own_keys(shared, qi, ki, vi, image, config, masks[i]))
     return torch.stack(out)
 
 

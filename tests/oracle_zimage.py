@@ -126,7 +126,10 @@ class ZImageOracleProcessor:
                 continue
             at_target = frequencies(context, image_ids(context, row, shift))
             shared_keys = config.shared_score_scale * rope(k[reference][:, image], at_target)
-            out.append(attend(qi, ki, vi, valid, shared_keys, v[reference][:, image], config.shared_score_shift))
+            shared = attend(qi, ki, vi, valid, shared_keys, v[reference][:, image], config.shared_score_shift)
+            if not config.text_sees_reference:  # caption (and padding) queries: own keys only
+                shared[:, image.stop:] = attend(qi, ki, vi, valid)[:, image.stop:]
+            out.append(shared)
         out = torch.stack(out).transpose(1, 2).flatten(2).to(hidden_states.dtype)
         out = attn.to_out[0](out)
         return attn.to_out[1](out) if len(attn.to_out) > 1 else out

@@ -168,3 +168,25 @@ def test_processor_modes_agree():
 def test_a_single_token_layer_stays_finite():
     q, k, v = (t.view(1, 3, *t.shape[1:]) for t in qkv(1, 3, 2, 1, 8))
     assert torch.isfinite(shared_attention(q, k, v, StyleAlignedConfig.transfer(adain_values=True))).all()
+
+
+@pytest.mark.parametrize("image", [slice(3, None), slice(0, 9), slice(2, 10)], ids=["text-first", "text-last", "both"])
+@pytest.mark.parametrize("mask_rows", [None, 1, 12], ids=["no-mask", "key-mask", "full-mask"])
+def test_text_queries_off_the_reference_equal_the_oracle(image, mask_rows):
+    """`text_sees_reference=False`: queries outside the image tokens attend to their own image's keys only, the
+    image queries as before; with a key-padding mask (broadcast over queries) and a full one."""
+    from tests import oracle_dit
+
+    config = StyleAlignedConfig(text_sees_reference=False, shared_score_shift=0.4, adain_values=True)
+    q, k, v = (t.view(1, 3, 2, 12, 4) for t in qkv(1, 3, 2, 12, 4, dtype=torch.float64))
+    mask = None
+    if mask_rows:
+        draw = torch.rand((1, 3, 1, mask_rows, 12), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        mask = draw > 0.3
+        mask[..., 0] = True  # every query keeps a key
+    masks = None if mask is None else list(mask[0])
+    expected = oracle_dit.attend_group(q[0], k[0], v[0], image, config, masks=masks)
+    out = shared_attention(q, k, v, config, image, mask=mask)[0]
+    assert_rounding_close(out, expected, depth=2 * 12 + 4)  # sums over own and shared keys, and the channels
+    sharing = shared_attention(q, k, v, config.replace(text_sees_reference=True), image, mask=mask)[0]
+    assert not torch.allclose(sharing[1:], out[1:])  # the knob changes the targets
