@@ -535,6 +535,25 @@ def test_overwrite_deletes_the_scores_of_the_earlier_set(tiny_sd_path, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == ["00-a-tree.png", "grid.png", "run.json"]
 
 
+def test_a_resume_that_changes_the_set_drops_its_scores(tiny_sd_path, tmp_path, capsys, tiny_clip_path,
+                                                        tiny_dino_path):
+    """A resume with nothing to do keeps scores.json (and run.json's listing of it); one that regenerates an image
+    deletes the scores of the set before."""
+    out = tmp_path / "out"
+    generate = ("generate", "a cat", "a dog", "--model", tiny_sd_path, "--out", out, *FAST)
+    assert cli(capsys, *generate)[0] == 0
+    assert cli(capsys, "score", out, "--clip-model", tiny_clip_path, "--dino-model", tiny_dino_path,
+               "--device", "cpu")[0] == 0
+    scores = (out / "scores.json").read_bytes()
+    assert cli(capsys, *generate, "--resume")[0] == 0
+    assert (out / "scores.json").read_bytes() == scores
+    assert "scores.json" in json.loads((out / "run.json").read_text())["files"]
+    (out / "01-a-dog.png").unlink()
+    assert cli(capsys, *generate, "--resume")[0] == 0
+    assert (out / "01-a-dog.png").exists() and not (out / "scores.json").exists()
+    assert "scores.json" not in json.loads((out / "run.json").read_text())["files"]
+
+
 # 16. messages that say what happened and what to do
 
 @pytest.mark.parametrize("code, strerror, fix", [

@@ -95,6 +95,7 @@ Frames = Annotated[Optional[int], typer.Option(
     help="Frames per clip, on video models (Wan: one more than a multiple of 4; default: the pipeline's, 81).")]
 Fps = Annotated[Optional[int], typer.Option(help="Frames per second of the MP4s, on video models (default 16).")]
 DEFAULT_FPS = 16  # Wan's
+SCORES = "scores.json"  # what `stylealigned score` writes into a run folder
 Loras = Annotated[Optional[list[str]], typer.Option(
     "--lora", help="LoRA weights to load, PATH[:SCALE] (a .safetensors file or its folder; scale 1); repeatable.")]
 OPTION_TYPES = {"bool": bool, "float": float}  # every other knob is given as text
@@ -209,6 +210,7 @@ class RunFolder:
     files: dict[int, Path] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     written: int = 0
+    kept: list[str] = field(default_factory=list)  # files of ours besides the outputs that run.json keeps listing
     resumable = True  # whether the command has --resume
     fps: int | None = None  # a set of clips
 
@@ -230,9 +232,23 @@ class RunFolder:
         if resuming and (differ := self._differences(earlier)):
             raise UserError(f"{self.path} holds a run with other parameters ({', '.join(differ)}); rerun the same "
                             "command to resume, or pass --overwrite")
+        todo = [i for i, file in self.files.items() if not file.exists()]
         if resuming:
-            self._check_ours(json.loads(earlier.read_text(encoding="utf-8")).get("sha256") or {})
-        return [i for i, file in self.files.items() if not file.exists()]
+            record = json.loads(earlier.read_text(encoding="utf-8"))
+            self._check_ours(record.get("sha256") or {})
+            self._keep_or_drop_scores(record.get("files") or [], todo)
+        return todo
+
+    def _keep_or_drop_scores(self, listed: list, todo: list[int]) -> None:
+        """The scores.json `stylealigned score` wrote (run.json lists it) describe the set as it was: deleted when the
+        resume will change the set, else kept on the list."""
+        scores = self.path / SCORES
+        if SCORES not in listed or not scores.is_file() or scores.is_symlink():
+            return
+        if todo:
+            scores.unlink()
+        else:
+            self.kept.append(SCORES)
 
     def _check_ours(self, recorded: dict) -> None:
         """Refuse to resume where a file at one of our names is not the one this run wrote (run.json's digest, or
@@ -266,7 +282,7 @@ class RunFolder:
     def write_record(self, complete: bool) -> None:
         write_json_atomic(self.path / "run.json", {"parameters": self.parameters, "prompts": self.prompts,
                                                    "style": self.parameters.get("style"), "complete": complete,
-                                                   "files": self.outputs, "sha256": self.digests,
+                                                   "files": self.outputs + self.kept, "sha256": self.digests,
                                                    "versions": versions()})
 
     def save(self, position: int, image) -> None:

@@ -11,7 +11,7 @@ from ..eval.metrics import score_clips, score_set
 from ..eval.run_folder import read_run_folder
 from ..io import write_json_atomic
 from . import app
-from .common import write_failure
+from .common import SCORES, write_failure
 
 
 @app.command()
@@ -46,8 +46,8 @@ def score(
                    for path, text, value, smooth in zip(run.images, texts, per_image, temporal)],
     }
     try:
-        write_json_atomic(folder / "scores.json", record)
-        list_as_ours(folder / "run.json", "scores.json")
+        write_json_atomic(folder / SCORES, record)
+        list_as_ours(folder / "run.json", SCORES)
     except OSError as error:
         raise write_failure(error, folder, "score again") from None
     items = "clips (each the mean over its frames)" if run.clips else "images"
@@ -60,7 +60,7 @@ def score(
     if scores.get("temporal_consistency") is not None:
         typer.echo(f"temporal consistency {scores['temporal_consistency']:.4f}  (DINO, neighbouring frames, mean "
                    "over clips)")
-    typer.echo(f"wrote {folder / 'scores.json'}")
+    typer.echo(f"wrote {folder / SCORES}")
 
 
 def list_as_ours(record: Path, name: str) -> None:
