@@ -183,18 +183,25 @@ def set_files(out: Path, name: str, index: int, targets: int = TARGETS) -> list[
 
 
 def generate_round(pipe, toy_set: ToySet, index: int, args) -> None:
-    """Set `index` under every variant not yet on disk (PNGs are written atomically: present = complete)."""
-    seed = seed_of(args, index)
+    """Set `index` under every variant not yet on disk (PNGs are written atomically: present = complete). A variant
+    that resolves to the same setup as one before it (two fractions selecting the same layers, say) takes its
+    images instead of generating them again."""
+    seed, backbone, made = seed_of(args, index), backbone_for(pipe), {}
     for variant in args.variants:
         files = set_files(args.out, variant.name, index, variant.targets)
+        twin = made.setdefault(setup_of(backbone, variant), files)
         if all(file.exists() for file in files):
             continue
         shown = variant.toy_set(toy_set, index, args.seed)
-        config = backbone_for(pipe).fit_preset(variant.config())
-        reference, targets = generate(pipe, shown, config, seed, args.steps,
-                                      drawn=variant.reference_drawing(shown, seed), inversion=variant.inversion)
+        if twin is not files and all(file.exists() for file in twin):
+            images = [read_image(file) for file in twin]
+        else:
+            config = backbone.fit_preset(variant.config())
+            images = generate(pipe, shown, config, seed, args.steps, drawn=variant.reference_drawing(shown, seed),
+                              inversion=variant.inversion)
+            images = [images[0], *images[1]]
         files[0].parent.mkdir(parents=True, exist_ok=True)
-        for position, (file, image) in enumerate(zip(files, [reference, *targets])):
+        for position, (file, image) in enumerate(zip(files, images)):
             save_png(image, file, {"config": variant.name, "set": index, "position": position, "seed": seed + position,
                                    "prompt": ([shown.reference_prompt] + shown.target_prompts)[position]})
 
@@ -424,6 +431,14 @@ def arm_record(backbone, variant: Variant) -> dict:
     return {"config": config.to_dict(), "layers": layers_to_share(backbone, config), "targets": variant.targets,
             "reference": variant.reference, "drawn": variant.drawn, "degradation": variant.degradation,
             "inversion": variant.inversion}
+
+
+def setup_of(backbone, variant: Variant) -> str:
+    """What decides an arm's images, resolved: its `arm_record` with the layers it shares but not how they were
+    asked for."""
+    record = arm_record(backbone, variant)
+    record["config"].pop("shared_layers")
+    return json.dumps(record, sort_keys=True)
 
 
 def trained(pipe) -> str:
