@@ -360,6 +360,8 @@ def plot_tradeoff(summary: dict, path: Path) -> None:
     fractions = [name for name in summary if name.startswith("layers-")]
     for names, style in ((fractions, "o-"), ([name for name in summary if name not in fractions], "s")):
         rows = [summary[name] for name in names]
+        if not rows:
+            continue
         x, y = (np.array([row[key] for row in rows]) for key in ("diversity", "style_agrees"))
         axis.errorbar(x[:, 0], y[:, 0], xerr=[x[:, 0] - x[:, 1], x[:, 2] - x[:, 0]],
                       yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]], fmt=style, capsize=2)

@@ -30,9 +30,11 @@ class StyleAlignedConfig:
             attending to k copies of the reference.
         shared_layers: which attention layers share, counted in network order: a fraction in [0, 1] spread
             evenly (1.0 = all), a list of layer names, or a substring that selects layers by name; None = the
-            model family's default (all layers on UNets and SD3, FLUX's single-stream blocks).
+            model family's default (the README's families table).
         reference_positions: on RoPE transformers (FLUX), where targets see the shared reference keys: "shifted"
             (beside the image, moved by the latent width, so targets do not copy its layout) or "same".
+        text_sees_reference: on transformers, targets' text-token queries attend to the reference's image tokens too
+            (the method as published); False keeps them on their own tokens (an ablation).
     """
 
     share_attention: bool = field(default=True, metadata={
@@ -53,10 +55,10 @@ class StyleAlignedConfig:
         "help": "Added to logits toward the reference; log(k) = k copies of it."})
     shared_layers: float | str | tuple[str, ...] | None = field(default=None, metadata={
         "help": "Fraction of attention layers that share (0..1), or a layer-name filter; default: the family's."})
-    text_sees_reference: bool = field(default=True, metadata={
-        "help": "Transformers: targets' text tokens also attend to the reference's image tokens."})
     reference_positions: str = field(default="shifted", metadata={
         "help": "FLUX: shared reference keys at positions shifted beside the image, or the same positions."})
+    text_sees_reference: bool = field(default=True, metadata={
+        "help": "Transformers: targets' text tokens also attend to the reference's image tokens."})
 
     def __post_init__(self) -> None:
         for name in knobs_of_type("bool"):

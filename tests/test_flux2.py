@@ -85,3 +85,19 @@ def test_transfer_pins_the_reference_on_its_trajectory(flux2_pipe, picture, monk
     assert len(pinned) == steps
     for step, latent in enumerate(pinned):
         assert torch.equal(latent, trajectory.latents[step + 1])
+
+
+def test_default_shares_the_double_stream_blocks_and_the_last_quarter_of_the_single_stream_ones(flux2_pipe):
+    """FLUX.1's measured default carried over: every double-stream block, then the last ceil(n / 4) single-stream
+    blocks of n."""
+    import math
+
+    from stylealigned.apply import hooked_layers
+
+    layers = backbone_for(flux2_pipe).attention_layers()
+    single = [name for name in layers if name.startswith("single_transformer_blocks.")]
+    double = [name for name in layers if name not in single]
+    assert double and single
+    with sa.apply(flux2_pipe) as handle:
+        expected = double + single[len(single) - math.ceil(len(single) / 4):]
+        assert handle.layers == hooked_layers(flux2_pipe.transformer) == expected

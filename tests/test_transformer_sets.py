@@ -158,11 +158,12 @@ def test_default_shared_layers_per_family(flux_pipe, sd3_pipe):
     sd3_all = [name for name, module in sd3_pipe.transformer.named_modules() if isinstance(module, Attention)]
     assert sd3_all == ["transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn",
                        "transformer_blocks.2.attn"]
-    half = {"flux": ["transformer_blocks.1.attn", "single_transformer_blocks.1.attn"],  # every other, evenly spread
-            "sd3": ["transformer_blocks.0.attn2", "transformer_blocks.2.attn"]}
+    double = [name for name in flux_all if name.startswith("transformer_blocks.")]
+    default = {"flux": [*double, "single_transformer_blocks.1.attn"],  # every double-stream block, the last single
+               "sd3": ["transformer_blocks.0.attn2", "transformer_blocks.2.attn"]}  # half, evenly spread
     for pipe, family, layers in ((flux_pipe, "flux", flux_all), (sd3_pipe, "sd3", sd3_all)):
         with sa.apply(pipe) as handle:
-            assert handle.layers == hooked_layers(pipe.transformer) == half[family]
+            assert handle.layers == hooked_layers(pipe.transformer) == default[family]
             assert set(handle.layers) < set(layers)
 
 

@@ -75,7 +75,7 @@ class Backbone:
     sample_name = "hidden_states"  # the denoiser's first (latent) argument
     unbatched_inputs: tuple[str, ...] = ()  # denoiser keyword inputs without a batch dimension
     row_lists: tuple[str, ...] = ()  # denoiser inputs given as lists of one tensor per batch row (Z-Image's)
-    default_shared_layers: float | str = 1.0
+    default_shared_layers: float | str | tuple[str, ...] = 1.0  # `shared_layers` when a config leaves it None
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
     embedded_guidance = False   # the guidance scale is an input of the denoiser (FLUX.1-dev), not CFG

@@ -8,6 +8,8 @@ packed 2x2 into tokens. One transformer call is one guidance group: FLUX.1-dev e
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -23,11 +25,6 @@ class FluxBackbone(Backbone):
     label = "FLUX.1 transformer"
     denoiser_name = "transformer"
     unbatched_inputs = ("img_ids", "txt_ids")
-    # Half the attention layers, evenly spread, measured on builtin-flux (docs/findings.md, section 6): style
-    # agreement 0.80 against 0.21 unshared while sharing every layer (0.94) makes 0.29 of targets draw the
-    # reference's object instead of their own (0.13 at half); sharing only the single-stream blocks (AlignedGen's
-    # choice) aligns less (0.61) and leaks more (0.24).
-    default_shared_layers = 0.5
     flow = True
 
     @classmethod
@@ -83,10 +80,23 @@ class FluxBackbone(Backbone):
         return FluxControlNetModel, ("num_attention_heads", "attention_head_dim", "joint_attention_dim",
                                      "pooled_projection_dim")
 
+    @property
+    def default_shared_layers(self) -> tuple[str, ...]:
+        """Every double-stream block and the last quarter of the single-stream blocks (at least one), measured on
+        builtin-flux (docs/findings.md, section 6): the single-stream blocks carry the reference's objects into the
+        targets, the last one least; the double-stream blocks carry its style and little content."""
+        double, single = self.blocks()
+        return double + single[len(single) - math.ceil(len(single) / 4):]
+
+    def blocks(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The attention layers of the double-stream blocks and of the single-stream blocks, in network order."""
+        layers = self.attention_layers()
+        single = tuple(name for name in layers if name.startswith("single_transformer_blocks."))
+        return tuple(name for name in layers if name not in single), single
+
     def layer_groups(self):
-        single = "single_transformer_blocks"
-        return [("double-stream", tuple(name for name in self.attention_layers() if single not in name)),
-                ("single-stream", single)]
+        double, single = self.blocks()
+        return [("double-stream", double), ("single-stream", single)]
 
     def guidance_groups(self):
         return 1  # the negative prompt (true CFG, Chroma) runs in a transformer call of its own

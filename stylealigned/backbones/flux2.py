@@ -39,9 +39,8 @@ class ParallelSelfAttention(AttentionKind):
 class Flux2Backbone(FluxBackbone):
     family = "flux2"
     label = "FLUX.2 transformer"
-    # FLUX.1's block layout (double-stream, then single-stream blocks), so FLUX.1's measured default carries over:
-    # half the attention layers, evenly spread (`flux.FluxBackbone`).
-    default_shared_layers = 0.5
+    # FLUX.1's block layout (double-stream, then single-stream blocks), so FLUX.1's measured default carries over
+    # (`flux.FluxBackbone.default_shared_layers`).
 
     @classmethod
     def single_file(cls, keys):
