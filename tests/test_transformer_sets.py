@@ -40,7 +40,8 @@ def calls_per_step(pipe) -> int:
 def settings(pipe, **kwargs) -> dict:
     table = family_of(pipe)
     guidance = GUIDANCE.get(table.name, table.guided)
-    return dict(num_inference_steps=STEPS, height=table.height, width=table.width, **table.prompt_kwargs) | guidance | kwargs
+    size = dict(height=table.height, width=table.width)
+    return dict(num_inference_steps=STEPS, **size, **table.prompt_kwargs) | guidance | kwargs
 
 
 def latents(pipe, prompts, seed=0, **kwargs):

@@ -37,8 +37,9 @@ class QwenImageBackbone(Backbone):
 
         return isinstance(component(pipe, "transformer"), QwenImageTransformer2DModel)
 
-    # Half the blocks, evenly spread, as FLUX.1 (measured on builtin-flux): Qwen-Image's blocks are double-stream
-    # with RoPE, and on builtin-flux sharing every layer pulled targets toward the reference's object.
+    # Half the blocks, evenly spread (not measured on Qwen-Image): its blocks are all double-stream with RoPE, and on
+    # builtin-flux sharing every layer pulled targets toward the reference's object; its double-stream blocks, the
+    # ones its FLUX default keeps, are also its first, so block kind and depth are not told apart there.
     default_shared_layers = 0.5
 
     def attention_layers(self):

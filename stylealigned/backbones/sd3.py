@@ -16,10 +16,10 @@ class SD3Backbone(Backbone):
     family = "sd3"
     label = "SD3 / SD3.5 transformer"
     denoiser_name = "transformer"
-    # Half the attention layers, evenly spread, carried over from builtin-flux (not measured on SD3; no published
-    # choice exists): its joint blocks are double-stream like FLUX's, and there sharing every layer pulled targets
-    # toward the reference's object (content leakage 0.29 against 0.13 at half) through the shared keys and values,
-    # not through positions, which SD3's blocks share too.
+    # Half the attention layers, evenly spread (not measured on SD3; no published choice exists): its blocks are all
+    # of one kind, so the FLUX default's split by block kind does not apply; on builtin-flux sharing every layer pulled
+    # targets toward the reference's object (content leakage 0.32 against 0.12 at half) through the shared keys and
+    # values, not through positions, which SD3's blocks share too.
     default_shared_layers = 0.5
     flow = True
 
