@@ -35,6 +35,7 @@ class Config:
     shared_score_scale: float = 1.3
     shared_score_shift: float = 0.4
     reference_positions: str = "shifted"
+    text_sees_reference: bool = True
 
 
 OFF = Config(share_attention=False, adain_queries=False, adain_keys=False, adain_values=False)
