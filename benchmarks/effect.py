@@ -189,7 +189,7 @@ def generate_round(pipe, toy_set: ToySet, index: int, args) -> None:
     seed, backbone, made = seed_of(args, index), backbone_for(pipe), {}
     for variant in args.variants:
         files = set_files(args.out, variant.name, index, variant.targets)
-        twin = made.setdefault(setup_of(backbone, variant), files)
+        twin = made.setdefault(args.setups[variant.name], files)
         if all(file.exists() for file in files):
             continue
         shown = variant.toy_set(toy_set, index, args.seed)
@@ -198,7 +198,7 @@ def generate_round(pipe, toy_set: ToySet, index: int, args) -> None:
         else:
             config = backbone.fit_preset(variant.config())
             images = generate(pipe, shown, config, seed, args.steps, drawn=variant.reference_drawing(shown, seed),
-                              inversion=variant.inversion)
+                              inversion=variant.inversion, guidance=args.guidance)
             images = [images[0], *images[1]]
         files[0].parent.mkdir(parents=True, exist_ok=True)
         for position, (file, image) in enumerate(zip(files, images)):
@@ -408,6 +408,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sets", type=int, default=100, help="sets per configuration")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--seed", type=int, default=0, help="set composition and noise seeds")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE, help="classifier-free guidance scale")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--model", default="builtin", help="'builtin', 'builtin-flux' or a copy of either's folder")
     parser.add_argument("--out", type=Path, help="default runs/effect (ablations) or runs/effect-EXPERIMENT")
@@ -435,11 +436,9 @@ def arm_record(backbone, variant: Variant) -> dict:
             "inversion": variant.inversion}
 
 
-def setup_of(backbone, variant: Variant) -> str:
-    """What decides an arm's images, resolved: its `arm_record` with the layers it shares but not how they were
-    asked for."""
-    record = arm_record(backbone, variant)
-    record["config"].pop("shared_layers")
+def setup_of(record: dict) -> str:
+    """What decides an arm's images, from its `arm_record`: the layers it shares but not how they were asked for."""
+    record = {**record, "config": {key: value for key, value in record["config"].items() if key != "shared_layers"}}
     return json.dumps(record, sort_keys=True)
 
 
@@ -454,7 +453,7 @@ def trained(pipe) -> str:
 def main() -> None:
     args = parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    parameters = {"steps": args.steps, "seed": args.seed, "model": args.model}
+    parameters = {"steps": args.steps, "seed": args.seed, "model": args.model, "guidance": args.guidance}
     if args.experiment != ["ablations"]:
         parameters |= {"experiment": ",".join(args.experiment), "set_sizes": args.set_sizes}
     pipe = load_pipeline(args.model, device=args.device)
@@ -462,6 +461,7 @@ def main() -> None:
     backbone = backbone_for(pipe)
     args.variants = all_variants(args.experiment, args.set_sizes, backbone)
     parameters["arms"] = {variant.name: arm_record(backbone, variant) for variant in args.variants}
+    args.setups = {name: setup_of(record) for name, record in parameters["arms"].items()}
     record = args.out / "parameters.json"
     if not args.report_only:
         if record.exists() and json.loads(record.read_text()) != json.loads(json.dumps(parameters)):
@@ -469,7 +469,7 @@ def main() -> None:
                              f"(a changed default, say; {record}); choose another --out")
         write_json_atomic(record, parameters)
     header = (f"{args.model}: {trained(pipe)}, experiment {', '.join(args.experiment)}; {args.steps} sampling "
-              f"steps, guidance {GUIDANCE:g}; rate [95% bootstrap interval over sets].")
+              f"steps, guidance {args.guidance:g}; rate [95% bootstrap interval over sets].")
     toy_sets = random_sets(args.sets, args.seed)
     for index, toy_set in enumerate([] if args.report_only else toy_sets):
         started = time.perf_counter()

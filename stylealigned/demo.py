@@ -66,15 +66,15 @@ def draw_reference(toy_set: ToySet, seed: int) -> Image.Image:
 
 
 def generate(pipe, toy_set: ToySet, config: StyleAlignedConfig, seed: int, steps: int,
-             drawn: Image.Image | None = None, on_image=None,
-             inversion: str = "ddim") -> tuple[Image.Image, list[Image.Image]]:
+             drawn: Image.Image | None = None, on_image=None, inversion: str = "ddim",
+             guidance: float = GUIDANCE) -> tuple[Image.Image, list[Image.Image]]:
     """The reference and the targets of one set: generated from its prompt, or, given `drawn`, inverted from it
-    (`inversion`: how, one of `inversion.MODES`).
+    (`inversion`: how, one of `inversion.MODES`), sampled at classifier-free guidance `guidance`.
 
     Image i of the set starts from noise seeded `seed + i`, so two configurations with one seed differ only by
     what they share. With `drawn`, the reference returned is the drawing itself.
     """
-    settings = {"num_inference_steps": steps, "guidance_scale": GUIDANCE}
+    settings = {"num_inference_steps": steps, "guidance_scale": guidance}
     if drawn is None:
         images = generate_set(pipe, [toy_set.reference_prompt, *toy_set.target_prompts], config, seed=seed,
                               on_image=on_image, **settings)
