@@ -20,7 +20,7 @@ from .errors import UserError
 from .inversion import invert
 from .io import make_grid
 from .sets import generate_set
-from .toy.world import OBJECTS, STYLES, render, styled_caption, unstyled_caption
+from .toy.world import OBJECTS, SIZE, STYLES, render, styled_caption, unstyled_caption
 
 TARGETS = 3  # targets per set: sets of 4 with the reference
 GUIDANCE = 5.0  # classifier-free guidance scale the built-in model samples well at
@@ -72,9 +72,10 @@ def generate(pipe, toy_set: ToySet, config: StyleAlignedConfig, seed: int, steps
     (`inversion`: how, one of `inversion.MODES`), sampled at classifier-free guidance `guidance`.
 
     Image i of the set starts from noise seeded `seed + i`, so two configurations with one seed differ only by
-    what they share. With `drawn`, the reference returned is the drawing itself.
+    what they share. With `drawn`, the reference returned is the drawing itself. Images are the toy world's size
+    whatever the folder's pipeline defaults to (a copy of builtin-flux loads at FLUX's 1024).
     """
-    settings = {"num_inference_steps": steps, "guidance_scale": guidance}
+    settings = {"num_inference_steps": steps, "guidance_scale": guidance, "height": SIZE, "width": SIZE}
     if drawn is None:
         images = generate_set(pipe, [toy_set.reference_prompt, *toy_set.target_prompts], config, seed=seed,
                               on_image=on_image, **settings)
