@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/panorama.py --device cpu     # SD1.5-lite, 256 px windows, 512x256, ~3 min
     python benchmarks/speed.py --panorama --device cpu               # the same, through speed.py
+    python benchmarks/speed.py --panorama --device cpu --one-call    # targets' attention in one call (an ablation)
     python benchmarks/panorama.py --device cuda                      # SD1.5 at full size, 512 px windows, 2048x512
     python benchmarks/panorama.py --device cuda --model sdxl         # SDXL, 1024 px windows, 4096x1024, fp16
 
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, f
 
 from benchmarks.common import (MIB, SD15_LITE, median_ms, peak_memory, peak_memory_method, random_sd15,  # noqa: E402
                                random_sdxl)
+from stylealigned import attention  # noqa: E402
 from stylealigned.apply import apply  # noqa: E402
 from stylealigned.backbones import Conditioning, backbone_for  # noqa: E402
 from stylealigned.config import StyleAlignedConfig  # noqa: E402
@@ -126,7 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (default: 1 CPU, 5 GPU)")
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (default: 3 CPU, 3 GPU)")
+    parser.add_argument("--one-call", action="store_true",
+                        help="an ablation: targets attend in one call over their own and the reference's keys side "
+                             "by side, never as the CPU's merge of two flash calls (attention.merged_attention)")
     args = parser.parse_args(argv)
+    if args.one_call:
+        attention.merges = lambda *tensors: False  # attend_with_reference then takes its one-call path
     device = resolve_device(args.device)
     gpu = device.type != "cpu"
     args.model = args.model or ("sd15" if gpu else "sd15-lite")
@@ -146,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{plan.window}² (stride {plan.stride}), {batches} window batches of up to {args.view_batch_size}; "
           f"{args.steps} DDIM steps, guidance {args.guidance}; {device} {dtype}, {torch.get_num_threads()} threads; "
           f"medians of {args.repeats}; images per step: multidiffusion {windows}, release {windows + batches}, "
-          f"ours {windows + 1} (each twice, for guidance)")
+          f"ours {windows + 1} (each twice, for guidance){'; targets attend in one call' if args.one_call else ''}")
     peaks = {}
     for method in METHODS:  # the warm-up, which also measures peak memory
         with peak_memory(device) as peak:
