@@ -32,8 +32,9 @@ def generate(pipe, prompts: list[str], args) -> list[Image.Image]:
     for start in range(0, len(prompts), args.batch):
         batch = prompts[start:start + args.batch]
         generators = [torch.Generator().manual_seed(args.seed + start + i) for i in range(len(batch))]
-        settings = backbone_for(pipe).pipeline_inputs({"num_inference_steps": args.steps, "guidance_scale": args.guidance,
-                                                       "height": world.SIZE, "width": world.SIZE})  # FLUX: true CFG
+        settings = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": world.SIZE,
+                    "width": world.SIZE}
+        settings = backbone_for(pipe).pipeline_inputs(settings)  # FLUX: true CFG
         images += pipe(batch, generator=generators, **settings).images
     return images
 
