@@ -38,6 +38,11 @@ default changed say, is refused rather than mixing sets made two ways.
     transfer-mode         transfer from the drawn reference: inverted, or forward-noised (`--inversion noise`)
     transfer-ablation     the transfer preset and each of its knobs turned back: shared norms, shift log 2, AdaIN
                           on the values
+    adain-queries         the family's AdaIN (keys alone on FLUX-style transformers) and the paper's (queries and
+                          keys)
+    share-until           share_until 0 (every step, the default), 0.3, 0.5 and 0.7: sharing only at the noisier
+                          steps
+    prompted              a control, nothing shared: each target's prompt names the reference's style in words
 Diversity: mean pairwise distance (1 - cosine) among a set's targets in the classifier's pooled features.
 Layout copying: intersection over union of a target's and its reference's silhouettes (the classifier's
 foreground, thresholded); the unshared sets give the overlap two independent images have by chance.
@@ -80,7 +85,9 @@ SILHOUETTE = 0.5  # foreground distance (summed over channels, pixels in [-1, 1]
 BOOTSTRAP = 2000
 SCORE_SHIFTS = (-1.0, -2.0)
 EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete",
-               "positions", "score-scale", "score-shift", "text-queries", "transfer-mode", "transfer-ablation")
+               "positions", "score-scale", "score-shift", "text-queries", "transfer-mode", "transfer-ablation",
+               "adain-queries", "share-until", "prompted")
+SHARE_UNTIL = (0.3, 0.5, 0.7)
 PALETTE_STYLES = ("pastel", "neon")  # colour only: the toy's stand-in for abstract styles
 
 
@@ -95,6 +102,7 @@ class Variant:
     drawn: bool = False  # transfer from the world's drawing of the reference
     degradation: tuple[str, int] | None = None
     inversion: str = "ddim"  # how the drawn reference becomes a trajectory (inversion.MODES)
+    prompted: bool = False  # the targets' prompts name the reference's style
 
     def toy_set(self, toy_set: ToySet, index: int, seed: int) -> ToySet:
         """The set this variant renders: rotated so object `reference` leads, extended to `targets` targets."""
@@ -103,7 +111,7 @@ class Variant:
         others = [name for name in OBJECTS if name != objects[0]]
         extra = np.random.default_rng([seed, index]).choice(others, size=MAX_SET_SIZE - 1 - len(toy_set.targets))
         targets = (objects[1:] + [str(name) for name in extra])[:self.targets]
-        return ToySet(objects[0], toy_set.style, tuple(targets))
+        return ToySet(objects[0], toy_set.style, tuple(targets), styled_targets=self.prompted)
 
     def reference_drawing(self, toy_set: ToySet, seed: int) -> Image.Image | None:
         if not self.drawn:
@@ -141,6 +149,13 @@ def variants(experiment: str, set_sizes: list[int], backbone) -> list[Variant]:
         return [Variant("full", full), Variant("text-off", _text_to_image_with(text_sees_reference=False))]
     if experiment == "transfer-mode":
         return [Variant("inverted", transfer, drawn=True), Variant("noised", transfer, drawn=True, inversion="noise")]
+    if experiment == "adain-queries":
+        return [Variant("full", full), Variant("adain-queries-and-keys", _text_to_image_with(adain_queries=True))]
+    if experiment == "share-until":
+        return [Variant("full", full)] + [Variant(f"until-{level:g}", _text_to_image_with(share_until=level))
+                                          for level in SHARE_UNTIL]
+    if experiment == "prompted":
+        return [Variant("no-share", CONFIGS["no-share"]), Variant("prompted", CONFIGS["no-share"], prompted=True)]
     if experiment == "transfer-ablation":
         arms = {"transfer": {}, "no-shared-norms": {"share_group_norm": False, "share_layer_norm": False},
                 "no-shift": {"shared_score_shift": 0.0}, "adain-values": {"adain_values": True},
@@ -433,7 +448,7 @@ def arm_record(backbone, variant: Variant) -> dict:
     config = backbone.fit_preset(variant.config())
     return {"config": config.to_dict(), "layers": layers_to_share(backbone, config), "targets": variant.targets,
             "reference": variant.reference, "drawn": variant.drawn, "degradation": variant.degradation,
-            "inversion": variant.inversion}
+            "inversion": variant.inversion, "prompted": variant.prompted}
 
 
 def setup_of(record: dict) -> str:

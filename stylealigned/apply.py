@@ -81,6 +81,8 @@ class AttentionHook(ModelHook):
         self.processor = processor
 
     def new_forward(self, module, *args, **kwargs):
+        if not self.processor.state.sharing:  # a step below `share_until`: the module as it is
+            return self.fn_ref.original_forward(*args, **kwargs)
         own = module.processor
         if kwargs.get("ip_hidden_states") is not None and "ip_hidden_states" in inspect.signature(
                 own.__call__).parameters:
@@ -133,6 +135,8 @@ class GroupNormHook(ModelHook):
         self.name, self.state = name, state
 
     def new_forward(self, module, x):
+        if not self.state.sharing:
+            return self.fn_ref.original_forward(x)
         offload = getattr(module, "_hf_hook", None)
         if offload is None:
             return shared_group_norm(module, self.name, self.state, x)
@@ -152,6 +156,7 @@ class DenoiserHook(ModelHook):
             return self.layout_forward(module, *args, **kwargs)
         finally:  # per-call facts live for the call only: each call starts from the same (empty) state
             self.handle.state.call.clear()
+            self.handle.state.sharing = True
 
     def layout_forward(self, module, *args, **kwargs):
         run, state, backbone = self.handle.run, self.handle.state, self.handle.backbone
@@ -162,6 +167,8 @@ class DenoiserHook(ModelHook):
             state.call["still_reference"] = True
         inputs = by_name(module, args, kwargs)
         backbone.begin_call(state, self.handle.config, inputs)
+        until = self.handle.config.share_until
+        state.sharing = until <= 0 or shares_at(backbone, inputs, until)
         sample = inputs[backbone.sample_name]
         if isinstance(sample, list):  # one tensor per batch row (Z-Image)
             batch, device = len(sample), sample[0].device
@@ -185,6 +192,13 @@ class DenoiserHook(ModelHook):
             state.mode, state.last = BATCH, False
             state.cache.clear()
         return backbone.wrap_output(merged(outputs, batch), kwargs.get("return_dict", True))
+
+
+@torch.compiler.disable
+def shares_at(backbone: Backbone, inputs: dict, until: float) -> bool:
+    """Whether a denoiser call with these inputs is at or above the noise level `until` (`share_until`): read from
+    the timestep tensor in Python, so under torch.compile the graph breaks here (only where share_until is set)."""
+    return backbone.noise_level(inputs) >= until
 
 
 def take_rows(value, index: torch.Tensor, batch: int):
@@ -464,7 +478,7 @@ def apply(pipe, config: StyleAlignedConfig | None = None) -> StyleAlignedHandle:
     that means nothing on its model family, is a UserError.
     """
     backbone = backbone_for(pipe)
-    config = config or StyleAlignedConfig()
+    config = backbone.resolve(config or StyleAlignedConfig())
     backbone.check_config(config)
     previous = applied(pipe)
     if previous is not None:

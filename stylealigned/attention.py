@@ -283,7 +283,10 @@ def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, 
     `keys` False leaves the shared keys and values out (a cache where targets do not attend to the references).
 
     References of weight 0 drop out exactly; with one left, this is the single-reference method to the bit.
+    Knobs `config` leaves to the family (a config not resolved by `Backbone.resolve`) take the paper's values.
     """
+    if config.adain_queries is None:
+        config = config.resolved()
     if q.ndim == 4:
         q, k, v = q[:, None], k[:, None], v[:, None]
     index = kept(weights)

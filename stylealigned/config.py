@@ -13,11 +13,14 @@ REFERENCE_POSITIONS = ("shifted", "same")
 class StyleAlignedConfig:
     """How a set shares the style of its reference image.
 
-    Defaults are the paper's SDXL text-to-image setting.
+    Defaults are the paper's SDXL text-to-image setting. The knobs in `FAMILY_KNOBS` default to None: the model
+    family's value (`Backbone.resolve`; the README's families table), the paper's (`PAPER_VALUES`) on UNets and
+    wherever no family is known.
 
     Args:
         share_attention: targets' self-attention also attends to the reference's keys and values.
-        adain_queries: AdaIN-normalise each image's queries to the reference's per-token statistics.
+        adain_queries: AdaIN-normalise each image's queries to the reference's per-token statistics; None = the
+            family's (on, as in the paper, but off on FLUX-style transformers, where it cost the targets objects).
         adain_keys: the same for keys.
         adain_values: the same for values (off in the paper: it washes out content).
         full_attention_share: ablation: every image attends to all images of its guidance half, no AdaIN,
@@ -35,12 +38,16 @@ class StyleAlignedConfig:
             (beside the image, moved by the latent width, so targets do not copy its layout) or "same".
         text_sees_reference: on transformers, targets' text-token queries attend to the reference's image tokens too
             (the method as published); False keeps them on their own tokens (an ablation).
+        share_until: targets share (attention, AdaIN, norms) only at steps whose noise level (1 = pure noise, 0 = the
+            clean image: a flow model's sigma, a UNet's timestep over its training timesteps) is at or above this;
+            below it they denoise as the plain model. 0 = every step (the paper); 0.5 = the noisier half. The
+            choice is made in Python per denoiser call: under torch.compile each call breaks the graph there.
     """
 
     share_attention: bool = field(default=True, metadata={
         "help": "Targets also attend to the reference's keys and values."})
-    adain_queries: bool = field(default=True, metadata={
-        "help": "AdaIN-normalise targets' queries to the reference's token statistics."})
+    adain_queries: bool | None = field(default=None, metadata={
+        "help": "AdaIN-normalise targets' queries to the reference's token statistics; default: the family's."})
     adain_keys: bool = field(default=True, metadata={"help": "The same for keys."})
     adain_values: bool = field(default=False, metadata={"help": "The same for values (off in the paper)."})
     full_attention_share: bool = field(default=False, metadata={
@@ -59,15 +66,23 @@ class StyleAlignedConfig:
         "help": "FLUX: shared reference keys at positions shifted beside the image, or the same positions."})
     text_sees_reference: bool = field(default=True, metadata={
         "help": "Transformers: targets' text tokens also attend to the reference's image tokens."})
+    share_until: float = field(default=0.0, metadata={
+        "help": "Share only at steps whose noise level (1 = pure noise, 0 = clean) is at or above this; "
+                "0 = every step."})
 
     def __post_init__(self) -> None:
         for name in knobs_of_type("bool"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name in FAMILY_KNOBS):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         for name in knobs_of_type("float"):
             value = getattr(self, name)
+            if value is None and name in FAMILY_KNOBS:
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not 0.0 <= self.share_until <= 1.0:
+            raise ValueError(f"share_until must be a noise level in [0, 1] (0 = every step), got {self.share_until}")
         if self.shared_score_scale <= 0:
             raise ValueError(f"shared_score_scale must be > 0, got {self.shared_score_scale}")
         layers = self.shared_layers
@@ -104,8 +119,13 @@ class StyleAlignedConfig:
     @property
     def is_disabled(self) -> bool:
         """True when the config changes nothing in the model."""
-        return not (self.share_attention or self.adain_queries or self.adain_keys or self.adain_values
+        return not (self.share_attention or self.adain_queries is not False or self.adain_keys or self.adain_values
                     or self.full_attention_share or self.share_group_norm)
+
+    def resolved(self, **family) -> StyleAlignedConfig:
+        """A copy with the knobs left to the family (None) set: to `family`'s values where given, else the paper's."""
+        values = PAPER_VALUES | family
+        return self.replace(**{name: values[name] for name in FAMILY_KNOBS if getattr(self, name) is None})
 
     def replace(self, **changes) -> StyleAlignedConfig:
         """A validated copy with some fields changed."""
@@ -120,11 +140,19 @@ class StyleAlignedConfig:
 
 
 KNOBS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StyleAlignedConfig))
+PAPER_VALUES = {"adain_queries": True}  # the paper's values of the knobs left to the family
+FAMILY_KNOBS = tuple(PAPER_VALUES)  # None: the family's value (shared_layers likewise, resolved to layer names)
+
+
+def knob_type(name: str) -> str:
+    """A knob's declared type without the None a family knob may take: "bool", "float", ..."""
+    declared = next(f.type for f in dataclasses.fields(StyleAlignedConfig) if f.name == name)
+    return declared.removesuffix(" | None") if name in FAMILY_KNOBS else declared
 
 
 def knobs_of_type(kind: str) -> tuple[str, ...]:
     """The knobs declared with this type ("bool", "float", ...): the one list CLI, UI and run.json derive from."""
-    return tuple(f.name for f in dataclasses.fields(StyleAlignedConfig) if f.type == kind)
+    return tuple(name for name in KNOBS if knob_type(name) == kind)
 
 
 def knob_help(name: str) -> str:

@@ -30,11 +30,13 @@ CELL = 128  # pixels per image in the demo grid
 
 @dataclass(frozen=True)
 class ToySet:
-    """A reference object drawn in a style, and the objects of the targets (never the reference's)."""
+    """A reference object drawn in a style, and the objects of the targets (never the reference's); with
+    `styled_targets` the targets' prompts name the reference's style too (a control: the style asked for in words)."""
 
     object: str
     style: str
     targets: tuple[str, ...]
+    styled_targets: bool = False
 
     @property
     def reference_prompt(self) -> str:
@@ -42,7 +44,8 @@ class ToySet:
 
     @property
     def target_prompts(self) -> list[str]:
-        return [unstyled_caption(target) for target in self.targets]
+        caption = (lambda target: styled_caption(target, self.style)) if self.styled_targets else unstyled_caption
+        return [caption(target) for target in self.targets]
 
 
 def random_sets(count: int, seed: int, targets: int = TARGETS) -> list[ToySet]:

@@ -33,6 +33,7 @@ class SharedState:
     `call`: this denoiser call's layout facts, as its backbone's `begin_call` reads them from the call's inputs
     and its attention kinds read them back (a single-stream block's text length, shared-key positions, ...).
     `weights`: one per reference, how much targets take from each (normalised; `StyleAlignedHandle.set_weights`).
+    `sharing`: False for a denoiser call below the config's `share_until`: every hooked module runs as it is.
     """
 
     groups: int = 1
@@ -41,6 +42,7 @@ class SharedState:
     last: bool = False
     call: dict[str, Any] = field(default_factory=dict)
     weights: tuple[float, ...] = (1.0,)
+    sharing: bool = True
 
     @property
     def references(self) -> int:

@@ -94,9 +94,9 @@ def widget_value(name: str, value):
     return "" if value is None else str(value).strip()
 
 
-def preset_values(preset: str) -> list:
-    """Every knob's value in a preset, in KNOBS order, as its widget shows it."""
-    config = PRESETS[preset]()
+def preset_values(preset: str, backbone) -> list:
+    """Every knob's value in a preset on this backbone's family, in KNOBS order, as its widget shows it."""
+    config = backbone.resolve(PRESETS[preset]())
     return [getattr(config, name) if getattr(config, name) is not None else "" for name in KNOBS]
 
 
@@ -121,7 +121,7 @@ class App:
         """With `custom` every knob as the widgets hold it; else the preset, with every knob that differs from both
         the preset and what the tab shows at first (`shown`: so a knob given through the API wins), checked."""
         if preset != CUSTOM:
-            unchanged = [dict(zip(KNOBS, preset_values(name))) for name in (preset, shown)]
+            unchanged = [dict(zip(KNOBS, preset_values(name, self.backbone))) for name in (preset, shown)]
             knobs = {name: value for name, value in knobs.items()
                      if all(widget_value(name, value) != widget_value(name, each[name]) for each in unchanged)}
         given = {name: (value.strip() or None) if isinstance(value, str) else value for name, value in knobs.items()}
@@ -301,10 +301,11 @@ class App:
                                info=f"Pixels, a multiple of {side}.", elem_id=f"{name}-height")
             batch = gr.Number(0, label="Batch size", precision=0, minimum=0, maximum=LIMITS["batch_size"][1],
                               info="Targets per denoiser call, to bound memory; 0 = all at once.")
+        values = functools.partial(preset_values, backbone=self.backbone)
         with gr.Accordion("Knobs", open=False):
-            knobs = {name: knob_widget(name, value) for name, value in zip(KNOBS, preset_values(preset))}
-        preset_box.input(lambda name: preset_values(name) if name != CUSTOM else [gr.update()] * len(KNOBS),
-                         preset_box, list(knobs.values()), api_visibility="private", queue=False)
+            knobs = {name: knob_widget(name, value) for name, value in zip(KNOBS, values(preset))}
+        preset_box.input(lambda name: values(name) if name != CUSTOM else [gr.update()] * len(KNOBS), preset_box,
+                         list(knobs.values()), api_visibility="private", queue=False)
         for widget in knobs.values():
             widget.input(lambda: CUSTOM, None, preset_box, api_visibility="private", queue=False)
         return [preset_box, seed, steps, guidance, width, height, batch], knobs

@@ -68,9 +68,31 @@ def several_references(q, k, v, r, n, count, weights, config):
     return logits.softmax(-1) @ values
 
 
+def family_config(pipe, config, gates: bool = False):
+    """The knobs an oracle on `pipe` applies: those `config` leaves to the family set to its values (data, not
+    rules: the oracles take them as the package resolves them). An oracle that cannot stop sharing on the way
+    (`gates` False: it sees no timestep) refuses a config whose `share_until` would. A stand-in config (the oracle's
+    own tests) is taken as it is."""
+    from stylealigned.backbones import backbone_for
+
+    if not hasattr(config, "resolved"):
+        return config
+    config = backbone_for(pipe).resolve(config)
+    assert gates or config.share_until == 0, "this oracle shares at every step: give share_until=0"
+    return config
+
+
+def paper_config(config):
+    """`config` with the knobs left to the family at the paper's values, as the attention functions take them when
+    called directly; a stand-in config as it is."""
+    return config.resolved() if hasattr(config, "resolved") else config
+
+
 def self_attention(q, k, v, groups, config, weights=(1.0,)):
     """Shared self-attention of a (batch, heads, tokens, dim) batch split into `groups` guidance groups, each
-    starting with len(weights) references (the paper's one, or several mixed by `weights`)."""
+    starting with len(weights) references (the paper's one, or several mixed by `weights`); knobs left to the
+    family take the paper's values."""
+    config = paper_config(config)
     batch, _, tokens, _ = q.shape
     per_group = batch // groups
     out = torch.empty_like(q)
@@ -106,7 +128,7 @@ class OracleProcessor:
     """A diffusers attention processor running the oracle, for end-to-end comparisons on a pipeline."""
 
     def __init__(self, config, groups, weights=(1.0,)):
-        self.config, self.groups, self.weights = config, groups, weights
+        self.config, self.groups, self.weights = paper_config(config), groups, weights
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
         shape = hidden_states.shape

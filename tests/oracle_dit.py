@@ -18,6 +18,8 @@ from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention
 
+from tests.oracle import family_config, paper_config
+
 EPS = 1e-5
 
 
@@ -115,6 +117,7 @@ def attend_group(q, k, v, image, config, rotary=None, reference_rotary=None, mas
     is (cos, sin) for the shared reference keys (None: the image rows of `rotary`); `masks` (images, 1, tokens,
     tokens), the model's own attention mask (Chroma's), covers each image's own keys only.
     """
+    config = paper_config(config)
     masks = [None] * q.shape[0] if masks is None else masks
     if rotary is not None and reference_rotary is None:
         reference_rotary = tuple(t[image] for t in rotary)
@@ -247,16 +250,26 @@ def flux_reference_rotary(transformer, img_ids, reference_positions):
     return transformer.pos_embed(shifted)
 
 
-def installed(transformer, processors: dict, read_call) -> Callable[[], None]:
+def installed(transformer, processors: dict, read_call, config, noise_level: Callable[[dict], float]
+              ) -> Callable[[], None]:
     """Put `processors` (layer name -> oracle processor) on `transformer`'s attention modules, and call
-    `read_call(arguments)` with each forward call's arguments by name before it runs; returns `undo()`."""
+    `read_call(arguments)` with each forward call's arguments by name before it runs; a call whose noise level
+    (`noise_level(arguments)`: 1 = pure noise) lies below `config.share_until` runs the modules' own processors
+    instead (nothing shared). Returns `undo()`."""
     modules = {name: transformer.get_submodule(name) for name in processors}
     originals = {name: module.processor for name, module in modules.items()}
+    signature = inspect.signature(transformer.forward)
+
+    def before(module, args, kwargs):
+        call = signature.bind(*args, **kwargs).arguments
+        sharing = noise_level(call) >= config.share_until
+        for name, module in modules.items():
+            module.set_processor(processors[name] if sharing else originals[name])
+        read_call(call)
+
     for name, module in modules.items():
         module.set_processor(processors[name])
-    signature = inspect.signature(transformer.forward)
-    handle = transformer.register_forward_pre_hook(
-        lambda module, args, kwargs: read_call(signature.bind(*args, **kwargs).arguments), with_kwargs=True)
+    handle = transformer.register_forward_pre_hook(before, with_kwargs=True)
 
     def undo():
         handle.remove()
@@ -269,6 +282,7 @@ def installed(transformer, processors: dict, read_call) -> Callable[[], None]:
 def install(pipe, config, layer_names, weights=(1.0,)):
     """Put oracle processors on the named attention modules of `pipe.transformer` (len(weights) references per
     group); returns `undo()`."""
+    config = family_config(pipe, config, gates=True)
     transformer, context = pipe.transformer, Context(weights=tuple(weights))
     flux = isinstance(transformer, (FluxTransformer2DModel, ChromaTransformer2DModel))
 
@@ -285,4 +299,6 @@ def install(pipe, config, layer_names, weights=(1.0,)):
         context.groups, context.text_tokens = 1, txt_ids.shape[0]
         context.reference_rotary = flux_reference_rotary(transformer, img_ids, config.reference_positions)
 
-    return installed(transformer, {name: processor(name) for name in layer_names}, read_call)
+    scale = 1.0 if flux else 1000.0  # FLUX.1 and Chroma are passed sigma, SD3 sigma x 1000
+    return installed(transformer, {name: processor(name) for name in layer_names}, read_call, config,
+                     lambda call: float(call["timestep"].max()) / scale)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.transformers.transformer_flux2 import Flux2ParallelSelfAttention
 
+from tests.oracle import family_config
 from tests.oracle_dit import Context, attend_group, installed
 
 
@@ -59,6 +60,7 @@ class Flux2OracleProcessor:
 
 def install(pipe, config, layer_names):
     """Put oracle processors on the named attention modules of `pipe.transformer`; returns `undo()`."""
+    config = family_config(pipe, config, gates=True)
     transformer, context = pipe.transformer, Context()
 
     def read_call(call):
@@ -71,4 +73,5 @@ def install(pipe, config, layer_names):
             shifted[:, 2] += int(generated[:, 2].max()) + 1
             context.reference_rotary = transformer.pos_embed(shifted)
 
-    return installed(transformer, {name: Flux2OracleProcessor(config, context) for name in layer_names}, read_call)
+    processors = {name: Flux2OracleProcessor(config, context) for name in layer_names}
+    return installed(transformer, processors, read_call, config, lambda call: float(call["timestep"].max()))  # sigma

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tests.oracle import family_config
 from tests.oracle_dit import attend_group, installed
 
 
@@ -97,6 +98,7 @@ class QwenOracleProcessor:
 
 def install(pipe, config, layer_names):
     """Put oracle processors on the named attention modules of `pipe.transformer`; returns `undo()`."""
+    config = family_config(pipe, config, gates=True)
     transformer, context = pipe.transformer, Context()
 
     def read_call(call):
@@ -104,4 +106,4 @@ def install(pipe, config, layer_names):
         assert frames == 1
 
     processors = {name: QwenOracleProcessor(config, context, transformer.pos_embed) for name in layer_names}
-    return installed(transformer, processors, read_call)
+    return installed(transformer, processors, read_call, config, lambda call: float(call["timestep"].max()))  # sigma

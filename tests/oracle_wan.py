@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tests.oracle import family_config
+
 EPS = 1e-5
 THETA = 10000.0
 
@@ -137,6 +139,7 @@ def install(pipe, config, layer_names, still=False):
     """Put oracle processors on the named `attn1` modules; returns `undo()`. `still`: clip 0 of every call is a
     still image, its frames all alike: each call runs it alone on its first frame (its output put on every frame),
     then the targets against it."""
+    config = family_config(pipe, config)
     context = Context()
     modules = {name: module_of(pipe, name) for name in layer_names}
     originals = {name: module.processor for name, module in modules.items()}

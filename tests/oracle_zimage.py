@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.transformers.transformer_z_image import RopeEmbedder
 
+from tests.oracle import family_config
 from tests.oracle_dit import installed
 
 EPS = 1e-5
@@ -138,6 +139,7 @@ class ZImageOracleProcessor:
 def install(pipe, config, layer_names, images):
     """Put oracle processors on the named attention modules of `pipe.transformer`; `images` per guidance group
     (the pipeline batches [cond..., uncond...]: the batch is 2 x images with guidance, else images). Returns undo()."""
+    config = family_config(pipe, config, gates=True)
     transformer = pipe.transformer
     model = transformer.config
     context = Context(images=images, tables=RopeEmbedder.precompute_freqs_cis(
@@ -154,4 +156,5 @@ def install(pipe, config, layer_names, images):
 
     processors = {name: ZImageOracleProcessor(config, context, joint=name.startswith("layers."))
                   for name in layer_names}
-    return installed(transformer, processors, read_call)
+    return installed(transformer, processors, read_call, config,
+                     lambda call: 1.0 - float(torch.as_tensor(call["t"]).min()))  # passed 1 - sigma

@@ -225,7 +225,7 @@ def test_outputs_honour_the_umask(tiny_sd_path, tmp_path, capsys):
 
 # every numeric option of every command refuses every bad value in one line, before it writes anything
 
-ZERO_IS_VALID = {"seed", "offset", "guidance", "inversion_guidance", "shared_score_shift", "port"}
+ZERO_IS_VALID = {"seed", "offset", "guidance", "inversion_guidance", "shared_score_shift", "port", "share_until"}
 NEGATIVE_IS_VALID = {"shared_score_shift"}
 COMMANDS = {  # command: (its function, the arguments it needs besides the bad option)
     "generate": (generate.generate, ["a cat", "--model", "{model}", "--out", "{out}"]),

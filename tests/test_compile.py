@@ -101,3 +101,19 @@ def test_a_chunked_set_compiles_without_graph_breaks_and_equals_eager(sd_pipe, d
     sd_pipe.unet.compile(fullgraph=True, backend="eager")
     torch.testing.assert_close(run(), eager, atol=1e-4, rtol=0)
     assert compiled_graphs() == 1  # the reference's pass and every chunk: one graph, no recompilation
+
+
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_share_until_compiles_with_a_break_per_call_and_equals_eager(request, family):
+    """`share_until` decides in Python from the call's timestep: without fullgraph the graph breaks there (a graph
+    for sharing steps, one for plain steps), with the eager numbers."""
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    name, config = ("unet", TRANSFER) if family == "sd" else ("transformer", SHIFTED)
+    run = unet_latents if family == "sd" else (lambda pipe: latents(pipe, steps=3))
+    config = config.replace(share_until=0.3 if family == "sd" else 0.99)  # the first step shares, the next do not
+    with sa.apply(pipe, config):
+        eager = run(pipe)
+        getattr(pipe, name).compile(backend="eager")
+        compiled = run(pipe)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    assert counters["stats"]["calls_captured"] > 0 and compiled_graphs() >= 2

@@ -36,6 +36,7 @@ class Config:
     shared_score_shift: float = 0.4
     reference_positions: str = "shifted"
     text_sees_reference: bool = True
+    share_until: float = 0.0
 
 
 OFF = Config(share_attention=False, adain_queries=False, adain_keys=False, adain_values=False)

@@ -16,7 +16,8 @@ FLAGS = ("share_attention", "adain_queries", "adain_keys", "adain_values")
 KNOB_GRID = [dict(zip(FLAGS, flags)) for flags in itertools.product([False, True], repeat=4)]
 EXTRA = [dict(shared_score_scale=1.7, shared_score_shift=0.69), dict(shared_score_shift=-0.5, adain_values=True),
          dict(reference_positions="same"), dict(shared_layers=1.0), dict(shared_layers=0.5, shared_score_scale=0.8),
-         dict(text_sees_reference=False, shared_score_shift=0.3)]
+         dict(text_sees_reference=False, shared_score_shift=0.3),
+         dict(share_until=0.99)]  # the first step (pure noise, level 1) shared, the second plain
 CHUNK_KNOBS = [{}, EXTRA[0], dict(adain_values=True, shared_layers=1.0), EXTRA[-1]]
 
 

@@ -76,10 +76,13 @@ class Backbone:
     unbatched_inputs: tuple[str, ...] = ()  # denoiser keyword inputs without a batch dimension
     row_lists: tuple[str, ...] = ()  # denoiser inputs given as lists of one tensor per batch row (Z-Image's)
     default_shared_layers: float | str | tuple[str, ...] = 1.0  # `shared_layers` when a config leaves it None
+    default_adain_queries = True  # likewise `adain_queries` (the paper's)
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
     embedded_guidance = False   # the guidance scale is an input of the denoiser (FLUX.1-dev), not CFG
     frame_axis: int | None = None  # the latents' frame axis (batch first), on video families
+    timestep_name = "timestep"  # the denoiser's input that says how noisy its latents are
+    timestep_scale = 1000.0     # that input at pure noise (a UNet's training timesteps; sigma x 1000 on SD3 and Wan)
 
     supports_panorama = False  # MultiDiffusion panoramas (`panorama.py`) run on this family
 
@@ -137,8 +140,15 @@ class Backbone:
                 raise UserError(f"{knob} has no meaning on a {self.label} (it has no such layers or ablation "
                                 f"here); turn it off for {self.family} models")
 
+    def resolve(self, config):
+        """`config` with the knobs it leaves to the family (`FAMILY_KNOBS`, None) set to this family's values."""
+        from ..config import FAMILY_KNOBS
+
+        return config.resolved(**{name: getattr(self, f"default_{name}") for name in FAMILY_KNOBS})
+
     def fit_preset(self, config):
-        """A preset made for UNets, without the norm sharing this family has no norms for."""
+        """A preset made for UNets, resolved for this family and without the norm sharing it has no norms for."""
+        config = self.resolve(config)
         if self.shares_norms:
             return config
         return config.replace(share_group_norm=False, share_layer_norm=False)
@@ -153,6 +163,11 @@ class Backbone:
 
     def begin_call(self, state, config, kwargs: dict) -> None:
         """Read per-call layout facts (text length, positions) from the denoiser's inputs into `state.call`."""
+
+    def noise_level(self, inputs: dict) -> float:
+        """How noisy this denoiser call's latents are, 1 = pure noise, 0 = clean (`share_until` compares it): the
+        largest over the batch and tokens (Wan 2.2 TI2V gives its image's frame timestep 0)."""
+        return float(torch.as_tensor(inputs[self.timestep_name]).max()) / self.timestep_scale
 
     def wrap_output(self, sample: torch.Tensor, return_dict: bool):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput

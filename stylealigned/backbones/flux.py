@@ -26,6 +26,10 @@ class FluxBackbone(Backbone):
     denoiser_name = "transformer"
     unbatched_inputs = ("img_ids", "txt_ids")
     flow = True
+    timestep_scale = 1.0  # the pipeline passes sigma
+    # Measured on builtin-flux (docs/findings.md, section 6): AdaIN on the targets' keys alone leaks less of the
+    # reference's content into them than the paper's AdaIN on queries and keys, for a little of its style.
+    default_adain_queries = False
 
     @classmethod
     def single_file(cls, keys):

@@ -26,6 +26,7 @@ class QwenImageBackbone(Backbone):
     label = "Qwen-Image transformer"
     denoiser_name = "transformer"
     flow = True
+    timestep_scale = 1.0  # the pipeline passes sigma
 
     def __init__(self, pipe):
         super().__init__(pipe)

@@ -32,6 +32,7 @@ class ZImageBackbone(Backbone):
     # AlignedGen found copies the reference's layout and content. Reasoned from the architecture, not measured.
     default_shared_layers = "layers."
     flow = True
+    timestep_name = "t"  # 1 - sigma: the pipeline passes (1000 - t) / 1000
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -47,6 +48,9 @@ class ZImageBackbone(Backbone):
 
     def attention_kind(self, name):
         return ZImageAttention()
+
+    def noise_level(self, inputs):
+        return 1.0 - float(torch.as_tensor(inputs["t"]).min())
 
     def begin_call(self, state, config, kwargs):
         """Image patches, the shifted columns' rotation, and one group on steps `cfg_truncation` leaves unguided."""

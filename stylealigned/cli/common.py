@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import functools
 import hashlib
@@ -18,7 +17,7 @@ from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 
-from ..config import KNOBS, StyleAlignedConfig, knob_help, knobs_of_type
+from ..config import KNOBS, StyleAlignedConfig, knob_help, knob_type, knobs_of_type
 from ..errors import UserError
 from ..io import (contact_sheet, discard_earlier, image_filename, make_grid, prepare_output_dir, read_png_metadata,
                   read_video, restore_earlier, save_png, save_video, write_json_atomic)
@@ -37,7 +36,8 @@ MAX_PROMPTS_FILE = 10_000_000  # bytes
 LIMITS = {  # every numeric option of every command: (lowest, highest); NaN and infinities lie in no range
     "seed": (0, 2**63 - 1), "steps": (1, 1000), "guidance": (0, 100), "width": (8, MAX_SIZE), "height": (8, MAX_SIZE),
     "batch_size": (1, 4096), "offset": (0, 999), "inversion_guidance": (0, 100), "shared_score_scale": (0, 100),
-    "shared_score_shift": (-100, 100), "port": (0, 65535), "sets": (1, 100), "threads": (1, 1024), "styles": (1, 100),
+    "shared_score_shift": (-100, 100), "share_until": (0, 1), "port": (0, 65535), "sets": (1, 100),
+    "threads": (1, 1024), "styles": (1, 100),
     "control_scale": (0, 10),  # 0 itself is refused by the ControlNet options (no control at all)
     "reference_weight": (0, 10**6), "window": (8, MAX_SIZE), "stride": (8, MAX_SIZE),
     "frames": (1, 1000), "fps": (1, 240),  # clips, on video models
@@ -106,8 +106,8 @@ def with_knob_options(command: Callable) -> Callable:
     receives them as `knobs`, a dict of the values given."""
     signature = inspect.signature(command, eval_str=True)
     options = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        Optional[OPTION_TYPES.get(field.type, str)], typer.Option(show_default=False, help=knob_help(name))])
-        for name, field in ((f.name, f) for f in dataclasses.fields(StyleAlignedConfig))]
+        Optional[OPTION_TYPES.get(knob_type(name), str)], typer.Option(show_default=False, help=knob_help(name))])
+        for name in KNOBS]
 
     @functools.wraps(command)
     def run(**kwargs):
@@ -121,16 +121,18 @@ def with_knob_options(command: Callable) -> Callable:
 
 
 def fit_to_family(config: StyleAlignedConfig, knobs: dict, pipe, batch_size: int | None) -> StyleAlignedConfig:
-    """The config for this pipeline's family: a preset's norm sharing is dropped where the family has no such
-    norms (FLUX, SD3), unless the user asked for it (then it is refused with the reason), and every knob checked
-    against the model (layer names) and the batch size, before anything is written."""
+    """The config for this pipeline's family: the knobs left to the family take its values, a preset's norm sharing
+    is dropped where the family has no such norms (FLUX, SD3), unless the user asked for it (then it is refused with
+    the reason), and every knob checked against the model (layer names) and the batch size, before anything is
+    written."""
     from ..apply import layers_to_share
     from ..backbones import backbone_for
 
     backbone = backbone_for(pipe)
     fitted = backbone.fit_preset(config)
-    config = config.replace(**{name: getattr(fitted, name) for name in ("share_group_norm", "share_layer_norm")
-                               if knobs.get(name) is None})
+    norms = ("share_group_norm", "share_layer_norm")
+    config = backbone.resolve(config).replace(**{name: getattr(fitted, name) for name in norms
+                                                 if knobs.get(name) is None})
     backbone.check_config(config)
     if batch_size and config.full_attention_share:
         raise UserError("full_attention_share shares among all images at once, so it cannot run in batches; "
