@@ -363,29 +363,31 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def plot_tradeoff(summary: dict, path: Path) -> None:
-    """The layer sweep as the consistency-diversity trade-off: style agreement against diversity, a point per arm,
-    the fractions joined in order, 95% intervals both ways."""
+LABELS = METRICS | {"diversity": "diversity among targets (1 - cosine, classifier features)"}
+
+
+def plot_against(summary: dict, path: Path, x: str, y: str, title: str, joined: list[str]) -> None:
+    """Metric `y` against metric `x`, a point per arm with 95% intervals both ways; the arms `joined` (a sweep, in
+    order) drawn as one line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
-    fractions = [name for name in summary if name.startswith("layers-")]
-    for names, style in ((fractions, "o-"), ([name for name in summary if name not in fractions], "s")):
+    for names, style in ((joined, "o-"), ([name for name in summary if name not in joined], "s")):
         rows = [summary[name] for name in names]
         if not rows:
             continue
-        x, y = (np.array([row[key] for row in rows]) for key in ("diversity", "style_agrees"))
-        axis.errorbar(x[:, 0], y[:, 0], xerr=[x[:, 0] - x[:, 1], x[:, 2] - x[:, 0]],
-                      yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]], fmt=style, capsize=2)
-        for name, px, py in zip(names, x[:, 0], y[:, 0]):
+        xs, ys = (np.array([row[key] for row in rows]) for key in (x, y))
+        axis.errorbar(xs[:, 0], ys[:, 0], xerr=[xs[:, 0] - xs[:, 1], xs[:, 2] - xs[:, 0]],
+                      yerr=[ys[:, 0] - ys[:, 1], ys[:, 2] - ys[:, 0]], fmt=style, capsize=2)
+        for name, px, py in zip(names, xs[:, 0], ys[:, 0]):
             axis.annotate(name.removeprefix("layers-"), (px, py), textcoords="offset points", xytext=(5, 4),
                           fontsize=8)
-    axis.set_xlabel("diversity among targets (1 - cosine, classifier features)")
-    axis.set_ylabel("style agreement")
-    axis.set_title("Shared layers: consistency against diversity")
+    axis.set_xlabel(LABELS[x])
+    axis.set_ylabel(LABELS[y])
+    axis.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -393,7 +395,8 @@ def plot_tradeoff(summary: dict, path: Path) -> None:
 
 def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
     """Judge what is on disk with the shipped classifier; write effect.md, effect.json and effect.png (and, for
-    the layer sweep, tradeoff.png)."""
+    the layer sweep, tradeoff.png: style against diversity; for the AdaIN and share_until experiments,
+    frontier.png: objects against style)."""
     records = judge_sets(out, toy_sets, load_judge(), args.variants, args.seed)
     summary = summarise(records)
     extra = checks(summary)
@@ -409,7 +412,12 @@ def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
     write_json_atomic(out / "effect.json", summary)
     plot(summary.get("by_kind", summary), out / "effect.png")
     if "layer-sweep" in args.experiment and records:
-        plot_tradeoff(summary, out / "tradeoff.png")
+        plot_against(summary, out / "tradeoff.png", "diversity", "style_agrees",
+                     "Shared layers: consistency against diversity", [n for n in summary if n.startswith("layers-")])
+    if {"adain-queries", "share-until"} & set(args.experiment) and records:
+        plot_against(summary, out / "frontier.png", "style_agrees", "object_right",
+                     "What each knob trades: the targets' objects against the reference's style",
+                     [n for n in summary if n == "full" or n.startswith("until-")])
     return text
 
 

@@ -65,6 +65,17 @@ def test_generate_writes_a_set(request, model, negative, tmp_path, capsys, caplo
     record = json.loads((out / "run.json").read_text())["parameters"]
     assert record["scheduler"] == "auto" and record["config"]["reference_positions"] == "shifted"
     assert record["config"]["shared_layers"] is None  # the family's default, recorded as asked
+    flux_style = model.name in ("flux", "flux2", "builtin-flux")  # AdaIN on keys alone: the family's, resolved
+    assert record["config"]["adain_queries"] is not flux_style
+
+
+@pytest.mark.parametrize("flag, expected", [("--adain-queries", True), ("--no-adain-queries", False)])
+def test_a_knob_given_wins_over_the_family(tiny_flux_path, tmp_path, capsys, flag, expected):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "generate", "a cat", "a dog", "--model", tiny_flux_path, "--out", out, flag,
+                       *MODELS["flux"].args(steps=1))
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["parameters"]["config"]["adain_queries"] is expected
 
 
 @pytest.mark.parametrize("model", models())

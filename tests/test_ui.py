@@ -373,3 +373,16 @@ def test_an_upload_that_is_no_image_is_one_sentence(client, tmp_path, content):
                        prompts="a circle", steps=2, api_name="/transfer")
     assert str(error.value).startswith("The reference is not an image this app can read;")
     assert str(error.value).count(".") == 1 and "preprocess" not in str(error.value)
+
+
+@pytest.mark.parametrize("family, queries", [("sd", True), ("flux", False)])
+def test_the_knobs_show_the_family_values(family, queries, request):
+    """A knob left to the family shows what this model will run: AdaIN of the queries on UNets, not on FLUX."""
+    from stylealigned.backbones import backbone_for
+    from stylealigned.config import KNOBS
+    from stylealigned.ui import preset_values
+
+    backbone = backbone_for(request.getfixturevalue(f"{family}_pipe"))
+    for preset in ("text-to-image", "transfer"):
+        values = dict(zip(KNOBS, preset_values(preset, backbone)))
+        assert values["adain_queries"] is queries and values["share_until"] == 0.0

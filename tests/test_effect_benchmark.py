@@ -1,0 +1,34 @@
+"""benchmarks/effect.py end to end on the built-in transformer, one set, one step: the knob experiments' arms, what
+each generates with (the family's AdaIN, share_until, the prompted control's styled prompts), and the reports."""
+
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_knob_experiments_write_their_arms_and_the_frontier(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import effect
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["effect.py", "--model", "builtin-flux", "--experiment",
+                                      "adain-queries,share-until,prompted", "--sets", "1", "--steps", "2",
+                                      "--device", "cpu", "--out", str(out)])
+    effect.main()
+    arms = json.loads((out / "parameters.json").read_text())["arms"]
+    assert list(arms) == ["full", "adain-queries-and-keys", "until-0.3", "until-0.5", "until-0.7", "no-share",
+                          "prompted"]
+    assert arms["full"]["config"]["adain_queries"] is False  # the FLUX family's, resolved
+    assert arms["adain-queries-and-keys"]["config"]["adain_queries"] is True
+    assert [arms[f"until-{level}"]["config"]["share_until"] for level in ("0.3", "0.5", "0.7")] == [0.3, 0.5, 0.7]
+    assert arms["prompted"]["prompted"] and arms["prompted"]["layers"] == []
+    with Image.open(out / "images" / "prompted" / "000-1.png") as target, \
+            Image.open(out / "images" / "no-share" / "000-1.png") as plain:
+        assert target.info["prompt"] == f"{plain.info['prompt']} in {effect.random_sets(1, 0)[0].style} style"
+    report = (out / "effect.md").read_text()
+    assert all(f"| {name} | 1 |" in report for name in arms)
+    assert (out / "frontier.png").is_file() and (out / "effect.png").is_file()
