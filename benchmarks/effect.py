@@ -15,7 +15,8 @@ Resumable: every image is kept as OUT/images/CONFIG/SET-POSITION.png and a set a
 the same command runs again. Sets run round by round (set k under every configuration before set k + 1); every
 --report-every rounds, the sets present under all configurations are judged into OUT/effect.md, effect.json and
 effect.png, so an interrupted run still reports all configurations on equal footing. --report-only judges them
-again (with a newer classifier, say) without generating. OUT/parameters.json records the arguments and every
+again (with a newer classifier, say) without generating; --by-style adds every arm split by the reference's
+style. OUT/parameters.json records the arguments and every
 arm's resolved configuration (its knobs and the layers it shares); a run into a folder whose record differs, after a
 default changed say, is refused rather than mixing sets made two ways.
 
@@ -261,7 +262,8 @@ def judge_sets(out: Path, toy_sets: list[ToySet], classifier, chosen: list[Varia
                 verdict["seen_agrees"] = verdict["style"] == reference["style"]
                 verdict["layout"] = layout_copying(images[0], target)
             kind = "palette" if toy_set.style in PALETTE_STYLES else "pattern"
-            records.append({"config": variant.name, "set": index, "kind": kind, "verdicts": targets,
+            records.append({"config": variant.name, "set": index, "kind": kind, "style": toy_set.style,
+                            "verdicts": targets,
                             "reference_style_right": reference["style_agrees"],
                             "diversity": content_diversity(images[1:], classifier)})
     return records
@@ -407,6 +409,10 @@ def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
         extra = ["Split by style kind (palette-only styles pastel, neon stand in for abstract ones):", "",
                  table(by_kind, "").strip()]
         summary |= {"by_kind": by_kind}
+    if args.by_style and records:
+        by_style = summarise(sorted(records, key=lambda record: record["style"]),
+                             lambda record: f"{record['config']}, {record['style']}")
+        extra += ["", "Split by the reference's style:", "", table(by_style, "").strip()]
     text = "\n".join([table({k: v for k, v in summary.items() if k != "by_kind"}, header), *extra]) + "\n"
     (out / "effect.md").write_text(text)
     write_json_atomic(out / "effect.json", summary)
@@ -436,6 +442,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="builtin", help="'builtin', 'builtin-flux' or a copy of either's folder")
     parser.add_argument("--out", type=Path, help="default runs/effect (ablations) or runs/effect-EXPERIMENT")
     parser.add_argument("--report-only", action="store_true", help="judge the sets on disk again; generate none")
+    parser.add_argument("--by-style", action="store_true", help="also split every arm by the reference's style")
     parser.add_argument("--report-every", type=int, default=10, help="rounds between interim reports")
     args = parser.parse_args()
     args.experiment = list(dict.fromkeys(name.strip() for name in args.experiment.split(",")))

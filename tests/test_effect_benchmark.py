@@ -17,7 +17,7 @@ def test_knob_experiments_write_their_arms_and_the_frontier(tmp_path, monkeypatc
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["effect.py", "--model", "builtin-flux", "--experiment",
                                       "adain-queries,share-until,prompted", "--sets", "1", "--steps", "2",
-                                      "--device", "cpu", "--out", str(out)])
+                                      "--device", "cpu", "--out", str(out), "--by-style"])
     effect.main()
     arms = json.loads((out / "parameters.json").read_text())["arms"]
     assert list(arms) == ["full", "adain-queries-and-keys", "until-0.3", "until-0.5", "until-0.7", "no-share",
@@ -31,4 +31,6 @@ def test_knob_experiments_write_their_arms_and_the_frontier(tmp_path, monkeypatc
         assert target.info["prompt"] == f"{plain.info['prompt']} in {effect.random_sets(1, 0)[0].style} style"
     report = (out / "effect.md").read_text()
     assert all(f"| {name} | 1 |" in report for name in arms)
+    style = effect.random_sets(1, 0)[0].style
+    assert "Split by the reference's style" in report and all(f"| {name}, {style} | 1 |" in report for name in arms)
     assert (out / "frontier.png").is_file() and (out / "effect.png").is_file()
