@@ -15,9 +15,13 @@ CONFIGS = {
     "shared-layers-0.5": lambda: StyleAlignedConfig.text_to_image(shared_layers=0.5),
     "shared-layers-0.25": lambda: StyleAlignedConfig.text_to_image(shared_layers=0.25),
     "transfer": StyleAlignedConfig.transfer,  # style from a real image, inverted; needs a reference
+    # on request (--configs): the knobs a family may set otherwise, and sharing at the noisier steps only
+    "adain-queries-and-keys": lambda: StyleAlignedConfig.text_to_image(adain_queries=True),
+    "adain-keys-only": lambda: StyleAlignedConfig.text_to_image(adain_queries=False),
+    "share-until-0.5": lambda: StyleAlignedConfig.text_to_image(share_until=0.5),
 }
 NEEDS_REFERENCE = ("transfer",)
-DEFAULT_CONFIGS = [name for name in CONFIGS if name not in NEEDS_REFERENCE]
+DEFAULT_CONFIGS = ["no-share", "full", "no-adain", "full-attention-share", "shared-layers-0.5", "shared-layers-0.25"]
 
 
 def parse_configs(text: str | None, has_reference: bool, backbone=None) -> list[str]:
