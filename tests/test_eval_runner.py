@@ -8,7 +8,8 @@ from PIL import Image
 
 from stylealigned.errors import UserError
 from stylealigned.eval import load_benchmark, set_consistency, text_alignment
-from stylealigned.eval.ablations import CONFIGS, DEFAULT_CONFIGS, parse_configs
+from stylealigned.eval import ablations
+from stylealigned.eval.ablations import DEFAULT_CONFIGS, parse_configs
 from stylealigned.eval.runner import SET_SEED_STRIDE, evaluate
 from tests.eval_models import tiny_clip_path, tiny_dino_path  # noqa: F401 (fixtures)
 
@@ -83,8 +84,8 @@ def test_config_names():
     on_request = ["adain-queries-and-keys", "adain-keys-only", "share-until-0.5"]
     assert not set(on_request) & set(DEFAULT_CONFIGS)
     assert parse_configs(",".join(on_request), has_reference=False) == on_request
-    assert [CONFIGS[name]().adain_queries for name in on_request[:2]] == [True, False]
-    assert CONFIGS["share-until-0.5"]().share_until == 0.5
+    assert [ablations.CONFIGS[name]().adain_queries for name in on_request[:2]] == [True, False]
+    assert ablations.CONFIGS["share-until-0.5"]().share_until == 0.5
     with pytest.raises(UserError, match="unknown configuration"):
         parse_configs("full,bogus", has_reference=False)
     with pytest.raises(UserError, match="needs a real reference"):
