@@ -20,7 +20,7 @@ class StyleAlignedConfig:
     Args:
         share_attention: targets' self-attention also attends to the reference's keys and values.
         adain_queries: AdaIN-normalise each image's queries to the reference's per-token statistics; None = the
-            family's (on, as in the paper, but off on FLUX-style transformers, where it cost the targets objects).
+            family's (on, as in the paper, but off on FLUX-style transformers, where it leaked the reference's content).
         adain_keys: the same for keys.
         adain_values: the same for values (off in the paper: it washes out content).
         full_attention_share: ablation: every image attends to all images of its guidance half, no AdaIN,
@@ -77,8 +77,6 @@ class StyleAlignedConfig:
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         for name in knobs_of_type("float"):
             value = getattr(self, name)
-            if value is None and name in FAMILY_KNOBS:
-                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not 0.0 <= self.share_until <= 1.0:
