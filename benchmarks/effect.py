@@ -44,6 +44,8 @@ default changed say, is refused rather than mixing sets made two ways.
     share-until           share_until 0 (every step, the default), 0.3, 0.5 and 0.7: sharing only at the noisier
                           steps
     prompted              a control, nothing shared: each target's prompt names the reference's style in words
+    transfer-adain        transfer from the drawn reference with the family's AdaIN and with the paper's (queries
+                          and keys)
 Diversity: mean pairwise distance (1 - cosine) among a set's targets in the classifier's pooled features.
 Layout copying: intersection over union of a target's and its reference's silhouettes (the classifier's
 foreground, thresholded); the unshared sets give the overlap two independent images have by chance.
@@ -87,7 +89,7 @@ BOOTSTRAP = 2000
 SCORE_SHIFTS = (-1.0, -2.0)
 EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete",
                "positions", "score-scale", "score-shift", "text-queries", "transfer-mode", "transfer-ablation",
-               "adain-queries", "share-until", "prompted")
+               "adain-queries", "share-until", "prompted", "transfer-adain")
 SHARE_UNTIL = (0.3, 0.5, 0.7)
 PALETTE_STYLES = ("pastel", "neon")  # colour only: the toy's stand-in for abstract styles
 
@@ -155,6 +157,9 @@ def variants(experiment: str, set_sizes: list[int], backbone) -> list[Variant]:
     if experiment == "share-until":
         return [Variant("full", full)] + [Variant(f"until-{level:g}", _text_to_image_with(share_until=level))
                                           for level in SHARE_UNTIL]
+    if experiment == "transfer-adain":
+        return [Variant("transfer", transfer, drawn=True),
+                Variant("transfer-adain-queries-and-keys", _transfer_with({"adain_queries": True}), drawn=True)]
     if experiment == "prompted":
         return [Variant("no-share", CONFIGS["no-share"]), Variant("prompted", CONFIGS["no-share"], prompted=True)]
     if experiment == "transfer-ablation":

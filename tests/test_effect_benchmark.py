@@ -34,3 +34,15 @@ def test_knob_experiments_write_their_arms_and_the_frontier(tmp_path, monkeypatc
     style = effect.random_sets(1, 0)[0].style
     assert "Split by the reference's style" in report and all(f"| {name}, {style} | 1 |" in report for name in arms)
     assert (out / "frontier.png").is_file() and (out / "effect.png").is_file()
+
+
+def test_transfer_adain_compares_the_family_default_with_the_papers(monkeypatch, builtin_flux_pipe):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import effect
+    from stylealigned.backbones import backbone_for
+
+    backbone = backbone_for(builtin_flux_pipe)
+    arms = {variant.name: effect.arm_record(backbone, variant)
+            for variant in effect.variants("transfer-adain", [], backbone)}
+    assert [(arm["config"]["adain_queries"], arm["drawn"]) for arm in arms.values()] == [(False, True), (True, True)]
+    assert all(arm["config"]["shared_score_shift"] > 0 for arm in arms.values())  # the transfer preset's log 2
