@@ -32,7 +32,6 @@ class ZImageBackbone(Backbone):
     # AlignedGen found copies the reference's layout and content. Reasoned from the architecture, not measured.
     default_shared_layers = "layers."
     flow = True
-    timestep_name = "t"  # 1 - sigma: the pipeline passes (1000 - t) / 1000
 
     @classmethod
     def matches(cls, pipe) -> bool:
@@ -50,6 +49,7 @@ class ZImageBackbone(Backbone):
         return ZImageAttention()
 
     def noise_level(self, inputs):
+        """1 - `t`: the pipeline passes its transformer (1000 - timestep) / 1000."""
         return 1.0 - float(torch.as_tensor(inputs["t"]).min())
 
     def begin_call(self, state, config, kwargs):

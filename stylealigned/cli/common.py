@@ -129,10 +129,9 @@ def fit_to_family(config: StyleAlignedConfig, knobs: dict, pipe, batch_size: int
     from ..backbones import backbone_for
 
     backbone = backbone_for(pipe)
-    fitted = backbone.fit_preset(config)
-    norms = ("share_group_norm", "share_layer_norm")
-    config = backbone.resolve(config).replace(**{name: getattr(fitted, name) for name in norms
-                                                 if knobs.get(name) is None})
+    norms = ("share_group_norm", "share_layer_norm")  # a preset's are fitted, the user's kept (and checked below)
+    config = backbone.fit_preset(config).replace(**{name: getattr(config, name) for name in norms
+                                                    if knobs.get(name) is not None})
     backbone.check_config(config)
     if batch_size and config.full_attention_share:
         raise UserError("full_attention_share shares among all images at once, so it cannot run in batches; "
