@@ -280,7 +280,9 @@ class Trainer:
     def export_flux(self, ema: torch.nn.ModuleDict, step: int) -> None:
         """Write the FluxPipeline folder --flux-out (fp16 weights) in one move per component."""
         pipe = self.flux_pipeline(*(copy.deepcopy(ema[name]) for name in ("transformer", "text_encoder_2")))
-        self.publish(pipe.to(torch.float16), Path(self.args.flux_out), {"flux_steps": step, "seed": self.args.seed})
+        side = self.data["latents"].shape[-1] * pipe.vae_scale_factor  # the default size it samples at, in pixels
+        self.publish(pipe.to(torch.float16), Path(self.args.flux_out),
+                     {"flux_steps": step, "seed": self.args.seed, "side": side})
 
     def export(self, unet, text_encoder, step: int) -> None:
         """Write the StableDiffusionPipeline folder --out in fp16, replacing each component folder in one move."""

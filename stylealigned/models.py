@@ -33,10 +33,8 @@ from safetensors import SafetensorError, safe_open
 from .backbones import FAMILIES, backbone_for
 from .errors import UserError
 
-# The built-in models by name: the UNet and the FLUX.1-style transformer (`scripts/train_builtin.py`), with the side
-# in pixels they were trained at (FluxPipeline's own default is 1024).
+# The built-in models by name: the UNet and the FLUX.1-style transformer (`scripts/train_builtin.py`).
 BUILTIN_MODELS = {"builtin": Path(__file__).parent / "builtin", "builtin-flux": Path(__file__).parent / "builtin_flux"}
-BUILTIN_SIDE = 64
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # "auto": DDIM (the paper's sampler) on UNets, the model's own flow-matching scheduler on FLUX and SD3;
@@ -104,20 +102,29 @@ def checkpoint_kind(path) -> tuple[str, type]:
                     "SD3); pass a diffusers folder or hub id")
 
 
+def at_trained_size(pipe: DiffusionPipeline, folder: Path) -> DiffusionPipeline:
+    """A model trained by `scripts/train_builtin.py` (the built-ins and copies of their folders) samples by default
+    at the side its training.json names, not FluxPipeline's own default (1024 pixels on FLUX.1's VAE)."""
+    try:
+        side = int(json.loads((folder / "training.json").read_text())["side"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return pipe
+    if hasattr(pipe, "default_sample_size"):  # in latent pixels
+        pipe.default_sample_size = side // pipe.vae_scale_factor
+    return pipe
+
+
 def _from_pretrained(model: str, dtype: torch.dtype, config) -> DiffusionPipeline:
     """Dispatch on what `model` names; hub and cache failures become one-line UserErrors."""
     path = Path(model).expanduser()
     if model in BUILTIN_MODELS:
         if not (BUILTIN_MODELS[model] / "model_index.json").is_file():
             raise UserError(f"the built-in model {model} is not installed; reinstall stylealigned or pass --model")
-        pipe = DiffusionPipeline.from_pretrained(BUILTIN_MODELS[model], dtype=dtype)
-        if hasattr(pipe, "default_sample_size"):  # FluxPipeline's default size, in latent pixels
-            pipe.default_sample_size = BUILTIN_SIDE // pipe.vae_scale_factor
-        return pipe
+        path = BUILTIN_MODELS[model]
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise UserError(f"{path} is not a diffusers pipeline folder (it has no model_index.json)")
-        return DiffusionPipeline.from_pretrained(path, dtype=dtype)
+        return at_trained_size(DiffusionPipeline.from_pretrained(path, dtype=dtype), path)
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise UserError(f"{path} is not a .safetensors or .ckpt checkpoint nor a diffusers folder")

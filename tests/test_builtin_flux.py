@@ -1,6 +1,8 @@
 """The built-in transformer (`builtin-flux`): a stock FluxPipeline shipped in the package, its guidance as true CFG
 and its short T5 length, through sets and inversion."""
 
+import shutil
+
 import numpy as np
 import torch
 from diffusers import FluxPipeline
@@ -8,6 +10,7 @@ from diffusers import FluxPipeline
 import stylealigned as sa
 from stylealigned.backbones import backbone_for
 from stylealigned.inversion import invert
+from stylealigned.models import BUILTIN_MODELS
 from stylealigned.toy.world import render, styled_caption
 
 PROMPTS = [styled_caption("star", "neon"), "a circle", "a heart"]
@@ -50,3 +53,10 @@ def test_guided_inversion_runs_the_empty_prompt_in_a_call_of_its_own(builtin_flu
     drawing = render("star", "neon", np.random.default_rng(0))
     trajectory = invert(builtin_flux_pipe, drawing, PROMPTS[0], 3, guidance_scale=3.0)
     assert len(trajectory.latents) == 4 and torch.isfinite(torch.stack(list(trajectory.latents))).all()  # z_0..z_T
+
+
+def test_a_copy_of_its_folder_loads_at_its_trained_size_too(tmp_path):
+    folder = shutil.copytree(BUILTIN_MODELS["builtin-flux"], tmp_path / "my-copy")
+    assert backbone_for(sa.load_pipeline(str(folder), device="cpu")).native_size() == (64, 64)
+    (folder / "training.json").unlink()  # any other FluxPipeline folder keeps FluxPipeline's own default
+    assert sa.load_pipeline(str(folder), device="cpu").default_sample_size == 128
