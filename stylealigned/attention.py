@@ -268,11 +268,13 @@ def kept(weights: tuple[float, ...]) -> int | list[int]:
 
 def shared_tokens(k: Tensor, v: Tensor, rotate_shared: Rotation = None) -> tuple[Tensor, Tensor]:
     """The keys and values targets attend to, from the kept references' image-token keys and values (before RoPE):
-    (G, H, R, D) for one reference; (G, K, H, R, D) for several, laid side by side as (G, H, K R, D)."""
-    key = rotated(k, rotate_shared)
-    if k.ndim == 4:
-        return key, v
-    return tuple(x.transpose(1, 2).flatten(2, 3) for x in (key, v))
+    (G, H, R, D) for one reference; (G, K, H, R, D) for several, laid side by side as (G, H, K R, D). A rotation
+    `per_target` (`rotates_per_target`) takes the keys side by side, as it does in the chunks after a cache."""
+    per_target = rotates_per_target(rotate_shared)
+    key = k if per_target else rotated(k, rotate_shared)
+    if k.ndim == 5:
+        key, v = (x.transpose(1, 2).flatten(2, 3) for x in (key, v))
+    return (rotated(key, rotate_shared) if per_target else key), v
 
 
 def make_reference(q: Tensor, k: Tensor, v: Tensor, config: StyleAlignedConfig, image: slice = ALL,

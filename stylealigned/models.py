@@ -278,7 +278,8 @@ def with_image_input(pipe: DiffusionPipeline, inpaint: bool = False) -> Diffusio
 
 def load_pipeline(model: str, device="auto", dtype=None, scheduler: str = "auto", config=None,
                   controlnet: str | None = None) -> DiffusionPipeline:
-    """Load `model` ("builtin", "builtin-flux", a diffusers folder, a .safetensors/.ckpt file or a hub id) ready to sample.
+    """Load `model` ("builtin", "builtin-flux", a diffusers folder, a .safetensors/.ckpt file or a hub id) ready to
+    sample.
 
     `config` (single files only): a local diffusers folder or hub id giving the pipeline's component configs.
     `controlnet`: a ControlNet (hub id, folder or file) to load the model's ControlNet pipeline with.

@@ -3,10 +3,12 @@
 Z-Image's attention layers: `noise_refiner.N.attention` over one image's tokens [image patches, image padding],
 `context_refiner.N.attention` over the caption alone (never shared), `layers.N.attention` over [image patches, image
 padding, caption (padded to a multiple of 32), batch padding] with the batch padding masked. Per group (image 0 the
-reference, as the stock model computes it alone): a target's image-patch queries / keys / values are AdaIN-normalised
-to the reference's image patches (after the q/k norms, before RoPE); with sharing on, every target query also attends
-to the reference's image patches: its un-normalised keys rotated at the TARGET's own image positions (column + W under
-"shifted") and scaled, the shift added to those logits, and its values. The image's t position is one past its
+reference, as the stock model computes it alone; or the first K images, references mixed by weights): a target's
+image-patch queries / keys / values are AdaIN-normalised to the reference's image patches (to the weighted mixture of
+the references' token distributions), after the q/k norms, before RoPE; with sharing on, every target query also
+attends to each reference's image patches: its un-normalised keys rotated at the TARGET's own image positions
+(column + W under "shifted", the same for every reference) and scaled, the shift and the log of the reference's
+weight added to those logits, and its values. The image's t position is one past its
 caption's padded length, so a target and its reference may sit at different t. Positions are rebuilt here from the
 caption lengths and the image grid, rotated with the model's frequency tables; no code is shared with the package.
 """
@@ -17,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.models.transformers.transformer_z_image import RopeEmbedder
 
-from tests.oracle import family_config
+from tests.oracle import adain_to_mixture, family_config
 from tests.oracle_dit import installed
 
 EPS = 1e-5
@@ -79,22 +81,34 @@ def row_ids(context, row, tokens, joint):
     return ids, valid
 
 
-def attend(q, k, v, valid, shared_keys=None, shared_values=None, shift=0.0):
-    """softmax(q k^T / sqrt(d)) v over own keys (those past `valid` masked out) and shared keys (+ shift), logits
-    built explicitly."""
-    keys = k if shared_keys is None else torch.cat([k, shared_keys], dim=-2)
-    values = v if shared_values is None else torch.cat([v, shared_values], dim=-2)
+def attend(q, k, v, valid, shared=(), shift=0.0):
+    """softmax(q k^T / sqrt(d)) v over own keys (those past `valid` masked out) and each reference's shared keys
+    and values, `shared` [(keys, values, log weight)], the logits toward them + shift + log weight; built
+    explicitly."""
+    keys = torch.cat([k] + [keys for keys, _, _ in shared], dim=-2)
+    values = torch.cat([v] + [values for _, values, _ in shared], dim=-2)
     logits = q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])
     logits[..., valid:k.shape[-2]] = -math.inf
-    logits[..., k.shape[-2]:] += shift
+    start = k.shape[-2]
+    for shared_keys, _, log_weight in shared:
+        logits[..., start:start + shared_keys.shape[-2]] += shift + log_weight
+        start += shared_keys.shape[-2]
     return logits.softmax(-1) @ values
 
 
 class ZImageOracleProcessor:
     """Oracle processor for Z-Image's `Attention` in `noise_refiner` (image alone) or `layers` (image + caption)."""
 
-    def __init__(self, config, context, joint):
+    def __init__(self, config, context, joint, weights):
         self.config, self.context, self.joint = config, context, joint
+        self.weights = [w / sum(weights) for w in weights]
+
+    def normalised(self, x, rows, references, image):
+        """x's image patches AdaIN-ed in place to those of the batch `rows` `references` (their mixture by weight
+        when several)."""
+        refs = [rows[j][:, image] for j in references]
+        x[:, image] = adain(x[:, image], refs[0]) if len(refs) == 1 else adain_to_mixture(x[:, image], refs,
+                                                                                         self.weights)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, freqs_cis=None):
         config, context = self.config, self.context
@@ -113,21 +127,23 @@ class ZImageOracleProcessor:
             ids, valid = row_ids(context, row, tokens, self.joint)
             freqs = frequencies(context, ids)
             assert torch.equal(freqs[:valid], freqs_cis[row, :valid]), "the oracle's positions are not the model's"
-            reference = row - row % context.images
-            if row == reference:
+            first = row - row % context.images
+            references = range(first, first + len(self.weights))
+            if row in references:
                 out.append(attend(rope(q[row], freqs), rope(k[row], freqs), v[row], valid))
                 continue
             qi, ki, vi = q[row].clone(), k[row].clone(), v[row].clone()
             for flag, x, ref in (("adain_queries", qi, q), ("adain_keys", ki, k), ("adain_values", vi, v)):
                 if getattr(config, flag):
-                    x[:, image] = adain(x[:, image], ref[reference][:, image])
+                    self.normalised(x, ref, references, image)
             qi, ki = rope(qi, freqs), rope(ki, freqs)
             if not config.share_attention:
                 out.append(attend(qi, ki, vi, valid))
                 continue
-            at_target = frequencies(context, image_ids(context, row, shift))
-            shared_keys = config.shared_score_scale * rope(k[reference][:, image], at_target)
-            shared = attend(qi, ki, vi, valid, shared_keys, v[reference][:, image], config.shared_score_shift)
+            at_target = frequencies(context, image_ids(context, row, shift))  # every reference at these positions
+            shared = [(config.shared_score_scale * rope(k[j][:, image], at_target), v[j][:, image],
+                       math.log(w) if w > 0 else -math.inf) for j, w in zip(references, self.weights)]
+            shared = attend(qi, ki, vi, valid, shared, config.shared_score_shift)
             if not config.text_sees_reference:  # caption (and padding) queries: own keys only
                 shared[:, image.stop:] = attend(qi, ki, vi, valid)[:, image.stop:]
             out.append(shared)
@@ -136,9 +152,10 @@ class ZImageOracleProcessor:
         return attn.to_out[1](out) if len(attn.to_out) > 1 else out
 
 
-def install(pipe, config, layer_names, images):
+def install(pipe, config, layer_names, images, weights=(1.0,)):
     """Put oracle processors on the named attention modules of `pipe.transformer`; `images` per guidance group
-    (the pipeline batches [cond..., uncond...]: the batch is 2 x images with guidance, else images). Returns undo()."""
+    (the pipeline batches [cond..., uncond...]: the batch is 2 x images with guidance, else images), the first
+    len(`weights`) of each group its references, mixed by those weights. Returns undo()."""
     config = family_config(pipe, config, gates=True)
     transformer = pipe.transformer
     model = transformer.config
@@ -154,7 +171,7 @@ def install(pipe, config, layer_names, images):
         context.caption_lengths = [padded(len(caption)) for caption in captions]
         context.grid = (images[0].shape[-2] // patch, images[0].shape[-1] // patch)
 
-    processors = {name: ZImageOracleProcessor(config, context, joint=name.startswith("layers."))
+    processors = {name: ZImageOracleProcessor(config, context, name.startswith("layers."), weights)
                   for name in layer_names}
     return installed(transformer, processors, read_call, config,
                      lambda call: 1.0 - float(torch.as_tensor(call["t"]).min()))  # passed 1 - sigma

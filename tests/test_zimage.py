@@ -1,7 +1,7 @@
 """Z-Image specifics on its tiny pipeline: the oracle itself, `cfg_truncation` dropping guidance on late steps,
-few-step (Turbo-like) sets, targets at other positions than their reference, the layers, refusals, fp32 starting
-latents and the attention backend. The checks every family shares (every knob, chunks, the reference, removal,
-img2img) are in tests/test_transformer_*.py.
+few-step (Turbo-like) sets, targets at other positions than their reference, several references, the layers,
+refusals, fp32 starting latents and the attention backend. The checks every family shares (every knob, chunks, the
+reference, removal, img2img) are in tests/test_transformer_*.py.
 
 The prompts pad their captions to 64 (LONG) or 32 (SHORT, "a house") tokens, so targets sit at other image positions
 than their reference; the 24 x 40 image is 6 x 10 patches (a row/column swap shows) plus 4 image padding tokens.
@@ -112,12 +112,36 @@ def test_attention_layers_and_the_default(pipe):
         assert handle.layers == hooked_layers(pipe.transformer) == ["layers.0.attention", "layers.1.attention"]
 
 
-def test_several_references_are_refused_in_one_line(pipe):
-    with sa.apply(pipe) as handle:
-        handle.set_weights([1.0, 1.0])
-        with pytest.raises(sa.UserError, match="one reference") as refused:
-            latents(pipe, guidance_scale=0.0)
-    assert "\n" not in str(refused.value)
+@pytest.mark.parametrize("knobs", [{}, dict(adain_values=True, shared_score_shift=0.69, shared_layers=1.0)],
+                         ids=["default", "values-shift-all-layers"])
+def test_two_references_equal_the_oracle_and_a_zero_weight_drops_out(pipe, knobs):
+    """References LONG and SHORT (at other positions than each other and than the targets) mixed (0.3, 0.7) with
+    guidance: both references' keys at each target's own positions, the targets AdaIN-ed to their mixture, as the
+    oracle computes it, chunked too. Weights (1, 0) give the first reference's set as if the second were absent."""
+    from tests import oracle_zimage
+
+    config, weights, guided = sa.StyleAlignedConfig(**knobs), (0.3, 0.7), {"guidance_scale": 4.0}
+    with sa.apply(pipe, config) as handle:
+        handle.set_weights(weights)
+        fast = latents(pipe, **guided)
+        with handle.chunked(1):
+            chunked = latents(pipe, **guided)
+        handle.set_weights((1.0, 0.0))
+        first_only = latents(pipe, **guided)
+        handle.set_weights((1.0,))
+        backbone, size = backbone_for(pipe), (HEIGHT, WIDTH)
+        noise = backbone.start_latents(backbone.initial_noise([0, 2, 3], 0, *size), *size)  # the same noises
+        one = pipe(prompt=[PROMPTS[0], *PROMPTS[2:]], num_inference_steps=2, height=HEIGHT, width=WIDTH,
+                   latents=noise, output_type="latent", **PROMPT_KWARGS, **guided).images
+    undo = oracle_zimage.install(pipe, config, handle.layers, len(PROMPTS), weights)
+    try:
+        expected = latents(pipe, **guided)
+    finally:
+        undo()
+    torch.testing.assert_close(fast, expected, **FP32)
+    torch.testing.assert_close(chunked, expected, **FP32)
+    torch.testing.assert_close(first_only[[0, 2, 3]], one, **FP32)
+    assert not torch.allclose(fast[2:], first_only[2:], **FP32)  # the second reference moves the targets
 
 
 # generate_set
@@ -130,6 +154,16 @@ def set_latents(pipe, prompts, decoded, **kwargs) -> dict[int, torch.Tensor]:
                                on_image=lambda i, image: found.setdefault(i, image.info["latent"]))
     assert len(images) == len(found) and all(image.size == (WIDTH, HEIGHT) for image in images)
     return found
+
+
+def test_a_set_with_two_reference_prompts_in_waves_equals_one_batch(pipe, decoded):
+    """generate_set's references= path: the two references recorded once, the targets replayed in waves."""
+    kwargs = dict(references=PROMPTS[:2], weights=[0.4, 0.6], num_inference_steps=2, guidance_scale=4.0)
+    whole = set_latents(pipe, PROMPTS[2:] + ["a tree"], decoded, **kwargs)
+    waves = set_latents(pipe, PROMPTS[2:] + ["a tree"], decoded, batch_size=1, wave_size=2, **kwargs)
+    assert sorted(whole) == sorted(waves) == list(range(5))
+    for i in range(5):
+        torch.testing.assert_close(waves[i], whole[i], **FP32)
 
 
 @pytest.mark.parametrize("settings", [dict(num_inference_steps=2, guidance_scale=4.0),

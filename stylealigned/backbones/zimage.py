@@ -58,9 +58,6 @@ class ZImageBackbone(Backbone):
         if isinstance(images[0], list):
             raise UserError("StyleAligned does not run Z-Image's Omni mode (several images per sample); use "
                             "ZImagePipeline")
-        if state.references > 1:
-            raise UserError("Z-Image sets take one reference (its targets see it at positions of their own); "
-                            "give one reference")
         patch, frames = kwargs.get("patch_size", 2), kwargs.get("f_patch_size", 1)
         _, depth, height, width = images[0].shape
         columns = width // patch
@@ -163,8 +160,9 @@ class RowRotation:
 
 
 class SharedRotation:
-    """The reference's image keys (groups, heads, patches, dim) rotated at each target's own image positions, the
-    column moved by the image width under "shifted": per-target keys (groups, targets, heads, patches, dim)."""
+    """The references' image keys (groups, heads, K x patches, dim), K references side by side, each rotated at
+    every target's own image positions, the column moved by the image width under "shifted": per-target keys
+    (groups, targets, heads, K x patches, dim)."""
 
     per_target = True  # what it rotates depends on the call's targets: each chunk of a set rotates the cached keys
 
@@ -178,4 +176,5 @@ class SharedRotation:
         if columns is not None:  # the model's own table at column + W for the column axis
             targets = torch.cat([targets[..., :-columns.shape[-1]], columns.expand_as(
                 targets[..., -columns.shape[-1]:])], dim=-1)
+        targets = targets.repeat(1, 1, k.shape[-2] // targets.shape[-2], 1)  # the same positions for each reference
         return complex_rotation(targets[:, :, None])(k[:, None])
