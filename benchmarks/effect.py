@@ -43,6 +43,8 @@ default changed say, is refused rather than mixing sets made two ways.
                           keys)
     share-until           share_until 0 (every step, the default), 0.3, 0.5 and 0.7: sharing only at the noisier
                           steps
+    adain-values          AdaIN of the values too, at every step and only where the noise level is 0.5 or more
+                          (share_until 0.5)
     prompted              a control, nothing shared: each target's prompt names the reference's style in words
     transfer-adain        transfer from the drawn reference with the family's AdaIN and with the paper's (queries
                           and keys)
@@ -89,7 +91,7 @@ BOOTSTRAP = 2000
 SCORE_SHIFTS = (-1.0, -2.0)
 EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete",
                "positions", "score-scale", "score-shift", "text-queries", "transfer-mode", "transfer-ablation",
-               "adain-queries", "share-until", "prompted", "transfer-adain")
+               "adain-queries", "share-until", "adain-values", "prompted", "transfer-adain")
 SHARE_UNTIL = (0.3, 0.5, 0.7)
 PALETTE_STYLES = ("pastel", "neon")  # colour only: the toy's stand-in for abstract styles
 
@@ -160,6 +162,9 @@ def variants(experiment: str, set_sizes: list[int], backbone) -> list[Variant]:
     if experiment == "transfer-adain":
         return [Variant("transfer", transfer, drawn=True),
                 Variant("transfer-adain-queries-and-keys", _transfer_with({"adain_queries": True}), drawn=True)]
+    if experiment == "adain-values":
+        return [Variant("full", full), Variant("adain-values", _text_to_image_with(adain_values=True)),
+                Variant("adain-values-until-0.5", _text_to_image_with(adain_values=True, share_until=0.5))]
     if experiment == "prompted":
         return [Variant("no-share", CONFIGS["no-share"]), Variant("prompted", CONFIGS["no-share"], prompted=True)]
     if experiment == "transfer-ablation":
@@ -425,10 +430,10 @@ def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
     if "layer-sweep" in args.experiment and records:
         plot_against(summary, out / "tradeoff.png", "diversity", "style_agrees",
                      "Shared layers: consistency against diversity", [n for n in summary if n.startswith("layers-")])
-    if {"adain-queries", "share-until"} & set(args.experiment) and records:
+    if {"adain-queries", "share-until", "adain-values"} & set(args.experiment) and records:
         plot_against(summary, out / "frontier.png", "style_agrees", "object_right",
                      "What each knob trades: the targets' objects against the reference's style",
-                     [n for n in summary if n == "full" or n.startswith("until-")])
+                     [n for n in summary if n == "full" or n.startswith(("until-", "adain-values"))])
     return text
 
 

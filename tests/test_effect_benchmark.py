@@ -16,15 +16,18 @@ def test_knob_experiments_write_their_arms_and_the_frontier(tmp_path, monkeypatc
 
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["effect.py", "--model", "builtin-flux", "--experiment",
-                                      "adain-queries,share-until,prompted", "--sets", "1", "--steps", "2",
+                                      "adain-queries,share-until,adain-values,prompted", "--sets", "1", "--steps", "2",
                                       "--device", "cpu", "--out", str(out), "--by-style"])
     effect.main()
     arms = json.loads((out / "parameters.json").read_text())["arms"]
-    assert list(arms) == ["full", "adain-queries-and-keys", "until-0.3", "until-0.5", "until-0.7", "no-share",
-                          "prompted"]
+    assert list(arms) == ["full", "adain-queries-and-keys", "until-0.3", "until-0.5", "until-0.7", "adain-values",
+                          "adain-values-until-0.5", "no-share", "prompted"]
     assert arms["full"]["config"]["adain_queries"] is False  # the FLUX family's, resolved
     assert arms["adain-queries-and-keys"]["config"]["adain_queries"] is True
     assert [arms[f"until-{level}"]["config"]["share_until"] for level in ("0.3", "0.5", "0.7")] == [0.3, 0.5, 0.7]
+    assert arms["adain-values"]["config"]["adain_values"] and arms["adain-values"]["config"]["share_until"] == 0
+    assert {key: arms["adain-values-until-0.5"]["config"][key] for key in ("adain_values", "share_until")} == {
+        "adain_values": True, "share_until": 0.5}
     assert arms["prompted"]["prompted"] and arms["prompted"]["layers"] == []
     with Image.open(out / "images" / "prompted" / "000-1.png") as target, \
             Image.open(out / "images" / "no-share" / "000-1.png") as plain:
