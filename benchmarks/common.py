@@ -224,7 +224,16 @@ class LiveTensorBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live = self.peak = 0
+        self.inside = 0  # how many `within` modules' forward calls are running
+        self.within_peak = 0  # the peak while one runs
         self._counted: set[int] = set()
+
+    def enter(self, *_) -> None:
+        self.inside += 1
+        self.within_peak = max(self.within_peak, self.live)
+
+    def leave(self, *_) -> None:
+        self.inside -= 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -242,6 +251,8 @@ class LiveTensorBytes(TorchDispatchMode):
         self._counted.add(key)
         self.live += size
         self.peak = max(self.peak, self.live)
+        if self.inside:
+            self.within_peak = max(self.within_peak, self.live)
         weakref.finalize(storage, self._release, key, size)
 
     def _release(self, key: int, size: int) -> None:
@@ -254,6 +265,7 @@ class PeakMemory:
     """Filled in when its `peak_memory` block ends."""
 
     bytes: int = 0
+    within_bytes: int = 0  # the peak while the `within` modules' forward calls run (0 if none were given)
 
 
 def peak_memory_method(device: torch.device) -> str:
@@ -262,23 +274,48 @@ def peak_memory_method(device: torch.device) -> str:
 
 
 @contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[PeakMemory]:
-    """Peak bytes allocated inside the block above what was allocated before it.
+def peak_memory(device: torch.device, within: list[torch.nn.Module] = ()) -> Iterator[PeakMemory]:
+    """Peak bytes allocated inside the block above what was allocated before it, in all and while the `within`
+    modules' forward calls run (a denoiser's steps without the text encoding and the decoding around them).
 
-    On CUDA the caching allocator's own statistics; elsewhere `LiveTensorBytes` (live tensor storages).
+    On CUDA the caching allocator's own statistics (its peak restarted at each call of those modules, the block's
+    taken as the largest of the pieces); elsewhere `LiveTensorBytes` (live tensor storages).
     """
     result = PeakMemory()
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        yield result
-        synchronize(device)
-        result.bytes = torch.cuda.max_memory_allocated(device) - before
-    else:
-        with LiveTensorBytes() as tracker:
+        before, pieces = torch.cuda.memory_allocated(device), [0]
+
+        def enter(*_):
+            synchronize(device)
+            pieces.append(torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def leave(*_):
+            synchronize(device)
+            result.within_bytes = max(result.within_bytes, torch.cuda.max_memory_allocated(device) - before)
+
+        with hooked(within, enter, leave):
             yield result
-        result.bytes = tracker.peak
+        synchronize(device)
+        result.bytes = max(*pieces, torch.cuda.max_memory_allocated(device)) - before
+    else:
+        with LiveTensorBytes() as tracker, hooked(within, tracker.enter, tracker.leave):
+            yield result
+        result.bytes, result.within_bytes = tracker.peak, tracker.within_peak
+
+
+@contextlib.contextmanager
+def hooked(modules: list[torch.nn.Module], before, after) -> Iterator[None]:
+    """`before` and `after` each forward call of `modules` (hook arguments ignored), for the block."""
+    hooks = [hook for module in modules for hook in (module.register_forward_pre_hook(before),
+                                                      module.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json: 30 blocks of 12 x 128, UMT5-XXL text (4096 wide)

@@ -31,7 +31,8 @@ Time: the denoiser's (UNet's or transformer's) forward calls per denoising step,
 `--repeats` runs with the methods taking turns (each repeat is a round in which every method runs once); a time's
 ratio to vanilla or to the floor is the median over rounds of the ratio within each round, so load drifting between
 rounds cancels; also the whole run (text encoding and decoding included). Memory: the peak above what was allocated
-before the run, in one extra untimed 1-step run per method and size that also warms up (every step peaks alike):
+before the run, in one extra untimed 1-step run per method and size that also warms up (every step peaks alike),
+in all and within the denoiser's forward calls (without the text encoding and the decoding around them):
 CUDA's allocator statistics on a GPU, live tensor storages on CPU (benchmarks/common.py), so one process measures
 every run without them polluting each other or the timings. Freed CPU memory is kept in the process for every
 method, as the CLI does (`stylealigned.keep_freed_memory`; benchmarks/allocator.py times it).
@@ -236,6 +237,7 @@ class Measurement:
     attention_runs: list[float]  # the same for the shared attention layers' forward calls
     total_seconds: float         # median over repeats of the whole run
     peak_bytes: int
+    denoiser_peak_bytes: int  # the peak within the denoiser's forward calls
 
     @property
     def denoiser_seconds(self) -> float:
@@ -277,11 +279,12 @@ def timed(method: str, pipe, prompts: list[str], args, device: torch.device) -> 
 
 
 @torch.no_grad()
-def peak_bytes(method: str, pipe, prompts: list[str], args, device: torch.device) -> int:
-    """Peak memory of a 1-step run (every step peaks alike), which also warms this method up at this size."""
-    with peak_memory(device) as peak:
+def peak_bytes(method: str, pipe, prompts: list[str], args, device: torch.device) -> tuple[int, int]:
+    """Peak memory of a 1-step run (every step peaks alike), in all and within the denoiser's calls; the run also
+    warms this method up at this size."""
+    with peak_memory(device, list(backbone_for(pipe).denoisers().values())) as peak:
         run_method(method, pipe, prompts, argparse.Namespace(**vars(args) | dict(steps=1)))
-    return peak.bytes
+    return peak.bytes, peak.within_bytes
 
 
 def benchmark(pipe, args, device: torch.device, methods=METHODS) -> dict[tuple[int, str], Measurement]:
@@ -298,7 +301,7 @@ def benchmark(pipe, args, device: torch.device, methods=METHODS) -> dict[tuple[i
                 runs[method].append(timed(method, pipe, prompts, args, device))
         for method, times in runs.items():
             denoiser, attention, total = (list(column) for column in zip(*times))
-            results[size, method] = Measurement(denoiser, attention, statistics.median(total), peaks[method])
+            results[size, method] = Measurement(denoiser, attention, statistics.median(total), *peaks[method])
     return results
 
 
@@ -321,8 +324,8 @@ def report(results: dict[tuple[int, str], Measurement], args, methods=METHODS) -
     """The measurements as markdown lines: the table, ours against the floor, peak memory against set size."""
     names, lines = labels(args), []
     lines += ["| set | method | denoiser s/step | ms/image/step | spread | x vanilla | x floor | shared attn ms/step "
-              "| x vanilla | x floor | total s | peak MiB | x vanilla | x floor |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| x vanilla | x floor | total s | peak MiB | x vanilla | x floor | denoiser peak MiB | x vanilla |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     floors = {method: bound for method, bound in FLOOR_OF.items() if method in methods and bound in methods}
     for size in args.sizes:
         base = results[size, "vanilla"]
@@ -337,7 +340,9 @@ def report(results: dict[tuple[int, str], Measurement], args, methods=METHODS) -
                          f"| {time_ratio(m.attention_runs, base.attention_runs)} "
                          f"| {time_ratio(m.attention_runs, bound and bound.attention_runs)} | {m.total_seconds:.2f} "
                          f"| {m.peak_bytes / MIB:.1f} | {ratio(m.peak_bytes, base.peak_bytes)} "
-                         f"| {ratio(m.peak_bytes, bound and bound.peak_bytes)} |")
+                         f"| {ratio(m.peak_bytes, bound and bound.peak_bytes)} "
+                         f"| {m.denoiser_peak_bytes / MIB:.1f} "
+                         f"| {ratio(m.denoiser_peak_bytes, base.denoiser_peak_bytes)} |")
     lines += ["", f"ours against the floor in the same layout (target: within {TARGET:.0%}):", ""]
     for size in args.sizes:
         for method, bound in floors.items():
@@ -345,9 +350,11 @@ def report(results: dict[tuple[int, str], Measurement], args, methods=METHODS) -
             time_over = paired_ratio(ours.denoiser_runs, lowest.denoiser_runs) - 1
             attention_over = paired_ratio(ours.attention_runs, lowest.attention_runs) - 1
             memory_over = ours.peak_bytes / lowest.peak_bytes - 1
+            denoiser_over = ours.denoiser_peak_bytes / lowest.denoiser_peak_bytes - 1
             verdict = f"within {TARGET:.0%}" if time_over <= TARGET else f"MORE than {TARGET:.0%} over"
             lines.append(f"- set {size}, {names[method]}: denoiser time {100 * time_over:+.1f} % ({verdict}; shared "
-                         f"attention layers {100 * attention_over:+.1f} %), peak memory {100 * memory_over:+.1f} %")
+                         f"attention layers {100 * attention_over:+.1f} %), peak memory {100 * memory_over:+.1f} % "
+                         f"(within the denoiser {100 * denoiser_over:+.1f} %)")
     if len(args.sizes) > 1:
         smallest = args.sizes[0]
         lines += ["", f"peak memory (MiB) vs set size, and x the {smallest}-image set:", "",

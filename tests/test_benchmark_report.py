@@ -22,14 +22,15 @@ def test_paired_ratio_cancels_load_that_drifts_between_rounds():
 
 def test_report_judges_ours_by_paired_ratios():
     # Medians alone would say ours is 20 % over the floor (12 against 10); round by round it is 1 % over.
-    floor = Measurement([10.0, 20.0, 5.0], [1.0, 2.0, 0.5], 30.0, 100)
-    ours = Measurement([10.1, 20.2, 12.0], [1.01, 2.02, 0.6], 30.0, 100)
-    vanilla = Measurement([9.0, 18.0, 4.5], [0.9, 1.8, 0.45], 30.0, 100)
+    floor = Measurement([10.0, 20.0, 5.0], [1.0, 2.0, 0.5], 30.0, 100, 50)
+    ours = Measurement([10.1, 20.2, 12.0], [1.01, 2.02, 0.6], 30.0, 100, 60)
+    vanilla = Measurement([9.0, 18.0, 4.5], [0.9, 1.8, 0.45], 30.0, 100, 40)
     results = {(2, "vanilla"): vanilla, (2, "floor"): floor, (2, "apply"): ours}
     args = argparse.Namespace(sizes=[2], steps=1, batch_size="B")
     lines = report(results, args, ("vanilla", "floor", "apply"))
     verdict = next(line for line in lines if line.startswith("- set 2, apply"))
-    assert "denoiser time +1.0 % (within 3%; shared attention layers +1.0 %)" in verdict
+    assert "denoiser time +1.0 % (within 3%; shared attention layers +1.0 %), peak memory +0.0 % (within the " \
+           "denoiser +20.0 %)" in verdict
     row = next(line for line in lines if line.startswith("| 2 | apply"))
     assert "| 12.000 | 6000.0 | 84.2 % | 1.122 | 1.010 |" in row
 

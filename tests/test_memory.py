@@ -48,6 +48,23 @@ def test_live_tensor_bytes_counts_new_storages_until_freed():
     assert (tracker.peak, tracker.live) == (8000, 0)
 
 
+def test_peak_memory_within_a_modules_calls_leaves_out_what_runs_around_them():
+    from benchmarks.common import peak_memory
+
+    class Scratch(torch.nn.Module):
+        def forward(self, x):
+            _scratch = torch.zeros(250)  # 1000 bytes while the call runs
+            return x.view(-1)  # a view: nothing new
+
+    module = Scratch()
+    with peak_memory(torch.device("cpu"), [module]) as peak:
+        before = torch.zeros(2000)  # 8000 bytes, freed before the call
+        del before
+        kept = torch.zeros(100)  # 400 bytes, alive across the call
+        module(kept)
+    assert (peak.bytes, peak.within_bytes) == (8000, 400 + 1000)
+
+
 def test_chunked_set_memory_does_not_grow_with_set_size(sd_pipe):
     four, sixteen = peak_bytes(sd_pipe, 4, batch_size=4), peak_bytes(sd_pipe, 16, batch_size=4)
     assert sixteen <= 1.3 * four, f"16 images took {sixteen / four:.2f}x the peak memory of 4 with batch_size=4"
