@@ -247,6 +247,8 @@ class Reference:
     key_stats: Stats | None
     value_stats: Stats | None
     key_bias: Tensor | None = None  # (R,): log of the weight of each shared key's reference; None for one reference
+    inputs: Tensor | None = None  # (G, [K,] R, C): in a cache that keeps them instead of keys and values, the layer's
+    # input at the kept references' image tokens
 
 
 def mixture_stats(x: Tensor, weights: Tensor) -> Stats:

@@ -9,14 +9,15 @@ each shared attention module.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .attention import (ALL, Kernel, Reference, align_targets, make_reference, reference_attention, rotated,
-                        rotates_per_target, shared_attention)
+from .attention import (ALL, Kernel, Reference, align_targets, kept, make_reference, reference_attention, rotated,
+                        rotates_per_target, shared_attention, shared_tokens)
 from .config import StyleAlignedConfig
 
 BATCH, RECORD, REPLAY = "batch", "record", "replay"
@@ -60,14 +61,19 @@ class SharedState:
         return batch // self.groups
 
 
-def stored(ref: Reference) -> Reference:
+def stored(ref: Reference, inputs: Tensor | None = None) -> Reference:
     """What the cache keeps of a layer's references for the chunks after them: the AdaIN statistics and, where targets
-    attend to the references, the shared keys and values, each on a storage of its own (a view would keep the whole
-    joined text + image projection alive)."""
+    attend to the references, the shared keys and values, or the `inputs` they are projected from where given, each
+    on a storage of its own (a view would keep the whole joined text + image projection alive)."""
+    if inputs is not None:
+        return replace(ref, inputs=inputs.clone(memory_format=torch.contiguous_format))
     if ref.key is None:
         return ref
     return replace(ref, key=ref.key.clone(memory_format=torch.contiguous_format),
                    value=ref.value.clone(memory_format=torch.contiguous_format))
+
+
+Projection = Callable[[Tensor], tuple[Tensor, Tensor]]  # inputs (..., tokens, C) -> keys, values (..., H, N, D)
 
 
 class SharedAttention:
@@ -78,18 +84,26 @@ class SharedAttention:
         self.kernel: Kernel | None = None  # the attention kernel of the module's call (`apply.AttentionHook`)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, image: slice = ALL, rotate=None, rotate_shared=None,
-               mask: Tensor | None = None) -> Tensor:
+               mask: Tensor | None = None, inputs: Tensor | None = None, project: Projection | None = None) -> Tensor:
+        """`inputs` (batch, tokens, C), where given: what a RECORD pass keeps of the references (at their image
+        tokens) instead of their keys and values, which REPLAY chunks `project` again."""
         mode = self.state.mode
         if mode == BATCH:  # q, k, v are this layer's own projections: the targets' are overwritten, not copied
             return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask, overwrite=True,
                                     weights=self.state.weights, kernel=self.kernel)
         if mode == RECORD:
+            keys = self.config.share_attention and inputs is None
             once = None if rotates_per_target(rotate_shared) else rotate_shared  # per-target: in each chunk
-            self.state.cache[self.name] = stored(make_reference(q, k, v, self.config, image, once, self.state.weights,
-                                                                keys=self.config.share_attention))
+            ref = make_reference(q, k, v, self.config, image, once, self.state.weights, keys=keys)
+            if self.config.share_attention and inputs is not None:
+                inputs = self.grouped(inputs)[:, kept(self.state.weights)][..., image, :]
+            self.state.cache[self.name] = stored(ref, inputs if self.config.share_attention else None)
             return reference_attention(q, k, v, rotate, mask, self.kernel)
         ref = self.state.cached(self.name)
-        if ref.key is not None and rotates_per_target(rotate_shared):  # at this chunk's targets' own positions
+        if ref.inputs is not None:
+            ref = replace(ref, inputs=None, **dict(zip(("key", "value"),
+                                                      shared_tokens(*project(ref.inputs), rotate_shared))))
+        elif ref.key is not None and rotates_per_target(rotate_shared):  # at this chunk's targets' own positions
             ref = replace(ref, key=rotated(ref.key, rotate_shared))
         return align_targets(q, k, v, ref, self.config, image, rotate, mask, overwrite=True, kernel=self.kernel)
 
@@ -127,7 +141,8 @@ class SharedProcessor(SharedAttention):
         tokens = self.kind.project(attn, self.state, hidden_states, **kwargs)
         q, k, v = (self.grouped(x) for x in (tokens.q, tokens.k, tokens.v))
         mask = None if tokens.mask is None else self.grouped(tokens.mask)
-        out = self.attend(q, k, v, tokens.image, tokens.rotate, tokens.rotate_shared, mask)
+        out = self.attend(q, k, v, tokens.image, tokens.rotate, tokens.rotate_shared, mask, tokens.inputs,
+                          lambda x: self.kind.keys_values(attn, x))
         return self.kind.finish(attn, self.ungrouped(out).to(tokens.q.dtype), tokens)
 
 

@@ -169,6 +169,30 @@ def test_chunked_set_equals_one_batch(wan_pipe, decoded_latents):
     torch.testing.assert_close(one_batch, direct, atol=SAME_PATH, rtol=SAME_PATH)
 
 
+@pytest.mark.parametrize("knobs", [{}, dict(adain_values=True, shared_score_shift=0.69),
+                                   dict(reference_positions="same"), dict(share_attention=False)],
+                         ids=["defaults", "values-shift", "same-positions", "adain-only"])
+def test_chunks_project_the_reference_clips_cached_input_again(wan_pipe, knobs, monkeypatch):
+    """A clip's cache is a chunked set's memory, so it keeps each shared layer's input at the reference clip's
+    tokens (half the size of its keys and values), which every chunk projects again; chunks of one clip equal the
+    oracle. Nothing but statistics where targets do not attend to the reference."""
+    from stylealigned import processors
+
+    kept, store = [], processors.stored
+    monkeypatch.setattr(processors, "stored", lambda ref, inputs=None: kept.append(inputs) or store(ref, inputs))
+    config = sa.StyleAlignedConfig(**knobs)
+    with sa.apply(wan_pipe, config) as handle, handle.chunked(1):
+        fast = latents(wan_pipe)
+    torch.testing.assert_close(fast, with_oracle(wan_pipe, config), atol=ORACLE, rtol=ORACLE)
+    transformer = wan_pipe.transformer.config
+    tokens = noise(wan_pipe, 1)[0, 0].numel() // (transformer.patch_size[1] * transformer.patch_size[2])
+    backbone = backbone_for(wan_pipe)  # each call runs one expert's layers
+    assert len(kept) == STEPS * 2 * len(layers_to_share(backbone, config)) // len(backbone.denoisers())
+    for inputs in kept:  # one guidance group per call (Wan guides in two calls), the clip's tokens, the model's width
+        assert inputs is None if not config.share_attention else inputs.shape == (
+            1, tokens, transformer.num_attention_heads * transformer.attention_head_dim)
+
+
 def test_a_subset_of_clips_matches_the_full_set(wan_pipe, decoded_latents):
     settings = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, **WAN_KWARGS)
     full = sa.generate_set(wan_pipe, PROMPTS, seed=1, batch_size=1, **settings)

@@ -246,7 +246,8 @@ class WanSelfAttention(AttentionKind):
         q = heads_of(attn.norm_q(self.linear(attn, 0)(hidden_states)), attn.heads)
         k, v = self.keys_values(attn, hidden_states)
         rotate_shared = wan_rotation(state.call.get("reference_rotary") or rotary_emb)
-        return Tokens(q, k, v, rotate=wan_rotation(rotary_emb), rotate_shared=rotate_shared)
+        # a clip's cached reference is a chunked set's memory: its input, half the size of its keys and values
+        return Tokens(q, k, v, rotate=wan_rotation(rotary_emb), rotate_shared=rotate_shared, inputs=hidden_states)
 
     def keys_values(self, attn, x):
         return heads_of(attn.norm_k(self.linear(attn, 1)(x)), attn.heads), heads_of(self.linear(attn, 2)(x), attn.heads)
