@@ -39,8 +39,8 @@ class Tokens:
     rotate_shared: Rotation = None  # RoPE of the shared reference image keys, at the positions targets see them
     mask: Tensor | None = None      # (batch, 1, 1 or queries, keys): the model's own key mask
     rest: Any = None                # what `finish` needs besides the output (text length, an MLP half, ...)
-    inputs: Tensor | None = None    # (batch, tokens, C): the input `keys_values` projects, given by a kind whose chunked
-    # sets cache it instead of the reference's keys and values (half their size, projected again by every chunk)
+    inputs: Tensor | None = None    # (batch, tokens, C): the input `keys_values` projects, given by a kind whose
+    # chunked sets cache it instead of the reference's keys and values (half their size, projected again per chunk)
 
 
 class AttentionKind:
