@@ -40,15 +40,22 @@ class FloorAttention(SharedProcessor):
     """One shared layer's floor, on any family: the layer's own primitives (its backbone's attention kind projects
     and finishes exactly as the stock processor does) around attention in which targets also see their group's
     reference's image tokens, rotated where the reference has them. In chunks the references' keys and values are
-    kept at RECORD (no re-projection) and read at REPLAY. The model's own key masks are left out."""
+    kept at RECORD (no re-projection) and read at REPLAY; where the kind caches its layer input instead (Wan, whose
+    memory bound is the plain model plus that input), the floor keeps that input and projects it again per chunk.
+    The model's own key masks are left out."""
 
-    def attend(self, q, k, v, image, rotate=None, rotate_shared=None, mask=None):
+    def attend(self, q, k, v, image, rotate=None, rotate_shared=None, mask=None, inputs=None, project=None):
         q, k = rotated(q, rotate), rotated(k, rotate)
         if self.state.mode == RECORD:
-            self.state.cache[self.name] = (k[:, 0, :, image], v[:, 0, :, image])
+            kept = (k[:, 0, :, image], v[:, 0, :, image]) if inputs is None else self.grouped(inputs)[:, 0, image]
+            self.state.cache[self.name] = kept
             return attention(q, k, v)
         if self.state.mode == REPLAY:
-            return _targets(q, k, v, *self.state.cache[self.name])
+            kept = self.state.cache[self.name]
+            if inputs is not None:
+                ref_k, ref_v = project(kept)
+                kept = rotated(ref_k, rotate_shared), ref_v
+            return _targets(q, k, v, *kept)
         reference = attention(q[:, :1], k[:, :1], v[:, :1])
         if q.shape[1] == 1:
             return reference
