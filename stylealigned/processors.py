@@ -92,17 +92,17 @@ class SharedAttention:
             return shared_attention(q, k, v, self.config, image, rotate, rotate_shared, mask, overwrite=True,
                                     weights=self.state.weights, kernel=self.kernel)
         if mode == RECORD:
-            keys = self.config.share_attention and inputs is None
+            caches_inputs = self.config.share_attention and inputs is not None
             once = None if rotates_per_target(rotate_shared) else rotate_shared  # per-target: in each chunk
-            ref = make_reference(q, k, v, self.config, image, once, self.state.weights, keys=keys)
-            if self.config.share_attention and inputs is not None:
-                inputs = self.grouped(inputs)[:, kept(self.state.weights)][..., image, :]
-            self.state.cache[self.name] = stored(ref, inputs if self.config.share_attention else None)
+            ref = make_reference(q, k, v, self.config, image, once, self.state.weights,
+                                 keys=self.config.share_attention and not caches_inputs)
+            references = self.grouped(inputs)[:, kept(self.state.weights)][..., image, :] if caches_inputs else None
+            self.state.cache[self.name] = stored(ref, references)
             return reference_attention(q, k, v, rotate, mask, self.kernel)
         ref = self.state.cached(self.name)
         if ref.inputs is not None:
-            ref = replace(ref, inputs=None, **dict(zip(("key", "value"),
-                                                      shared_tokens(*project(ref.inputs), rotate_shared))))
+            key, value = shared_tokens(*project(ref.inputs), rotate_shared)
+            ref = replace(ref, key=key, value=value, inputs=None)
         elif ref.key is not None and rotates_per_target(rotate_shared):  # at this chunk's targets' own positions
             ref = replace(ref, key=rotated(ref.key, rotate_shared))
         return align_targets(q, k, v, ref, self.config, image, rotate, mask, overwrite=True, kernel=self.kernel)
