@@ -21,7 +21,8 @@ CONFIGS = {
     "share-until-0.5": lambda: StyleAlignedConfig.text_to_image(share_until=0.5),
 }
 NEEDS_REFERENCE = ("transfer",)
-DEFAULT_CONFIGS = ["no-share", "full", "no-adain", "full-attention-share", "shared-layers-0.5", "shared-layers-0.25"]
+ON_REQUEST = ("adain-queries-and-keys", "adain-keys-only", "share-until-0.5")  # only where --configs names them
+DEFAULT_CONFIGS = [name for name in CONFIGS if name not in NEEDS_REFERENCE + ON_REQUEST]
 
 
 def parse_configs(text: str | None, has_reference: bool, backbone=None) -> list[str]:
