@@ -176,5 +176,6 @@ class SharedRotation:
         if columns is not None:  # the model's own table at column + W for the column axis
             targets = torch.cat([targets[..., :-columns.shape[-1]], columns.expand_as(
                 targets[..., -columns.shape[-1]:])], dim=-1)
-        targets = targets.repeat(1, 1, k.shape[-2] // targets.shape[-2], 1)  # the same positions for each reference
+        if k.shape[-2] != targets.shape[-2]:  # several references side by side, each at the same positions
+            targets = targets.repeat(1, 1, k.shape[-2] // targets.shape[-2], 1)
         return complex_rotation(targets[:, :, None])(k[:, None])
