@@ -14,7 +14,8 @@ Stages, in order (choose with --stages), each checkpointed in --work every --sav
 Every UNet checkpoint also rewrites --out (a StableDiffusionPipeline folder holding the EMA weights), and every
 FLUX checkpoint --flux-out (a FluxPipeline folder), so the shipped models are always the latest ones. --resume
 continues from --work; when --work has no checkpoint (a fresh clone), it warm-starts from the model already in --out
-(the EMA weights, with a new optimiser). The learning rate warms up over --warmup steps, stays at --lr, and with
+or --flux-out (the EMA weights, with a new optimiser, at the step its training.json names); an empty --flux-out
+trains builtin-flux from scratch. The learning rate warms up over --warmup steps, stays at --lr, and with
 --anneal N falls linearly to 0 over the run's last N steps. Logs go to stdout.
 Run in the background on one core: `nohup python scripts/train_builtin.py --resume > runs/train.log 2>&1 &`.
 """
@@ -256,8 +257,16 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.data["shift"] = float(self.data["latents"].mean())
         tokenizer_2 = t5_tokenizer(world.vocabulary(), model_max_length=T5_LENGTH)
-        pipe = self.flux_pipeline(FluxTransformer2DModel(**FLUX_CONFIG),
-                                  T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **T5_CONFIG)))
+        shipped, step = Path(args.flux_out), 0
+        if self.checkpoint("flux") is None and args.resume and (shipped / "transformer").exists():
+            log("flux", note="warm start from --flux-out")
+            transformer = FluxTransformer2DModel.from_pretrained(shipped / "transformer").float()
+            text_encoder_2 = T5EncoderModel.from_pretrained(shipped / "text_encoder_2").float()
+            step = json.loads((shipped / "training.json").read_text())["flux_steps"]
+        else:
+            transformer = FluxTransformer2DModel(**FLUX_CONFIG)
+            text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **T5_CONFIG))
+        pipe = self.flux_pipeline(transformer, text_encoder_2)
         pipe.text_encoder.requires_grad_(False)
         side = self.data["latents"].shape[-1]
         image_ids = pipe._prepare_latent_image_ids(1, side // 2, side // 2, "cpu", torch.float32)
@@ -275,7 +284,7 @@ class Trainer:
             return F.mse_loss(velocity, pipe._pack_latents(noise - clean, *clean.shape))
 
         models = torch.nn.ModuleDict({"transformer": pipe.transformer, "text_encoder_2": pipe.text_encoder_2})
-        self.fit("flux", models, loss_at, self.export_flux)
+        self.fit("flux", models, loss_at, self.export_flux, step)
 
     def export_flux(self, ema: torch.nn.ModuleDict, step: int) -> None:
         """Write the FluxPipeline folder --flux-out (fp16 weights) in one move per component."""

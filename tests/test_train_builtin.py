@@ -1,0 +1,60 @@
+"""scripts/train_builtin.py's builtin-flux stage: `--resume` in a clone without checkpoints goes on from the shipped
+weights (it does not train a new model over them); an empty --flux-out trains from scratch."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "stylealigned" / "builtin_flux"
+WEIGHTS = Path("transformer") / "diffusion_pytorch_model.safetensors"
+
+
+def train(monkeypatch, work: Path, flux_out: Path, steps: int, starts_at: int) -> None:
+    """Train builtin-flux into `flux_out` up to step `steps`, checking first that training starts at `starts_at` (so
+    that a wrong start fails at once instead of training for hours)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import train_builtin
+
+    fit = train_builtin.Trainer.fit
+
+    def checked_fit(self, stage, models, loss_at, export, warm_step=0):
+        assert (stage, warm_step) == ("flux", starts_at)
+        fit(self, stage, models, loss_at, export, warm_step)
+
+    monkeypatch.setattr(train_builtin.Trainer, "fit", checked_fit)
+    monkeypatch.setattr(sys, "argv", ["train_builtin.py", "--resume", "--stages", "flux", "--work", str(work),
+                                      "--flux-out", str(flux_out), "--flux-steps", str(steps), "--batch", "2",
+                                      "--images", "16"])
+    threads = torch.get_num_threads()
+    try:
+        train_builtin.main()  # sets torch's threads (--threads 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def distance(folder: Path) -> float:
+    """How far `folder`'s transformer weights lie from the shipped ones, relative to the shipped ones' size."""
+    ours, shipped = load_file(folder / WEIGHTS), load_file(SHIPPED / WEIGHTS)
+    apart = sum(float((ours[name].float() - shipped[name].float()).square().sum()) for name in shipped)
+    return (apart / sum(float(shipped[name].float().square().sum()) for name in shipped)) ** 0.5
+
+
+def test_resume_without_a_checkpoint_goes_on_from_the_shipped_model(tmp_path, monkeypatch):
+    shipped_steps = json.loads((SHIPPED / "training.json").read_text())["flux_steps"]
+    flux_out = tmp_path / "builtin_flux"
+    shutil.copytree(SHIPPED, flux_out)
+    train(monkeypatch, tmp_path / "work", flux_out, shipped_steps + 2, starts_at=shipped_steps)
+    assert json.loads((flux_out / "training.json").read_text())["flux_steps"] == shipped_steps + 2
+    assert 0 < distance(flux_out) < 1e-2  # two warm-up steps on from the shipped weights, not a new model
+
+
+def test_an_empty_flux_out_trains_from_scratch(tmp_path, monkeypatch):
+    flux_out = tmp_path / "fresh"
+    train(monkeypatch, tmp_path / "work", flux_out, 1, starts_at=0)
+    assert json.loads((flux_out / "training.json").read_text())["flux_steps"] == 1
+    assert distance(flux_out) > 0.5  # a new initialisation, unrelated to the shipped weights
