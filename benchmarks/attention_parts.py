@@ -22,7 +22,7 @@ import effect
 from stylealigned import attention, processors
 from stylealigned.config import KNOBS, StyleAlignedConfig
 
-STREAMS = {"full": (0.0, 0.0), "text-stream-only": (0.0, -math.inf), "text-stream-only-text+1": (1.0, -math.inf),
+STREAMS = {"text-stream-only": (0.0, -math.inf), "text-stream-only-text+1": (1.0, -math.inf),
            "image-queries-1": (0.0, -1.0), "image-queries-2": (0.0, -2.0)}  # name: (text shift, image shift)
 HEAD_SETS = ((0,), (1,), (2,), (3,), (1, 2, 3), (0, 2, 3), (0, 1, 3), (0, 1, 2))
 
@@ -64,8 +64,7 @@ def variants(experiment: str, set_sizes: list[int], backbone) -> list[effect.Var
     """The arms of `experiment`, with the unshared sets and the FLUX default beside them."""
     arms = {"no-share": StyleAlignedConfig.disabled(), "full": StyleAlignedConfig.text_to_image()}
     if experiment == "streams":
-        arms |= {name: PartConfig(text_shift=text, image_shift=image) for name, (text, image) in STREAMS.items()
-                 if name != "full"}
+        arms |= {name: PartConfig(text_shift=text, image_shift=image) for name, (text, image) in STREAMS.items()}
     if experiment == "heads":
         arms |= {"heads-" + "".join(map(str, heads)): PartConfig(heads=heads) for heads in HEAD_SETS}
     return [effect.Variant(name, lambda config=config: config) for name, config in arms.items()]

@@ -78,9 +78,8 @@ def test_the_script_runs_its_arms_on_effects_sets(parts, tmp_path, monkeypatch):
                                       "--sets", "1", "--steps", "2", "--device", "cpu", "--out", str(out)])
     effect.main()
     arms = json.loads((out / "parameters.json").read_text())["arms"]
-    streams = [name for name in parts.STREAMS if name != "full"]
     heads = ["heads-" + "".join(map(str, chosen)) for chosen in parts.HEAD_SETS]
-    assert list(arms) == ["no-share", "full", *streams, *heads]
+    assert list(arms) == ["no-share", "full", *parts.STREAMS, *heads]
     assert arms["text-stream-only"]["config"]["image_shift"] == -math.inf
     assert arms["heads-123"]["config"]["heads"] == [1, 2, 3] and arms["full"]["config"].get("heads") is None
     assert arms["full"]["layers"] == arms["heads-0"]["layers"] == arms["image-queries-1"]["layers"]
