@@ -99,9 +99,12 @@ class Trainer:
         self.work.mkdir(parents=True, exist_ok=True)
         self.tokenizer = word_level_tokenizer(world.vocabulary(), self.work / "tokenizer")
 
+    def has_checkpoint(self, name: str) -> bool:
+        """Whether --resume continues stage `name` from its checkpoint in --work."""
+        return self.args.resume and (self.work / f"{name}.pt").exists()
+
     def checkpoint(self, name: str):
-        path = self.work / f"{name}.pt"
-        return torch.load(path, weights_only=False) if self.args.resume and path.exists() else None
+        return torch.load(self.work / f"{name}.pt", weights_only=False) if self.has_checkpoint(name) else None
 
     # -- vae ------------------------------------------------------------------------------------------------------
     def train_vae(self) -> None:
@@ -218,7 +221,7 @@ class Trainer:
         args = self.args
         torch.manual_seed(args.seed)
         unet, text_encoder, step = UNet2DConditionModel(**UNET_CONFIG), self.new_text_encoder(), 0
-        if self.checkpoint("unet") is None and args.resume and (self.out / "unet").exists():
+        if args.resume and not self.has_checkpoint("unet") and (self.out / "unet").exists():
             log("unet", note="warm start from --out")
             unet = UNet2DConditionModel.from_pretrained(self.out / "unet").float()
             text_encoder = CLIPTextModel.from_pretrained(self.out / "text_encoder").float()
@@ -258,7 +261,7 @@ class Trainer:
         self.data["shift"] = float(self.data["latents"].mean())
         tokenizer_2 = t5_tokenizer(world.vocabulary(), model_max_length=T5_LENGTH)
         shipped, step = Path(args.flux_out), 0
-        if self.checkpoint("flux") is None and args.resume and (shipped / "transformer").exists():
+        if args.resume and not self.has_checkpoint("flux") and (shipped / "transformer").exists():
             log("flux", note="warm start from --flux-out")
             transformer = FluxTransformer2DModel.from_pretrained(shipped / "transformer").float()
             text_encoder_2 = T5EncoderModel.from_pretrained(shipped / "text_encoder_2").float()
