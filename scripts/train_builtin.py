@@ -15,7 +15,9 @@ Every UNet checkpoint also rewrites --out (a StableDiffusionPipeline folder hold
 FLUX checkpoint --flux-out (a FluxPipeline folder), so the shipped models are always the latest ones. --resume
 continues from --work; when --work has no checkpoint (a fresh clone), it warm-starts from the model already in --out
 or --flux-out (the EMA weights, with a new optimiser, at the step its training.json names); an empty --flux-out
-trains builtin-flux from scratch. The learning rate warms up over --warmup steps, stays at --lr, and with
+trains builtin-flux from scratch, and --flux-single-layers N (a multiple of the warm start's) deepens it, each
+single-stream block followed by copies whose output gate is closed (the same model until training opens them).
+The learning rate warms up over --warmup steps, stays at --lr, and with
 --anneal N falls linearly to 0 over the run's last N steps. Logs go to stdout.
 Run in the background on one core: `nohup python scripts/train_builtin.py --resume > runs/train.log 2>&1 &`.
 """
@@ -266,8 +268,10 @@ class Trainer:
             transformer = FluxTransformer2DModel.from_pretrained(shipped / "transformer").float()
             text_encoder_2 = T5EncoderModel.from_pretrained(shipped / "text_encoder_2").float()
             step = json.loads((shipped / "training.json").read_text())["flux_steps"]
+            transformer = deepened(transformer, args.flux_single_layers or transformer.config.num_single_layers)
         else:
-            transformer = FluxTransformer2DModel(**FLUX_CONFIG)
+            transformer = FluxTransformer2DModel(**FLUX_CONFIG | {
+                "num_single_layers": args.flux_single_layers or FLUX_CONFIG["num_single_layers"]})
             text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **T5_CONFIG))
         pipe = self.flux_pipeline(transformer, text_encoder_2)
         pipe.text_encoder.requires_grad_(False)
@@ -369,6 +373,36 @@ class Trainer:
         model.save(self.out / "classifier")
 
 
+def deepened(transformer: FluxTransformer2DModel, single_layers: int) -> FluxTransformer2DModel:
+    """`transformer` with `single_layers` single-stream blocks: each of its own followed by copies whose output gate
+    is zero, so the deeper model computes exactly what it did until training opens the gates."""
+    have = transformer.config.num_single_layers
+    if single_layers == have:
+        return transformer
+    if single_layers % have:  # fewer too
+        raise SystemExit(f"--flux-single-layers {single_layers}: the model has {have} single-stream blocks; "
+                         f"give a multiple of {have}")
+    deeper = FluxTransformer2DModel(**{**transformer.config, "num_single_layers": single_layers})
+    state, copies = transformer.state_dict(), single_layers // have
+    for name, value in list(state.items()):
+        if name.startswith("single_transformer_blocks."):
+            _, index, rest = name.split(".", 2)
+            for copy_index in range(copies):
+                state[f"single_transformer_blocks.{int(index) * copies + copy_index}.{rest}"] = (
+                    gate_closed(rest, value) if copy_index else value)
+    deeper.load_state_dict(state)
+    return deeper
+
+
+def gate_closed(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A single-stream block's parameter `name` with its output gate (the last third of the norm's projection) 0."""
+    if not name.startswith("norm.linear."):
+        return value
+    value = value.clone()
+    value[2 * len(value) // 3:] = 0
+    return value
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
@@ -380,6 +414,9 @@ def parse_args():
     parser.add_argument("--flux-out", default=str(ROOT / "stylealigned" / "builtin_flux"),
                         help="the shipped builtin-flux folder")
     parser.add_argument("--flux-steps", type=int, default=6000, help="builtin-flux training steps in total")
+    parser.add_argument("--flux-single-layers", type=int,
+                        help="builtin-flux's single-stream blocks (default: the warm start's, 4 for a new model); "
+                             "a multiple of the warm start's deepens it")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--warmup", type=int, default=200)
