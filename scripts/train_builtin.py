@@ -263,15 +263,16 @@ class Trainer:
         self.data["shift"] = float(self.data["latents"].mean())
         tokenizer_2 = t5_tokenizer(world.vocabulary(), model_max_length=T5_LENGTH)
         shipped, step = Path(args.flux_out), 0
-        if args.resume and (shipped / "transformer").exists():  # its architecture; its weights unless --work has
-            transformer = FluxTransformer2DModel.from_pretrained(shipped / "transformer").float()  # a checkpoint
+        if args.resume and (shipped / "transformer").exists():
+            # --flux-out's architecture, and its weights unless --work has a checkpoint (fit loads that over them)
+            transformer = FluxTransformer2DModel.from_pretrained(shipped / "transformer").float()
             text_encoder_2 = T5EncoderModel.from_pretrained(shipped / "text_encoder_2").float()
-            have = transformer.config.num_single_layers
+            have, resuming = transformer.config.num_single_layers, self.has_checkpoint("flux")
             transformer = deepened(transformer, args.flux_single_layers or have)
-            if self.has_checkpoint("flux") and transformer.config.num_single_layers != have:
+            if resuming and transformer.config.num_single_layers != have:
                 raise SystemExit(f"--flux-single-layers {args.flux_single_layers} deepens the model in --flux-out, but "
                                  f"--work holds a checkpoint of its {have}-block form: give a new --work")
-            if not self.has_checkpoint("flux"):
+            if not resuming:
                 log("flux", note="warm start from --flux-out")
                 step = json.loads((shipped / "training.json").read_text())["flux_steps"]
         else:
