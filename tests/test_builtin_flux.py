@@ -60,3 +60,9 @@ def test_a_copy_of_its_folder_loads_at_its_trained_size_too(tmp_path):
     assert backbone_for(sa.load_pipeline(str(folder), device="cpu")).native_size() == (64, 64)
     (folder / "training.json").unlink()  # any other FluxPipeline folder keeps FluxPipeline's own default
     assert sa.load_pipeline(str(folder), device="cpu").default_sample_size == 128
+
+
+def test_the_shipped_folder_stays_within_its_15_mb_with_its_vae_and_text_encoders():
+    files = [path for path in BUILTIN_MODELS["builtin-flux"].rglob("*") if path.is_file()]
+    assert {"transformer", "vae", "text_encoder", "text_encoder_2"} <= {path.parent.name for path in files}
+    assert sum(path.stat().st_size for path in files) <= 15 * 10**6
