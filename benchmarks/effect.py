@@ -16,7 +16,8 @@ the same command runs again. Sets run round by round (set k under every configur
 --report-every rounds, the sets present under all configurations are judged into OUT/effect.md, effect.json and
 effect.png, so an interrupted run still reports all configurations on equal footing. --report-only judges them
 again (with a newer classifier, say) without generating; --by-style adds every arm split by the reference's
-style. OUT/parameters.json records the arguments and every
+style, --by-object split by each target's prompted object, with what the targets that missed it were classified
+as. OUT/parameters.json records the arguments and every
 arm's resolved configuration (its knobs and the layers it shares); a run into a folder whose record differs, after a
 default changed say, is refused rather than mixing sets made two ways.
 
@@ -48,6 +49,9 @@ default changed say, is refused rather than mixing sets made two ways.
     prompted              a control, nothing shared: each target's prompt names the reference's style in words
     transfer-adain        transfer from the drawn reference with the family's AdaIN and with the paper's (queries
                           and keys)
+--arm NAME:KNOB=VALUE[,KNOB=VALUE...] (repeatable) adds a text-to-image arm of your own beside the experiment's,
+on the same sets and noise: `--arm late:share_until=0.3`, `--arm few:shared_layers=a.attn+b.attn` (layer names
+joined by +; a fraction or a name filter as the CLI takes them), `--arm no-adain:adain_keys=false`.
 Diversity: mean pairwise distance (1 - cosine) among a set's targets in the classifier's pooled features.
 Layout copying: intersection over union of a target's and its reference's silhouettes (the classifier's
 foreground, thresholded); the unshared sets give the overlap two independent images have by chance.
@@ -61,6 +65,7 @@ import argparse
 import json
 import textwrap
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,7 +76,7 @@ from PIL import Image
 
 from stylealigned.apply import layers_to_share
 from stylealigned.backbones import backbone_for
-from stylealigned.config import StyleAlignedConfig
+from stylealigned.config import KNOBS, StyleAlignedConfig, knob_type
 from stylealigned.demo import GUIDANCE, TARGETS, ToySet, draw_reference, generate, judge, load_judge, random_sets
 from stylealigned.eval.ablations import CONFIGS, runs_on
 from stylealigned.eval.degrade import DEGRADATIONS, LEVELS, degrade
@@ -186,6 +191,37 @@ def all_variants(experiments: list[str], set_sizes: list[int], backbone) -> list
     return list(arms.values())
 
 
+def custom_arm(text: str) -> Variant:
+    """A `--arm NAME:KNOB=VALUE,...` text-to-image arm; a ValueError names what is wrong with it."""
+    name, _, knobs = text.partition(":")
+    if not name.strip() or not knobs.strip():
+        raise ValueError(f"--arm {text!r} is not NAME:KNOB=VALUE[,KNOB=VALUE...]")
+    changes = {}
+    for item in knobs.split(","):
+        knob, _, value = (part.strip() for part in item.partition("="))
+        if knob not in KNOBS:
+            raise ValueError(f"--arm {name}: unknown knob {knob!r}; choose from {', '.join(KNOBS)}")
+        changes[knob] = knob_value(knob, value)
+    StyleAlignedConfig.text_to_image(**changes)  # validated now, not after hours of other arms
+    return Variant(name.strip(), _text_to_image_with(**changes))
+
+
+def knob_value(knob: str, text: str):
+    """A knob's value from its text: true/false, a number, layer names joined by +, or the text itself."""
+    kind = knob_type(knob)
+    if kind == "bool":
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"--arm: {knob} takes true or false, got {text!r}")
+        return text.lower() == "true"
+    if kind == "float" or knob == "shared_layers":
+        try:
+            return float(text)
+        except ValueError:
+            if kind == "float":
+                raise ValueError(f"--arm: {knob} takes a number, got {text!r}") from None
+    return tuple(text.split("+")) if knob == "shared_layers" and "+" in text else text
+
+
 def _transfer_with(changes: dict) -> Callable[[], StyleAlignedConfig]:
     return lambda: StyleAlignedConfig.transfer(**changes)
 
@@ -268,7 +304,8 @@ def judge_sets(out: Path, toy_sets: list[ToySet], classifier, chosen: list[Varia
             shown = variant.toy_set(toy_set, index, seed)
             images = [read_image(file) for file in paths]
             reference, targets = judge(shown, images[:1], classifier)[0], judge(shown, images[1:], classifier)
-            for verdict, target in zip(targets, images[1:]):
+            for verdict, target, prompted in zip(targets, images[1:], shown.targets):
+                verdict["prompted"] = prompted
                 verdict["seen_agrees"] = verdict["style"] == reference["style"]
                 verdict["layout"] = layout_copying(images[0], target)
             kind = "palette" if toy_set.style in PALETTE_STYLES else "pattern"
@@ -324,6 +361,23 @@ def spread(records: list[dict]) -> list[str]:
             ranges.append(max(rates) - min(rates))
         lines.append(f"- {label}: mean range {np.mean(ranges):.3f}, largest {max(ranges):.3f}")
     return lines
+
+
+def split_by_object(records: list[dict]) -> list[dict]:
+    """Each set's record once per object its targets were prompted for, holding only those targets' verdicts."""
+    return [{**record, "object": name, "verdicts": [v for v in record["verdicts"] if v["prompted"] == name]}
+            for record in records for name in dict.fromkeys(v["prompted"] for v in record["verdicts"])]
+
+
+def drawn_instead(records: list[dict]) -> list[str]:
+    """Per arm and prompted object, what the classifier saw in the targets that missed it, most often first."""
+    arms, missed = list(dict.fromkeys(record["config"] for record in records)), {}
+    for record in records:
+        for verdict in record["verdicts"]:
+            if not verdict["object_right"]:
+                missed.setdefault((record["config"], verdict["prompted"]), Counter())[verdict["object"]] += 1
+    return [f"- {arm}, {prompted}: " + ", ".join(f"{found} {count}" for found, count in seen.most_common())
+            for (arm, prompted), seen in sorted(missed.items(), key=lambda item: (arms.index(item[0][0]), item[0][1]))]
 
 
 def _rate_of(record: dict, key: str) -> float:
@@ -423,6 +477,12 @@ def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
         by_style = summarise(sorted(records, key=lambda record: record["style"]),
                              lambda record: f"{record['config']}, {record['style']}")
         extra += ["", "Split by the reference's style:", "", table(by_style, "").strip()]
+    if args.by_object and records:
+        by_object = summarise(sorted(split_by_object(records), key=lambda record: record["object"]),
+                              lambda record: f"{record['config']}, {record['object']}")
+        extra += ["", "Split by the object each target was prompted for (diversity and the reference's style: of the "
+                  "sets holding it):", "", table(by_object, "").strip(), "",
+                  "What the targets that missed their object were classified as:", *drawn_instead(records)]
     text = "\n".join([table({k: v for k, v in summary.items() if k != "by_kind"}, header), *extra]) + "\n"
     (out / "effect.md").write_text(text)
     write_json_atomic(out / "effect.json", summary)
@@ -453,6 +513,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="default runs/effect (ablations) or runs/effect-EXPERIMENT")
     parser.add_argument("--report-only", action="store_true", help="judge the sets on disk again; generate none")
     parser.add_argument("--by-style", action="store_true", help="also split every arm by the reference's style")
+    parser.add_argument("--by-object", action="store_true",
+                        help="also split every arm by the object each target was prompted for, and say what the "
+                             "targets that missed it were classified as")
+    parser.add_argument("--arm", action="append", default=[], metavar="NAME:KNOB=VALUE,...",
+                        help="a text-to-image arm of your own beside the experiment's (repeatable)")
     parser.add_argument("--report-every", type=int, default=10, help="rounds between interim reports")
     args = parser.parse_args()
     args.experiment = list(dict.fromkeys(name.strip() for name in args.experiment.split(",")))
@@ -462,6 +527,10 @@ def parse_args() -> argparse.Namespace:
     if any(not 3 <= size <= MAX_SET_SIZE for size in sizes):
         parser.error(f"--set-sizes must lie in 3..{MAX_SET_SIZE}, got {args.set_sizes}")
     args.set_sizes = sizes
+    try:
+        args.arm = [custom_arm(text) for text in args.arm]
+    except ValueError as error:
+        parser.error(str(error))
     name = "effect" if args.experiment == ["ablations"] else "effect-" + "+".join(args.experiment)
     args.out = args.out or Path("runs") / (name if args.model == "builtin" else f"{name}-{Path(args.model).name}")
     return args
@@ -500,7 +569,14 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     backbone = backbone_for(pipe)
     args.variants = all_variants(args.experiment, args.set_sizes, backbone)
-    parameters["arms"] = {variant.name: arm_record(backbone, variant) for variant in args.variants}
+    names = [variant.name for variant in args.variants + args.arm]
+    if taken := sorted({name for name in names if names.count(name) > 1}):
+        raise SystemExit(f"error: --arm {', '.join(taken)}: that name is taken by another arm; rename it")
+    args.variants += args.arm
+    try:
+        parameters["arms"] = {variant.name: arm_record(backbone, variant) for variant in args.variants}
+    except ValueError as error:  # an --arm's layer names that this model does not have
+        raise SystemExit(f"error: {error}; give --arm's shared_layers as this model's layer names") from None
     args.setups = {name: setup_of(record) for name, record in parameters["arms"].items()}
     record = args.out / "parameters.json"
     if not args.report_only:

@@ -1,10 +1,12 @@
-"""benchmarks/effect.py end to end on the built-in transformer, one set, one step: the knob experiments' arms, what
-each generates with (the family's AdaIN, share_until, the prompted control's styled prompts), and the reports."""
+"""benchmarks/effect.py end to end on the built-in transformer, one set, one step: the knob experiments' arms and
+custom --arm ones, what each generates with (the family's AdaIN, share_until, the prompted control's styled prompts),
+and the reports (split by style and by prompted object)."""
 
 import json
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,11 +19,15 @@ def test_knob_experiments_write_their_arms_and_the_frontier(tmp_path, monkeypatc
     out = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["effect.py", "--model", "builtin-flux", "--experiment",
                                       "adain-queries,share-until,adain-values,prompted", "--sets", "1", "--steps", "2",
-                                      "--device", "cpu", "--out", str(out), "--by-style"])
+                                      "--device", "cpu", "--out", str(out), "--by-style", "--by-object",
+                                      "--arm", "two:shared_layers=transformer_blocks.1.attn+"
+                                      "single_transformer_blocks.3.attn,shared_score_shift=-0.5"])
     effect.main()
     arms = json.loads((out / "parameters.json").read_text())["arms"]
     assert list(arms) == ["full", "adain-queries-and-keys", "until-0.3", "until-0.5", "until-0.7", "adain-values",
-                          "adain-values-until-0.5", "no-share", "prompted"]
+                          "adain-values-until-0.5", "no-share", "prompted", "two"]
+    assert arms["two"]["layers"] == ["transformer_blocks.1.attn", "single_transformer_blocks.3.attn"]
+    assert arms["two"]["config"]["shared_score_shift"] == -0.5 and arms["two"]["config"]["adain_queries"] is False
     assert arms["full"]["config"]["adain_queries"] is False  # the FLUX family's, resolved
     assert arms["adain-queries-and-keys"]["config"]["adain_queries"] is True
     assert [arms[f"until-{level}"]["config"]["share_until"] for level in ("0.3", "0.5", "0.7")] == [0.3, 0.5, 0.7]
@@ -36,7 +42,27 @@ def test_knob_experiments_write_their_arms_and_the_frontier(tmp_path, monkeypatc
     assert all(f"| {name} | 1 |" in report for name in arms)
     style = effect.random_sets(1, 0)[0].style
     assert "Split by the reference's style" in report and all(f"| {name}, {style} | 1 |" in report for name in arms)
+    objects = effect.Variant("full", None).toy_set(effect.random_sets(1, 0)[0], 0, 0).targets
+    assert "Split by the object" in report and all(f"| {name}, {thing} | 1 |" in report
+                                                      for name in arms for thing in set(objects))
     assert (out / "frontier.png").is_file() and (out / "effect.png").is_file()
+
+
+def test_drawn_instead_counts_what_each_arms_missed_targets_were_classified_as(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import effect
+
+    def verdict(prompted, found):
+        return {"prompted": prompted, "object": found, "object_right": prompted == found}
+
+    records = [{"config": "full", "verdicts": [verdict("star", "cross"), verdict("cross", "star"),
+                                                verdict("star", "star")]},
+               {"config": "full", "verdicts": [verdict("star", "cross"), verdict("star", "heart")]},
+               {"config": "no-share", "verdicts": [verdict("cross", "cross"), verdict("cross", "star")]}]
+    assert effect.drawn_instead(records) == ["- full, cross: star 1", "- full, star: cross 2, heart 1",
+                                             "- no-share, cross: star 1"]
+    split = effect.split_by_object(records[:1])
+    assert [(part["object"], len(part["verdicts"])) for part in split] == [("star", 2), ("cross", 1)]
 
 
 def test_transfer_adain_compares_the_family_default_with_the_papers(monkeypatch, builtin_flux_pipe):
@@ -49,3 +75,21 @@ def test_transfer_adain_compares_the_family_default_with_the_papers(monkeypatch,
             for variant in effect.variants("transfer-adain", [], backbone)}
     assert [(arm["config"]["adain_queries"], arm["drawn"]) for arm in arms.values()] == [(False, True), (True, True)]
     assert all(arm["config"]["shared_score_shift"] > 0 for arm in arms.values())  # the transfer preset's log 2
+
+
+def test_custom_arms_parse_each_knob_by_its_type_and_refuse_bad_ones_in_one_line(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import effect
+
+    arm = effect.custom_arm("mine: adain_keys=false, share_until=0.3, shared_layers=0.5")
+    assert arm.name == "mine"
+    config = arm.config()
+    assert (config.adain_keys, config.share_until, config.shared_layers) == (False, 0.3, 0.5)
+    assert effect.custom_arm("f:shared_layers=single_").config().shared_layers == "single_"
+    assert effect.custom_arm("f:shared_layers=a.attn+b.attn").config().shared_layers == ("a.attn", "b.attn")
+    for text, message in [("mine", "is not NAME:KNOB=VALUE"), ("m:sharpness=2", "unknown knob 'sharpness'"),
+                          ("m:adain_keys=yes", "adain_keys takes true or false"),
+                          ("m:share_until=late", "share_until takes a number"),
+                          ("m:share_until=2", "share_until must be a noise level in")]:
+        with pytest.raises(ValueError, match=message):
+            effect.custom_arm(text)
