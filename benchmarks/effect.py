@@ -193,8 +193,8 @@ def all_variants(experiments: list[str], set_sizes: list[int], backbone) -> list
 
 def custom_arm(text: str) -> Variant:
     """A `--arm NAME:KNOB=VALUE,...` text-to-image arm; a ValueError names what is wrong with it."""
-    name, _, knobs = text.partition(":")
-    if not name.strip() or not knobs.strip():
+    name, _, knobs = (part.strip() for part in text.partition(":"))
+    if not name or not knobs:
         raise ValueError(f"--arm {text!r} is not NAME:KNOB=VALUE[,KNOB=VALUE...]")
     changes = {}
     for item in knobs.split(","):
@@ -203,7 +203,7 @@ def custom_arm(text: str) -> Variant:
             raise ValueError(f"--arm {name}: unknown knob {knob!r}; choose from {', '.join(KNOBS)}")
         changes[knob] = knob_value(knob, value)
     StyleAlignedConfig.text_to_image(**changes)  # validated now, not after hours of other arms
-    return Variant(name.strip(), _text_to_image_with(**changes))
+    return Variant(name, _text_to_image_with(**changes))
 
 
 def knob_value(knob: str, text: str):
