@@ -304,8 +304,7 @@ def judge_sets(out: Path, toy_sets: list[ToySet], classifier, chosen: list[Varia
             shown = variant.toy_set(toy_set, index, seed)
             images = [read_image(file) for file in paths]
             reference, targets = judge(shown, images[:1], classifier)[0], judge(shown, images[1:], classifier)
-            for verdict, target, prompted in zip(targets, images[1:], shown.targets):
-                verdict["prompted"] = prompted
+            for verdict, target in zip(targets, images[1:]):
                 verdict["seen_agrees"] = verdict["style"] == reference["style"]
                 verdict["layout"] = layout_copying(images[0], target)
             kind = "palette" if toy_set.style in PALETTE_STYLES else "pattern"

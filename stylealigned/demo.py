@@ -91,11 +91,12 @@ def generate(pipe, toy_set: ToySet, config: StyleAlignedConfig, seed: int, steps
 
 
 def judge(toy_set: ToySet, targets: list[Image.Image], classifier) -> list[dict]:
-    """Per target: the classifier's object and style, and whether it agrees, is right, or leaks."""
+    """Per target: the prompted object, the classifier's object and style, and whether it agrees, is right, or
+    leaks."""
     from .toy.classifier import classify
 
     objects, styles = classify(targets, classifier)
-    return [{"object": found, "style": style, "style_agrees": style == toy_set.style,
+    return [{"prompted": prompted, "object": found, "style": style, "style_agrees": style == toy_set.style,
              "object_right": found == prompted, "leaks": found == toy_set.object}
             for prompted, found, style in zip(toy_set.targets, objects, styles)]
 
