@@ -14,12 +14,13 @@ unit). On a shared CPU run it with OMP_NUM_THREADS=1: the model is tiny and more
 Resumable: every image is kept as OUT/images/CONFIG/SET-POSITION.png and a set already on disk is skipped when
 the same command runs again. Sets run round by round (set k under every configuration before set k + 1); every
 --report-every rounds, the sets present under all configurations are judged into OUT/effect.md, effect.json and
-effect.png, so an interrupted run still reports all configurations on equal footing. --report-only judges them
-again (with a newer classifier, say) without generating; --by-style adds every arm split by the reference's
-style, --by-object split by each target's prompted object, with what the targets that missed it were classified
-as. OUT/parameters.json records the arguments and every
-arm's resolved configuration (its knobs and the layers it shares); a run into a folder whose record differs, after a
-default changed say, is refused rather than mixing sets made two ways.
+effect.png, so an interrupted run still reports all configurations on equal footing; OUT/records.json keeps every
+set's verdicts, which benchmarks/effect_pool.py pools over runs on other seeds. --report-only judges them again
+(with a newer classifier, say) without generating; --by-style adds every arm split by the reference's style,
+--by-object split by each target's prompted object, with what the targets that missed it were classified as.
+OUT/parameters.json records the arguments and every arm's resolved configuration (its knobs and the layers it
+shares); a run into a folder whose record differs, after a default changed say, is refused rather than mixing sets
+made two ways.
 
 --experiment NAME runs one of `stylealigned eval`'s experiments on the built-in model instead of the ablations
 (default --out runs/effect-NAME), each variant of a set on the same noise:
@@ -459,7 +460,8 @@ def plot_against(summary: dict, path: Path, x: str, y: str, title: str, joined: 
 
 
 def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
-    """Judge what is on disk with the shipped classifier; write effect.md, effect.json and effect.png (and, for
+    """Judge what is on disk with the shipped classifier; write effect.md, effect.json, records.json (every set's
+    verdicts, for effect_pool.py) and effect.png (and, for
     the layer sweep, tradeoff.png: style against diversity; for the AdaIN and share_until experiments,
     frontier.png: objects against style)."""
     records = judge_sets(out, toy_sets, load_judge(), args.variants, args.seed)
@@ -485,6 +487,7 @@ def report(out: Path, toy_sets: list[ToySet], header: str, args) -> str:
     text = "\n".join([table({k: v for k, v in summary.items() if k != "by_kind"}, header), *extra]) + "\n"
     (out / "effect.md").write_text(text)
     write_json_atomic(out / "effect.json", summary)
+    write_json_atomic(out / "records.json", {"about": header, "trained": args.trained, "records": records})
     plot(summary.get("by_kind", summary), out / "effect.png")
     if "layer-sweep" in args.experiment and records:
         plot_against(summary, out / "tradeoff.png", "diversity", "style_agrees",
@@ -583,7 +586,8 @@ def main() -> None:
             raise SystemExit(f"error: {args.out} holds a run with other parameters or other resolved configurations "
                              f"(a changed default, say; {record}); choose another --out")
         write_json_atomic(record, parameters)
-    header = (f"{args.model}: {trained(pipe)}, experiment {', '.join(args.experiment)}; {args.steps} sampling "
+    args.trained = trained(pipe)
+    header = (f"{args.model}: {args.trained}, experiment {', '.join(args.experiment)}; {args.steps} sampling "
               f"steps, guidance {args.guidance:g}; rate [95% bootstrap interval over sets].")
     toy_sets = random_sets(args.sets, args.seed)
     for index, toy_set in enumerate([] if args.report_only else toy_sets):

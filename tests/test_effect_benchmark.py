@@ -1,6 +1,6 @@
 """benchmarks/effect.py end to end on the built-in transformer, one set, one step: the knob experiments' arms and
 custom --arm ones, what each generates with (the family's AdaIN, share_until, the prompted control's styled prompts),
-and the reports (split by style and by prompted object)."""
+and the reports (split by style and by prompted object), pooled over seeds by effect_pool.py."""
 
 import json
 import sys
@@ -46,6 +46,9 @@ def test_knob_experiments_write_their_arms_and_the_frontier(tmp_path, monkeypatc
     assert "Split by the object" in report and all(f"| {name}, {thing} | 1 |" in report
                                                       for name in arms for thing in set(objects))
     assert (out / "frontier.png").is_file() and (out / "effect.png").is_file()
+    records = json.loads((out / "records.json").read_text())
+    assert records["trained"] in records["about"] and "FLUX training steps" in records["trained"]
+    assert [record["config"] for record in records["records"]] == list(arms)
 
 
 def test_drawn_instead_counts_what_each_arms_missed_targets_were_classified_as(monkeypatch):
@@ -93,3 +96,49 @@ def test_custom_arms_parse_each_knob_by_its_type_and_refuse_bad_ones_in_one_line
                           ("m:share_until=2", "share_until must be a noise level in")]:
         with pytest.raises(ValueError, match=message):
             effect.custom_arm(text)
+
+
+def _run(folder: Path, seed: int, sets: list[tuple[str, list[bool]]], guidance: float = 5.0) -> Path:
+    """A fake effect.py run: parameters.json and records.json, one record per (arm, objects right per target)."""
+    folder.mkdir()
+    (folder / "parameters.json").write_text(json.dumps({"steps": 20, "seed": seed, "model": f"copy-{seed}",
+                                                        "guidance": guidance, "arms": {"full": {}}}))
+    records = [{"config": arm, "set": index, "diversity": 0.5, "reference_style_right": True,
+                "verdicts": [{"style_agrees": True, "object_right": right, "leaks": False, "seen_agrees": True,
+                              "layout": 0.3} for right in rights]}
+               for index, (arm, rights) in enumerate(sets)]
+    (folder / "records.json").write_text(json.dumps({"about": "builtin-flux: 10 FLUX training steps.",
+                                                     "trained": "10 FLUX training steps", "records": records}))
+    return folder
+
+
+def test_effect_pool_pools_sets_across_seeds_and_keeps_each_runs_rates(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import effect_pool
+
+    one = _run(tmp_path / "one", 1, [("full", [True, True, False]), ("full", [True, True, True])])
+    two = _run(tmp_path / "two", 2, [("full", [False, False, True])])
+    text = effect_pool.pool([one, two])
+    pooled = next(line for line in text.splitlines() if line.startswith("| full |"))
+    assert pooled.startswith("| full | 3 | 1.00 [1.00, 1.00] | 0.67 [")  # 6 of 9 targets, copies of one model
+    assert "| 1 | 2 | 1.000 / 0.833 / 0.000 |" in text and "| 2 | 1 | 1.000 / 0.333 / 0.000 |" in text
+    assert "Pooled over 2 runs (seeds 1, 2)" in text
+
+
+def test_effect_pool_refuses_runs_it_cannot_pool_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import effect_pool
+
+    one = _run(tmp_path / "one", 1, [("full", [True])])
+    with pytest.raises(SystemExit, match="two or more"):
+        effect_pool.pool([one])
+    with pytest.raises(SystemExit, match=r"made differently \(guidance\)"):
+        effect_pool.pool([one, _run(tmp_path / "other", 2, [("full", [True])], guidance=7.0)])
+    with pytest.raises(SystemExit, match="seed 1 is given twice"):
+        effect_pool.pool([one, _run(tmp_path / "again", 1, [("full", [True])])])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "parameters.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no records.json; write it with effect.py's --report-only"):
+        effect_pool.pool([one, tmp_path / "old"])
+    with pytest.raises(SystemExit, match="not an effect.py run"):
+        effect_pool.pool([one, tmp_path])
