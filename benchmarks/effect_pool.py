@@ -8,7 +8,7 @@ all their sets. For each arm: the rate over every set of every run, with its 95%
 and content leakage, one row per seed. The runs must agree on everything but their seed and number of sets (the
 model's training, steps, guidance, experiment, every arm's resolved configuration) and each needs the records.json
 that effect.py writes with its report (for a run made before it did: `python benchmarks/effect.py ... --out RUN
---report-only`, the run's own arguments). Prints markdown; reads images from nowhere, so it runs in a second.
+--report-only`, the run's own arguments). Prints markdown; it reads no images, so it takes seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def read_run(run: Path) -> tuple[dict, dict]:
     if not files["records"].is_file():
         raise SystemExit(f"error: {run} has no records.json; write it with effect.py's --report-only and the run's "
                          f"own arguments (--out {run})")
-    return tuple(json.loads(path.read_text()) for path in files.values())
+    parameters, records = (json.loads(path.read_text()) for path in files.values())
+    if not records["records"]:
+        raise SystemExit(f"error: {run} has no judged sets yet; let effect.py finish a round there first")
+    return parameters, records
 
 
 def setup(parameters: dict, records: dict) -> dict:
@@ -49,7 +52,7 @@ def pool(runs: list[Path]) -> str:
         parameters, records = read_run(run)
         mine = setup(parameters, records)
         if first is None:
-            first = (run, mine)
+            first = (run, mine, records["about"])
         elif mine != first[1]:
             differ = sorted(key for key in mine.keys() | first[1].keys() if mine.get(key) != first[1].get(key))
             raise SystemExit(f"error: {run} and {first[0]} were made differently ({', '.join(differ)}); pool runs "
@@ -60,7 +63,7 @@ def pool(runs: list[Path]) -> str:
         pooled += [{**record, "set": (parameters["seed"], record["set"])} for record in records["records"]]
         per_run.append((parameters["seed"], summarise(records["records"])))
     arms = list(dict.fromkeys(record["config"] for record in pooled))
-    header = (f"{records['about']} Pooled over {len(runs)} runs (seeds {', '.join(map(str, seeds))}); intervals "
+    header = (f"{first[2]} Pooled over {len(runs)} runs (seeds {', '.join(map(str, seeds))}); intervals "
               "resample sets across runs.")
     rows = ["| seed | sets | " + " | ".join(f"{arm}: {' / '.join(PER_RUN.values())}" for arm in arms) + " |",
             "|---|---:|" + "---|" * len(arms)]

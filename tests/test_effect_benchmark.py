@@ -140,5 +140,8 @@ def test_effect_pool_refuses_runs_it_cannot_pool_in_one_line(tmp_path, monkeypat
     (tmp_path / "old" / "parameters.json").write_text("{}")
     with pytest.raises(SystemExit, match="no records.json; write it with effect.py's --report-only"):
         effect_pool.pool([one, tmp_path / "old"])
+    empty = _run(tmp_path / "empty", 3, [])
+    with pytest.raises(SystemExit, match="no judged sets yet"):
+        effect_pool.pool([one, empty])
     with pytest.raises(SystemExit, match="not an effect.py run"):
         effect_pool.pool([one, tmp_path])
