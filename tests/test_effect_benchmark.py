@@ -121,6 +121,8 @@ def test_effect_pool_pools_sets_across_seeds_and_keeps_each_runs_rates(tmp_path,
     text = effect_pool.pool([one, two])
     pooled = next(line for line in text.splitlines() if line.startswith("| full |"))
     assert pooled.startswith("| full | 3 | 1.00 [1.00, 1.00] | 0.67 [")  # 6 of 9 targets, copies of one model
+    low, high = (float(bound) for bound in pooled.split(" | ")[3].split("[")[1].rstrip("]").split(", "))
+    assert low < 0.67 < high  # sets resampled across both runs: their rates 2/3, 1 and 1/3 spread it
     assert "| 1 | 2 | 1.000 / 0.833 / 0.000 |" in text and "| 2 | 1 | 1.000 / 0.333 / 0.000 |" in text
     assert "Pooled over 2 runs (seeds 1, 2)" in text
 
