@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
 from .backbones import Backbone, backbone_for
@@ -81,7 +82,7 @@ class AttentionHook(ModelHook):
         self.processor = processor
 
     def new_forward(self, module, *args, **kwargs):
-        if not self.processor.state.sharing:  # a step below `share_until`: the module as it is
+        if not self.processor.state.sharing:  # a step below `share_until` or an unshared call: the module as it is
             return self.fn_ref.original_forward(*args, **kwargs)
         own = module.processor
         if kwargs.get("ip_hidden_states") is not None and "ip_hidden_states" in inspect.signature(
@@ -144,12 +145,31 @@ class GroupNormHook(ModelHook):
         return offload.post_forward(module, shared_group_norm(module, self.name, self.state, x))
 
 
+class CallName(StateManager):
+    """The name a pipeline gives its denoiser call with `cache_context` ("cond", "uncond"; None outside one): diffusers
+    hands each call's context to the state managers of every stateful hook on the denoiser."""
+
+    def __init__(self):
+        super().__init__(BaseState)
+        self.name = None
+
+    def set_context(self, context) -> None:
+        super().set_context(context)
+        self.name = None if context is None else context.name
+
+
 class DenoiserHook(ModelHook):
     """Reads each call's layout into the shared state; with a batch size, runs references then targets in chunks."""
 
+    _is_stateful = True  # so that diffusers tells `call_name` what each call is
+
     def __init__(self, handle: StyleAlignedHandle):
         super().__init__()
-        self.handle = handle
+        self.handle, self.call_name = handle, CallName()
+
+    def reset_state(self, module):
+        """Nothing is kept from one pipeline call to the next."""
+        return module
 
     def new_forward(self, module, *args, **kwargs):
         try:
@@ -167,8 +187,9 @@ class DenoiserHook(ModelHook):
             state.call["still_reference"] = True
         inputs = by_name(module, args, kwargs)
         backbone.begin_call(state, self.handle.config, inputs)
-        until = self.handle.config.share_until
-        state.sharing = until <= 0 or shares_at(backbone, inputs, until)
+        config = self.handle.config
+        state.sharing = ((config.share_until <= 0 or shares_at(backbone, inputs, config.share_until))
+                         and (config.share_unconditional or self.call_name.name != "uncond"))
         sample = inputs[backbone.sample_name]
         if isinstance(sample, list):  # one tensor per batch row (Z-Image)
             batch, device = len(sample), sample[0].device

@@ -42,6 +42,10 @@ class StyleAlignedConfig:
             clean image: a flow model's sigma, a UNet's timestep over its training timesteps) is at or above this;
             below it they denoise as the plain model. 0 = every step (the paper); 0.5 = the noisier half. The
             choice is made in Python per denoiser call: under torch.compile each call breaks the graph there.
+        share_unconditional: targets share in the unconditional (negative-prompt) prediction of classifier-free
+            guidance too, as in the paper; False keeps that prediction the plain model's, so guidance pushes the
+            targets toward the reference's style as well as their prompts. Only where the pipeline names that
+            prediction's denoiser call (FLUX with true CFG, FLUX.2 klein, Qwen-Image, Wan); None = the family's.
     """
 
     share_attention: bool = field(default=True, metadata={
@@ -69,6 +73,9 @@ class StyleAlignedConfig:
     share_until: float = field(default=0.0, metadata={
         "help": "Share only at steps whose noise level (1 = pure noise, 0 = clean) is at or above this; "
                 "0 = every step."})
+    share_unconditional: bool | None = field(default=None, metadata={
+        "help": "Targets share in the unconditional prediction too; off, guidance also pushes toward the "
+                "reference's style; default: the family's."})
 
     def __post_init__(self) -> None:
         for name in knobs_of_type("bool"):
@@ -138,7 +145,7 @@ class StyleAlignedConfig:
 
 
 KNOBS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StyleAlignedConfig))
-PAPER_VALUES = {"adain_queries": True}  # the paper's values of the knobs left to the family
+PAPER_VALUES = {"adain_queries": True, "share_unconditional": True}  # the paper's, for the knobs left to the family
 FAMILY_KNOBS = tuple(PAPER_VALUES)  # None: the family's value (shared_layers likewise, resolved to layer names)
 
 

@@ -34,7 +34,8 @@ class SharedState:
     `call`: this denoiser call's layout facts, as its backbone's `begin_call` reads them from the call's inputs
     and its attention kinds read them back (a single-stream block's text length, shared-key positions, ...).
     `weights`: one per reference, how much targets take from each (normalised; `StyleAlignedHandle.set_weights`).
-    `sharing`: False for a denoiser call below the config's `share_until`: every hooked module runs as it is.
+    `sharing`: False for a denoiser call below the config's `share_until`, or an unconditional one that
+    `share_unconditional=False` leaves unshared: every hooked module runs as it is.
     """
 
     groups: int = 1

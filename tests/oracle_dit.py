@@ -255,14 +255,19 @@ def installed(transformer, processors: dict, read_call, config, noise_level: Cal
     """Put `processors` (layer name -> oracle processor) on `transformer`'s attention modules, and call
     `read_call(arguments)` with each forward call's arguments by name before it runs; a call whose noise level
     (`noise_level(arguments)`: 1 = pure noise) lies below `config.share_until` runs the modules' own processors
-    instead (nothing shared). Returns `undo()`."""
+    instead (nothing shared), and so does, under `share_unconditional=False`, the second of two calls at one noise
+    level: true CFG's negative prompt, which the pipelines run after the prompt. Returns `undo()`."""
     modules = {name: transformer.get_submodule(name) for name in processors}
     originals = {name: module.processor for name, module in modules.items()}
     signature = inspect.signature(transformer.forward)
+    previous = {"level": None, "calls": 0}  # the last call's noise level, and the calls in a row at it
 
     def before(module, args, kwargs):
         call = signature.bind(*args, **kwargs).arguments
-        sharing = noise_level(call) >= config.share_until
+        level = noise_level(call)
+        previous["calls"] = previous["calls"] + 1 if level == previous["level"] else 1
+        previous["level"] = level
+        sharing = level >= config.share_until and (config.share_unconditional or previous["calls"] == 1)
         for name, module in modules.items():
             module.set_processor(processors[name] if sharing else originals[name])
         read_call(call)

@@ -143,12 +143,22 @@ def install(pipe, config, layer_names, still=False):
     context = Context()
     modules = {name: module_of(pipe, name) for name in layer_names}
     originals = {name: module.processor for name, module in modules.items()}
+    processors = {name: WanOracleProcessor(config, context, name) for name in modules}
     for name, module in modules.items():
-        module.set_processor(WanOracleProcessor(config, context, name))
+        module.set_processor(processors[name])
     experts = [expert for expert in (pipe.transformer, getattr(pipe, "transformer_2", None)) if expert is not None]
+    previous = {"timestep": None, "calls": 0}  # the last call's timestep, and the calls in a row at it
 
     def pre_hook(module, args, kwargs):
+        """The call's grid; under `share_unconditional=False` the second call at a timestep (the negative prompt's,
+        which the pipeline runs after the prompt's) runs the modules' own processors."""
         context.grid = grid_of(module, kwargs["hidden_states"])
+        timestep = float(kwargs["timestep"].max())
+        previous["calls"] = previous["calls"] + 1 if timestep == previous["timestep"] else 1
+        previous["timestep"] = timestep
+        sharing = config.share_unconditional or previous["calls"] == 1
+        for name, attention in modules.items():
+            attention.set_processor(processors[name] if sharing else originals[name])
 
     handles = [expert.register_forward_pre_hook(pre_hook, with_kwargs=True) for expert in experts]
     if still:

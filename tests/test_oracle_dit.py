@@ -37,6 +37,7 @@ class Config:
     reference_positions: str = "shifted"
     text_sees_reference: bool = True
     share_until: float = 0.0
+    share_unconditional: bool = True
 
 
 OFF = Config(share_attention=False, adain_queries=False, adain_keys=False, adain_values=False)

@@ -77,6 +77,9 @@ class Backbone:
     row_lists: tuple[str, ...] = ()  # denoiser inputs given as lists of one tensor per batch row (Z-Image's)
     default_shared_layers: float | str | tuple[str, ...] = 1.0  # `shared_layers` when a config leaves it None
     default_adain_queries = True  # likewise `adain_queries` (the paper's)
+    default_share_unconditional = True  # likewise `share_unconditional` (the paper's)
+    names_unconditional_call = False  # the pipeline runs CFG's unconditional prediction in a call of its own and
+    # names it (`cache_context("uncond")`), so `share_unconditional=False` can keep that call unshared
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
     flow = False                # flow matching (velocity, sigma schedule) instead of a discrete noise schedule
     embedded_guidance = False   # the guidance scale is an input of the denoiser (FLUX.1-dev), not CFG
@@ -133,6 +136,10 @@ class Backbone:
 
     def check_config(self, config) -> None:
         """Refuse knobs that mean nothing on this family, in one line."""
+        if not config.share_unconditional and not self.names_unconditional_call:
+            raise UserError(f"share_unconditional=False needs a pipeline that predicts the unconditional branch in a "
+                            f"denoiser call of its own; a {self.label} does not, so turn it on for {self.family} "
+                            f"models")
         if self.shares_norms:
             return
         for knob in ("share_group_norm", "share_layer_norm", "full_attention_share"):
@@ -301,6 +308,17 @@ class Backbone:
                 guidance_scale: float) -> torch.Tensor:
         """The denoiser's output for one latent at one timestep (guidance applied), fp32."""
         raise NotImplementedError
+
+    @staticmethod
+    def prompted_and_negative(velocity, conditioning: Conditioning, denoiser):
+        """`velocity` of the prompt and, where `conditioning` has one, of the negative prompt (else None), each in a
+        denoiser call named as the stock pipelines name theirs ("cond", "uncond"; `share_unconditional` reads it)."""
+        with denoiser.cache_context("cond"):
+            out = velocity(conditioning.inputs)
+        if conditioning.negative is None:
+            return out, None
+        with denoiser.cache_context("uncond"):
+            return out, velocity(conditioning.negative)
 
 
 class _vae_in_fp32:

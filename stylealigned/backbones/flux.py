@@ -59,6 +59,11 @@ class FluxBackbone(Backbone):
     def embedded_guidance(self):
         return bool(self.denoiser.config.get("guidance_embeds", False))
 
+    @property
+    def names_unconditional_call(self):
+        """FluxPipeline's true CFG runs the negative prompt in a call named "uncond"; FLUX.1-dev embeds its guidance."""
+        return not self.embedded_guidance
+
     def default_guidance(self) -> float:
         """FluxPipeline's embedded guidance (FLUX.1-dev); without an embedding (schnell, builtin-flux) guidance is
         true CFG, off (1) unless asked for."""
@@ -168,11 +173,8 @@ class FluxBackbone(Backbone):
             return transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep / 1000, **extra,
                                **inputs, return_dict=False)[0].float()
 
-        out = velocity(conditioning.inputs)
-        if conditioning.negative is not None:
-            negative = velocity(conditioning.negative)
-            out = negative + guidance_scale * (out - negative)
-        return out
+        out, negative = self.prompted_and_negative(velocity, conditioning, transformer)
+        return out if negative is None else negative + guidance_scale * (out - negative)
 
 
 class ChromaBackbone(FluxBackbone):
@@ -186,6 +188,8 @@ class ChromaBackbone(FluxBackbone):
         from diffusers import ChromaTransformer2DModel
 
         return isinstance(component(pipe, "transformer"), ChromaTransformer2DModel)
+
+    names_unconditional_call = False  # ChromaPipeline's negative-prompt call carries no name
 
     def default_guidance(self) -> float:
         return Backbone.default_guidance(self)

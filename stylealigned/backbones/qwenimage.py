@@ -27,6 +27,7 @@ class QwenImageBackbone(Backbone):
     denoiser_name = "transformer"
     flow = True
     timestep_scale = 1.0  # the pipeline passes sigma
+    names_unconditional_call = True  # the pipeline's negative-prompt call is named "uncond"
 
     def __init__(self, pipe):
         super().__init__(pipe)
@@ -121,10 +122,9 @@ class QwenImageBackbone(Backbone):
             return transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep / 1000, **inputs,
                                return_dict=False)[0].float()
 
-        out = velocity(conditioning.inputs)
-        if conditioning.negative is None:
+        out, negative = self.prompted_and_negative(velocity, conditioning, transformer)
+        if negative is None:
             return out
-        negative = velocity(conditioning.negative)
         combined = negative + guidance_scale * (out - negative)
         return combined * (out.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
 

@@ -44,6 +44,7 @@ class WanBackbone(Backbone):
     default_shared_layers = 1.0
     flow = True
     frame_axis = 2
+    names_unconditional_call = True  # the pipeline's negative-prompt call is named "uncond"
     frames = 81  # the pipeline's default clip length, until `read_settings` reads the set's
 
     def __init__(self, pipe):
@@ -192,11 +193,8 @@ class WanBackbone(Backbone):
             return transformer(hidden_states=latents.to(transformer.dtype), timestep=timestep, **inputs,
                                return_dict=False)[0].float()
 
-        out = velocity(conditioning.inputs)
-        if conditioning.guided:
-            negative = velocity(conditioning.negative)
-            out = negative + guidance_scale * (out - negative)
-        return out
+        out, negative = self.prompted_and_negative(velocity, conditioning, transformer)
+        return out if negative is None else negative + guidance_scale * (out - negative)
 
 
 def reference_rotary(rope, shape, shifted: bool) -> tuple[Tensor, Tensor]:
