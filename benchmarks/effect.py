@@ -97,7 +97,7 @@ BOOTSTRAP = 2000
 SCORE_SHIFTS = (-1.0, -2.0)
 EXPERIMENTS = ("ablations", "set-size", "layer-sweep", "reference-choice", "reference-quality", "abstract-vs-concrete",
                "positions", "score-scale", "score-shift", "text-queries", "transfer-mode", "transfer-ablation",
-               "adain-queries", "share-until", "adain-values", "prompted", "transfer-adain")
+               "adain-queries", "share-until", "adain-values", "prompted", "transfer-adain", "guided")
 SHARE_UNTIL = (0.3, 0.5, 0.7)
 PALETTE_STYLES = ("pastel", "neon")  # colour only: the toy's stand-in for abstract styles
 
@@ -150,6 +150,9 @@ def variants(experiment: str, set_sizes: list[int], backbone) -> list[Variant]:
     if experiment == "positions":
         return [Variant("no-share", CONFIGS["no-share"]), Variant("full", full),
                 Variant("same-positions", _text_to_image_with(reference_positions="same"))]
+    if experiment == "guided":
+        return [Variant("no-share", CONFIGS["no-share"]), Variant("full", full),
+                Variant("guided", StyleAlignedConfig.guided)]
     if experiment == "score-scale":
         return [Variant("full", full),
                 Variant("scale-1.1", _text_to_image_with(shared_score_scale=1.1))]

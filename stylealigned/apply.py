@@ -65,10 +65,13 @@ class RunState:
 
 
 def layers_to_share(backbone: Backbone, config: StyleAlignedConfig) -> list[str]:
-    """The attention layers `config` shares on this backbone (its family's default when shared_layers is None)."""
+    """The attention layers `config` shares on this backbone: its family's default when shared_layers is None, the
+    family's guided layers where the unconditional call stays unshared."""
     if config.is_disabled:
         return []
-    shared = backbone.default_shared_layers if config.shared_layers is None else config.shared_layers
+    default = backbone.default_shared_layers if config.share_unconditional is not False else \
+        backbone.guided_shared_layers
+    shared = default if config.shared_layers is None else config.shared_layers
     return select_layers(backbone.attention_layers(), shared)
 
 

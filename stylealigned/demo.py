@@ -123,13 +123,15 @@ class DemoResult:
 def run_demo(pipe, classifier, count: int, steps: int, seed: int, on_image=None) -> DemoResult:
     """`count` sets without and with sharing (same seeds), one transfer from a drawing, judged and tiled.
 
-    Grid rows: each set without sharing, then with it; the last row is the drawing and the transferred targets.
+    Grid rows: each set without sharing, then with it (`shared_config`); the last row is the drawing and the
+    transferred targets.
     """
     *toy_sets, transfer_set = random_sets(count + 1, seed)
     rows, labels, row_labels = [], [], []
     verdicts = {"shared": [], "unshared": []}
+    shared = shared_config(pipe)
     for number, toy_set in enumerate(toy_sets, start=1):
-        for name, config in (("unshared", StyleAlignedConfig.disabled()), ("shared", StyleAlignedConfig())):
+        for name, config in (("unshared", StyleAlignedConfig.disabled()), ("shared", shared)):
             reference, targets = generate(pipe, toy_set, config, seed + number * (TARGETS + 1), steps,
                                           on_image=on_image)
             found = judge(toy_set, targets, classifier)
@@ -150,6 +152,12 @@ def run_demo(pipe, classifier, count: int, steps: int, seed: int, on_image=None)
                "style_agreement": {name: _rate(v, "style_agrees") for name, v in verdicts.items()},
                "object_accuracy": {name: _rate(v, "object_right") for name, v in verdicts.items()}}
     return DemoResult(grid, summary, _rate(found, "style_agrees"), transfer_set)
+
+
+def shared_config(pipe) -> StyleAlignedConfig:
+    """The shared rows' setting: the `guided` preset where the model guides with true CFG in a named call of its own
+    (builtin-flux; measured best there, docs/findings.md section 6), else the paper's text-to-image setting."""
+    return StyleAlignedConfig.guided() if backbone_for(pipe).names_unconditional_call else StyleAlignedConfig()
 
 
 def _label(prompt: str, verdict: dict) -> str:

@@ -82,6 +82,7 @@ BAD = {
     "nan shift": (["a cat", "a dog", "--shared-score-shift", "nan"], "shared_score_shift"),
     "layer fraction": (["a cat", "a dog", "--shared-layers", "1.5"], "shared_layers"),
     "unknown preset": (["a cat", "--preset", "nope"], "preset"),
+    "guided preset on a UNet": (["a cat", "a dog", "--preset", "guided"], "share_unconditional=False needs a pipeline"),
     "missing prompts file": (["--prompts-file", "/no/such.txt"], "prompts-file"),
     "bad dtype": (["a cat", "--dtype", "fp8"], "dtype"),
     "bad size": (["a cat", "--width", "30"], "--width must be a multiple of 8, got 30; pass 24 or 32"),

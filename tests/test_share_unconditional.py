@@ -7,6 +7,8 @@ the targets far beyond the tolerance and leaves the reference as it is, so the o
 that batch the negative prompt with the prompt, or make no unconditional prediction, refuse the knob in one line.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -98,9 +100,9 @@ def test_the_packages_own_loops_name_their_calls_too(builtin_flux_pipe):
 
     prompted, negative = rows(guided.inputs), rows(guided.negative)
     timestep = torch.tensor(800.0)
-    with sa.apply(pipe, sa.StyleAlignedConfig(share_unconditional=False)):
+    with sa.apply(pipe, sa.StyleAlignedConfig(share_unconditional=False, shared_layers=1.0)):
         fast = backbone.predict(latents, timestep, Conditioning(prompted, False, negative), 5.0)
-    with sa.apply(pipe, sa.StyleAlignedConfig()):
+    with sa.apply(pipe, sa.StyleAlignedConfig(shared_layers=1.0)):
         shared = backbone.predict(latents, timestep, Conditioning(prompted, False), 1.0)
     plain = backbone.predict(latents, timestep, Conditioning(negative, False), 1.0)
     torch.testing.assert_close(fast, plain + 5.0 * (shared - plain), **FP64)
@@ -116,6 +118,21 @@ def test_families_without_a_named_unconditional_call_refuse_it(request, fixture)
         sa.apply(pipe, sa.StyleAlignedConfig(share_unconditional=False))
     with sa.apply(pipe, sa.StyleAlignedConfig()) as handle:
         assert handle.config.share_unconditional is True
+
+
+def test_the_guided_preset_shares_the_familys_guided_layers(builtin_flux_pipe, flux2_pipe):
+    """builtin-flux: its first double-stream block and the last three eighths (6 of 16) of its single-stream blocks;
+    FLUX.2-klein by the same rule; layers given explicitly win."""
+    backbone = backbone_for(builtin_flux_pipe)
+    config = backbone.fit_preset(sa.StyleAlignedConfig.guided())
+    assert (config.share_unconditional, config.share_until) == (False, 0.5)
+    assert layers_to_share(backbone, config) == ["transformer_blocks.0.attn"] + [
+        f"single_transformer_blocks.{i}.attn" for i in range(10, 16)]
+    assert layers_to_share(backbone, config.replace(shared_layers=1.0)) == backbone.attention_layers()
+    klein = backbone_for(flux2_pipe)
+    double, single = klein.blocks()
+    assert layers_to_share(klein, klein.fit_preset(sa.StyleAlignedConfig.guided())) == [
+        *double[:math.ceil(len(double) / 2)], *single[len(single) - math.ceil(3 * len(single) / 8):]]
 
 
 def test_the_knob_validates_and_round_trips():

@@ -134,6 +134,12 @@ class Backbone:
         """The family's meaningful groups of attention layers as (name, shared_layers), for the layer sweep."""
         return []
 
+    @property
+    def guided_shared_layers(self) -> float | str | tuple[str, ...]:
+        """`shared_layers` when a config leaves it None and keeps the unconditional call unshared (the `guided`
+        preset): the family's default unless measured otherwise."""
+        return self.default_shared_layers
+
     def check_config(self, config) -> None:
         """Refuse knobs that mean nothing on this family, in one line."""
         if not config.share_unconditional and not self.names_unconditional_call:

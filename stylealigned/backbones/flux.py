@@ -97,6 +97,14 @@ class FluxBackbone(Backbone):
         double, single = self.blocks()
         return double + single[len(single) - math.ceil(len(single) / 4):]
 
+    @property
+    def guided_shared_layers(self) -> tuple[str, ...]:
+        """The first half of the double-stream blocks and the last three eighths of the single-stream blocks (at
+        least one of each), measured on builtin-flux with the unconditional call unshared (docs/findings.md, section
+        6): guidance then carries the style, and the deeper double-stream blocks cost the targets their objects."""
+        double, single = self.blocks()
+        return double[:math.ceil(len(double) / 2)] + single[len(single) - math.ceil(3 * len(single) / 8):]
+
     def blocks(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The attention layers of the double-stream blocks and of the single-stream blocks, in network order."""
         layers = self.attention_layers()

@@ -57,7 +57,8 @@ def check_numbers(**values) -> None:
 
 class Interrupted(Exception):
     """Ctrl-C or a kill during generation: finished images are on disk, the rest can be resumed."""
-PRESETS = {"text-to-image": StyleAlignedConfig.text_to_image, "transfer": StyleAlignedConfig.transfer}
+PRESETS = {"text-to-image": StyleAlignedConfig.text_to_image, "transfer": StyleAlignedConfig.transfer,
+           "guided": StyleAlignedConfig.guided}
 
 # Options shared by every command that generates a set.
 Prompts = Annotated[Optional[list[str]], typer.Argument(help="Prompts; the first one is the reference.")]
@@ -84,7 +85,8 @@ BatchSize = Annotated[Optional[int], typer.Option(
 Resume = Annotated[bool, typer.Option(help="Complete an interrupted run in --out with the same parameters.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace earlier results in --out.")]
 NoShare = Annotated[bool, typer.Option("--no-share", help="Baseline: the plain model, nothing shared.")]
-Preset = Annotated[str, typer.Option(help="Starting knobs: text-to-image (paper default) or transfer.")]
+Preset = Annotated[str, typer.Option(
+    help="Starting knobs: text-to-image (paper default), transfer, or guided (true-CFG transformers).")]
 ReferencePrompts = Annotated[Optional[list[str]], typer.Option(
     "--reference-prompt", help="A reference's prompt, repeatable: with references every PROMPT is a target, and "
                                "targets mix the references' styles (--reference-weight).")]
