@@ -125,7 +125,7 @@ def test_the_guided_preset_shares_the_familys_guided_layers(builtin_flux_pipe, f
     FLUX.2-klein by the same rule; layers given explicitly win."""
     backbone = backbone_for(builtin_flux_pipe)
     config = backbone.fit_preset(sa.StyleAlignedConfig.guided())
-    assert (config.share_unconditional, config.share_until) == (False, 0.5)
+    assert (config.share_unconditional, config.share_until, config.adain_values) == (False, 0.5, True)
     assert layers_to_share(backbone, config) == ["transformer_blocks.0.attn"] + [
         f"single_transformer_blocks.{i}.attn" for i in range(10, 16)]
     assert layers_to_share(backbone, config.replace(shared_layers=1.0)) == backbone.attention_layers()
