@@ -50,6 +50,8 @@ made two ways.
     prompted              a control, nothing shared: each target's prompt names the reference's style in words
     transfer-adain        transfer from the drawn reference with the family's AdaIN and with the paper's (queries
                           and keys)
+    guided                no sharing, the paper default and the `guided` preset (only the prompt's call of true CFG
+                          shares; models whose pipeline names that call, as builtin-flux)
 --arm NAME:KNOB=VALUE[,KNOB=VALUE...] (repeatable) adds a text-to-image arm of your own beside the experiment's,
 on the same sets and noise: `--arm late:share_until=0.3`, `--arm few:shared_layers=a.attn+b.attn` (layer names
 joined by +; a fraction or a name filter as the CLI takes them), `--arm no-adain:adain_keys=false`.

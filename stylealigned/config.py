@@ -120,9 +120,9 @@ class StyleAlignedConfig:
     def guided(cls, **changes) -> StyleAlignedConfig:
         """For pipelines that guide with true CFG in a call of its own (FLUX with true CFG as builtin-flux,
         FLUX.2-klein, Qwen-Image, Wan): only the prompt's call shares (`share_unconditional=False`), so guidance
-        itself pushes the targets toward the reference's style; that lets the noisier half of the steps
-        (`share_until=0.5`) and the family's guided layers (`Backbone.guided_shared_layers`), with AdaIN of the
-        values too, carry it, and the targets keep more of their own objects (builtin-flux at guidance 5:
+        itself pushes the targets toward the reference's style; the noisier half of the steps (`share_until=0.5`)
+        and the family's guided layers (`Backbone.guided_shared_layers`), with AdaIN of the values too, then carry
+        more of it than the paper's setting at as many of the targets' own objects (builtin-flux at guidance 5:
         docs/findings.md, section 6)."""
         return cls(**{"share_unconditional": False, "share_until": 0.5, "adain_values": True, **changes})
 
