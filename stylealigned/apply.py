@@ -69,8 +69,7 @@ def layers_to_share(backbone: Backbone, config: StyleAlignedConfig) -> list[str]
     family's guided layers where the unconditional call stays unshared."""
     if config.is_disabled:
         return []
-    default = backbone.default_shared_layers if config.share_unconditional is not False else \
-        backbone.guided_shared_layers
+    default = backbone.default_shared_layers if config.share_unconditional else backbone.guided_shared_layers
     shared = default if config.shared_layers is None else config.shared_layers
     return select_layers(backbone.attention_layers(), shared)
 

@@ -45,7 +45,7 @@ class StyleAlignedConfig:
         share_unconditional: targets share in the unconditional (negative-prompt) prediction of classifier-free
             guidance too, as in the paper; False keeps that prediction the plain model's, so guidance pushes the
             targets toward the reference's style as well as their prompts. Only where the pipeline names that
-            prediction's denoiser call (FLUX with true CFG, FLUX.2 klein, Qwen-Image, Wan); None = the family's.
+            prediction's denoiser call (FLUX with true CFG, FLUX.2 klein, Qwen-Image, Wan).
     """
 
     share_attention: bool = field(default=True, metadata={
@@ -73,9 +73,9 @@ class StyleAlignedConfig:
     share_until: float = field(default=0.0, metadata={
         "help": "Share only at steps whose noise level (1 = pure noise, 0 = clean) is at or above this; "
                 "0 = every step."})
-    share_unconditional: bool | None = field(default=None, metadata={
+    share_unconditional: bool = field(default=True, metadata={
         "help": "Targets share in the unconditional prediction too; off, guidance also pushes toward the "
-                "reference's style; default: the family's."})
+                "reference's style (pipelines that run it in a call of its own)."})
 
     def __post_init__(self) -> None:
         for name in knobs_of_type("bool"):
@@ -155,7 +155,7 @@ class StyleAlignedConfig:
 
 
 KNOBS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(StyleAlignedConfig))
-PAPER_VALUES = {"adain_queries": True, "share_unconditional": True}  # the paper's, for the knobs left to the family
+PAPER_VALUES = {"adain_queries": True}  # the paper's values of the knobs left to the family
 FAMILY_KNOBS = tuple(PAPER_VALUES)  # None: the family's value (shared_layers likewise, resolved to layer names)
 
 

@@ -108,7 +108,7 @@ def test_the_packages_own_loops_name_their_calls_too(builtin_flux_pipe):
 @pytest.mark.parametrize("fixture", ["sd_pipe", "sd3_pipe", "zimage_pipe", "chroma_pipe", "flux_pipe"])
 def test_families_without_a_named_unconditional_call_refuse_it(request, fixture):
     """UNets, SD3 and Z-Image batch the negative prompt with the prompt; ChromaPipeline does not name its call;
-    FLUX.1-dev embeds its guidance. Left to the family (None) the knob is the paper's on each."""
+    FLUX.1-dev embeds its guidance. By default the knob is the paper's on each."""
     pipe = request.getfixturevalue(fixture)
     with pytest.raises(UserError, match="^share_unconditional=False needs a pipeline that predicts the unconditional "
                                         "branch in a denoiser call of its own; .*turn it on for"):
@@ -135,6 +135,6 @@ def test_the_guided_preset_shares_the_familys_guided_layers(builtin_flux_pipe, f
 def test_the_knob_validates_and_round_trips():
     with pytest.raises(ValueError, match="share_unconditional must be True or False"):
         sa.StyleAlignedConfig(share_unconditional="no")
-    assert sa.StyleAlignedConfig().share_unconditional is None
+    assert sa.StyleAlignedConfig().share_unconditional is True
     assert sa.StyleAlignedConfig(share_unconditional=False).to_dict()["share_unconditional"] is False
     assert build_config("text-to-image", False, share_unconditional=False).share_unconditional is False

@@ -77,7 +77,6 @@ class Backbone:
     row_lists: tuple[str, ...] = ()  # denoiser inputs given as lists of one tensor per batch row (Z-Image's)
     default_shared_layers: float | str | tuple[str, ...] = 1.0  # `shared_layers` when a config leaves it None
     default_adain_queries = True  # likewise `adain_queries` (the paper's)
-    default_share_unconditional = True  # likewise `share_unconditional` (the paper's)
     names_unconditional_call = False  # the pipeline runs CFG's unconditional prediction in a call of its own and
     # names it (`cache_context("uncond")`), so `share_unconditional=False` can keep that call unshared
     shares_norms = False        # share_group_norm / share_layer_norm have a meaning
